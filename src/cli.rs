@@ -1,0 +1,165 @@
+//! The command line. Every flag that PRD 20 names an environment variable for reads that variable too.
+
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "acraflow",
+    version,
+    about = "Keeps an enriched `companies` table fresh from Singapore's ACRA registry, as a streaming dataflow \
+             over PostgreSQL",
+    long_about = "Keeps an enriched `companies` table fresh from Singapore's ACRA registry.\n\n\
+        Rows the ACRA ingester loads into staging_acra_companies flow through filter -> dedupe -> upsert -> sink, \
+        with the writes and the checkpoint committed together.\n\n\
+        Without POSTGRES_DSN every command uses a private PostgreSQL that acraflow starts itself \
+        (data kept in ACRAFLOW_HOME)."
+)]
+pub struct Cli {
+    /// PostgreSQL connection string (libpq key=value or URL). Unset: use the private embedded cluster.
+    #[arg(long, env = "POSTGRES_DSN", global = true, hide_env_values = true)]
+    pub dsn: Option<String>,
+
+    /// Where the embedded cluster keeps its data [default: /var/lib/acraflow as root, else ~/.local/share/acraflow]
+    #[arg(long, env = "ACRAFLOW_HOME", global = true)]
+    pub home: Option<PathBuf>,
+
+    /// Log format: human-readable text or JSON lines.
+    #[arg(long, env = "ACRA_DIRECT_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update acraflow's tables (idempotent; never drops anything) and load the SSIC 2020 reference.
+    Migrate,
+    /// Fill staging_acra_companies with ACRA-shaped sample rows (real UENs, years, SSIC codes, postal codes).
+    Seed(SeedArgs),
+    /// Replay staging_acra_companies through the pipeline to the end (or the batch limit), then exit.
+    Backfill(RunArgs),
+    /// Run the pipeline (today: a backfill from the checkpoint; the replication stream comes next).
+    Run(RunArgs),
+    /// The whole job on the embedded default: seed sample rows, run the registry pipeline, show the result.
+    Demo(DemoArgs),
+    /// Show checkpoints, recent runs, dead letters and table counts.
+    Status(StatusArgs),
+    /// Benchmarks (throughput with a reference measured in the same run).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// How many rows to add.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: u64,
+    /// Random seed: the same seed gives the same rows.
+    #[arg(long, default_value_t = 20)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipeline file [default: the built-in pipelines/registry_sync.toml]
+    #[arg(long, env = "ACRA_DIRECT_PIPELINE")]
+    pub pipeline: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: OverrideArgs,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct OverrideArgs {
+    /// Start after this staging id (exclusive); wins over --start-from-uen and the checkpoint.
+    #[arg(long, env = "ACRA_DIRECT_START_AFTER_ID", value_name = "ID")]
+    pub start_after_id: Option<i64>,
+    /// Start after this uen (exclusive), walking in uen order; wins over the checkpoint.
+    #[arg(long, env = "ACRA_DIRECT_START_FROM_UEN", value_name = "UEN")]
+    pub start_from_uen: Option<String>,
+    /// Stop after this many staging rows.
+    #[arg(long, env = "ACRA_DIRECT_BATCH_LIMIT", value_name = "ROWS")]
+    pub batch_limit: Option<u64>,
+    /// Rows per batch (page, statement and transaction) [pipeline default: 5000]
+    #[arg(long, env = "ACRA_DIRECT_BATCH_SIZE", value_name = "ROWS")]
+    pub batch_size: Option<usize>,
+    /// Comma-separated status prefixes to exclude (case-insensitive); replaces the default list.
+    #[arg(long, env = "ACRA_DIRECT_EXCLUDE_STATUS", value_name = "LIST")]
+    pub exclude_status: Option<String>,
+    /// Exclude entities incorporated fewer than this many days ago [default: 0, off]
+    #[arg(long, env = "ACRA_DIRECT_MIN_AGE_DAYS", value_name = "DAYS")]
+    pub min_age_days: Option<u32>,
+    /// Do not process a company again within this many days of its last history row [default: 30]
+    #[arg(long, env = "ENRICH_RECHECK_DAYS", value_name = "DAYS")]
+    pub recheck_days: Option<u32>,
+    /// Never process a company again once it has any history row.
+    #[arg(long, env = "ENRICH_SKIP_IF_ANY_HISTORY", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub skip_if_any_history: Option<bool>,
+    /// Process every eligible company, whatever its history.
+    #[arg(long, env = "ACRA_DIRECT_FORCE", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub force: Option<bool>,
+    /// The service_progress key of the checkpoint [default: acra_direct]
+    #[arg(long, env = "ACRA_DIRECT_CHECKPOINT_KEY", value_name = "KEY")]
+    pub checkpoint_key: Option<String>,
+}
+
+impl OverrideArgs {
+    pub fn to_overrides(&self) -> Overrides {
+        Overrides {
+            start_after_id: self.start_after_id,
+            start_from_uen: self.start_from_uen.clone(),
+            batch_limit: self.batch_limit,
+            batch_size: self.batch_size,
+            exclude_status: self.exclude_status.clone(),
+            min_age_days: self.min_age_days,
+            recheck_days: self.recheck_days,
+            skip_if_any_history: self.skip_if_any_history,
+            force: self.force,
+            checkpoint_key: self.checkpoint_key.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Sample rows to seed when staging is empty.
+    #[arg(long, default_value_t = 20_000)]
+    pub rows: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Registry pipeline throughput vs. the set-based ceiling (one INSERT ... SELECT ... ON CONFLICT).
+    Backfill(BenchBackfillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchBackfillArgs {
+    /// Seeded staging rows.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+    /// Rows per batch for the pipeline.
+    #[arg(long, default_value_t = crate::config::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Runs of each side, alternating (the best of each is compared).
+    #[arg(long, default_value_t = 2)]
+    pub repeat: u32,
+}

@@ -1,0 +1,320 @@
+//! Pipeline files (`pipelines/*.toml`) and the environment overlay named in PRD 20.
+//!
+//! A pipeline file names its source, its operators in order, and its sink. Settings from the environment
+//! (or the matching command-line flags) override the file; [`PipelineSpec::validate`] then checks the whole
+//! and names the bad setting.
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::ops::filter::DEFAULT_EXCLUDED_STATUSES;
+
+pub const DEFAULT_CHECKPOINT_KEY: &str = "acra_direct";
+pub const DEFAULT_TABLE: &str = "staging_acra_companies";
+pub const DEFAULT_BATCH_SIZE: usize = 5_000;
+pub const MAX_BATCH_SIZE: usize = 100_000;
+pub const DEFAULT_RECHECK_DAYS: u32 = 30;
+
+/// The pipeline `backfill`, `run` and `demo` use when no `--pipeline` is given.
+pub const REGISTRY_SYNC: &str = include_str!("../pipelines/registry_sync.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    /// The `service_progress` key the checkpoint is stored under.
+    #[serde(default = "default_checkpoint_key")]
+    pub checkpoint_key: String,
+    #[serde(default)]
+    pub source: SourceSpec,
+    #[serde(default, rename = "operator")]
+    pub operators: Vec<OperatorSpec>,
+    #[serde(default)]
+    pub sink: SinkSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub kind: SourceKind,
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// Rows per batch (one page, one upsert statement, one sink transaction).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    pub start_after_id: Option<i64>,
+    pub start_from_uen: Option<String>,
+    pub batch_limit: Option<u64>,
+}
+
+impl Default for SourceSpec {
+    fn default() -> Self {
+        SourceSpec {
+            kind: SourceKind::Backfill,
+            table: default_table(),
+            batch_size: DEFAULT_BATCH_SIZE,
+            start_after_id: None,
+            start_from_uen: None,
+            batch_limit: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    #[default]
+    Backfill,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OperatorSpec {
+    Filter(FilterSpec),
+    Dedupe(DedupeSpec),
+    Upsert(UpsertSpec),
+}
+
+impl OperatorSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OperatorSpec::Filter(_) => "filter",
+            OperatorSpec::Dedupe(_) => "dedupe",
+            OperatorSpec::Upsert(_) => "upsert",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSpec {
+    /// Status prefixes to exclude; replaces the default list.
+    #[serde(default = "default_excluded")]
+    pub exclude_status: Vec<String>,
+    /// Exclude entities incorporated fewer than this many days ago (0: off).
+    #[serde(default)]
+    pub min_age_days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeSpec {
+    #[serde(default = "default_recheck_days")]
+    pub recheck_days: u32,
+    #[serde(default)]
+    pub skip_if_any_history: bool,
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpsertSpec {}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSpec {
+    #[serde(default)]
+    pub kind: SinkKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    #[default]
+    Postgres,
+}
+
+/// Settings from the environment or command line that override the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub start_after_id: Option<i64>,
+    pub start_from_uen: Option<String>,
+    pub batch_limit: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub exclude_status: Option<String>,
+    pub min_age_days: Option<u32>,
+    pub recheck_days: Option<u32>,
+    pub skip_if_any_history: Option<bool>,
+    pub force: Option<bool>,
+    pub checkpoint_key: Option<String>,
+}
+
+impl PipelineSpec {
+    /// Parses a pipeline file; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::config(format!("pipeline {origin}: {}", e.to_string().trim())))
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading pipeline file {}", path.display()), e))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn registry_sync() -> Self {
+        Self::parse(REGISTRY_SYNC, "registry_sync.toml (built in)").expect("the built-in pipeline parses")
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        let s = &mut self.source;
+        if o.start_after_id.is_some() {
+            s.start_after_id = o.start_after_id;
+        }
+        if o.start_from_uen.is_some() {
+            s.start_from_uen.clone_from(&o.start_from_uen);
+        }
+        if o.batch_limit.is_some() {
+            s.batch_limit = o.batch_limit;
+        }
+        if let Some(n) = o.batch_size {
+            s.batch_size = n;
+        }
+        if let Some(k) = &o.checkpoint_key {
+            self.checkpoint_key.clone_from(k);
+        }
+        for op in &mut self.operators {
+            match op {
+                OperatorSpec::Filter(f) => {
+                    if let Some(list) = &o.exclude_status {
+                        f.exclude_status = list.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+                    }
+                    if let Some(d) = o.min_age_days {
+                        f.min_age_days = d;
+                    }
+                }
+                OperatorSpec::Dedupe(d) => {
+                    if let Some(r) = o.recheck_days {
+                        d.recheck_days = r;
+                    }
+                    if let Some(b) = o.skip_if_any_history {
+                        d.skip_if_any_history = b;
+                    }
+                    if let Some(b) = o.force {
+                        d.force = b;
+                    }
+                }
+                OperatorSpec::Upsert(_) => {}
+            }
+        }
+    }
+
+    /// Checks the pipeline as a whole; the error names the setting to fix.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty() {
+            return Err(Error::config("pipeline: `name` must not be empty"));
+        }
+        if self.checkpoint_key.trim().is_empty() {
+            return Err(Error::config("pipeline: `checkpoint_key` (ACRA_DIRECT_CHECKPOINT_KEY) must not be empty"));
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.source.batch_size) {
+            return Err(Error::config(format!(
+                "source.batch_size (ACRA_DIRECT_BATCH_SIZE) is {}; it must be between 1 and {MAX_BATCH_SIZE}",
+                self.source.batch_size
+            )));
+        }
+        if self.source.table.trim().is_empty() {
+            return Err(Error::config("source.table must not be empty"));
+        }
+        if self.source.batch_limit == Some(0) {
+            return Err(Error::config("ACRA_DIRECT_BATCH_LIMIT is 0; leave it unset for no limit"));
+        }
+        if matches!(self.source.start_after_id, Some(id) if id < 0) {
+            return Err(Error::config("ACRA_DIRECT_START_AFTER_ID must be 0 or more"));
+        }
+        let position = |kind: &str| self.operators.iter().position(|o| o.kind() == kind);
+        for kind in ["filter", "dedupe", "upsert"] {
+            if self.operators.iter().filter(|o| o.kind() == kind).count() > 1 {
+                return Err(Error::config(format!("pipeline {}: operator '{kind}' appears more than once", self.name)));
+            }
+        }
+        let (filter, dedupe, upsert) = (position("filter"), position("dedupe"), position("upsert"));
+        let Some(filter) = filter else {
+            return Err(Error::config(format!(
+                "pipeline {}: the first operator must be 'filter' (it maps staging rows to company records); \
+                 to keep every status, give it exclude_status = []",
+                self.name
+            )));
+        };
+        if filter != 0 {
+            return Err(Error::config(format!("pipeline {}: 'filter' must be the first operator", self.name)));
+        }
+        if upsert.is_none() {
+            return Err(Error::config(format!("pipeline {}: an 'upsert' operator is required", self.name)));
+        }
+        if let (Some(d), Some(u)) = (dedupe, upsert) {
+            if d > u {
+                return Err(Error::config(format!("pipeline {}: 'dedupe' must come before 'upsert'", self.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_checkpoint_key() -> String {
+    DEFAULT_CHECKPOINT_KEY.into()
+}
+fn default_table() -> String {
+    DEFAULT_TABLE.into()
+}
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
+}
+fn default_recheck_days() -> u32 {
+    DEFAULT_RECHECK_DAYS
+}
+fn default_excluded() -> Vec<String> {
+    DEFAULT_EXCLUDED_STATUSES.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_pipeline_is_valid() {
+        let p = PipelineSpec::registry_sync();
+        p.validate().unwrap();
+        let kinds: Vec<&str> = p.operators.iter().map(|o| o.kind()).collect();
+        assert_eq!(kinds, ["filter", "dedupe", "upsert"]);
+        assert_eq!(p.checkpoint_key, "acra_direct");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = PipelineSpec::parse("name = 'x'\n[source]\nbatch_sise = 5\n", "test.toml").unwrap_err();
+        assert!(err.to_string().contains("batch_sise"), "{err}");
+        let err = PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'filter'\nmin_age = 3\n", "t").unwrap_err();
+        assert!(err.to_string().contains("min_age"), "{err}");
+        let err = PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'enrichh'\n", "t").unwrap_err();
+        assert!(err.to_string().contains("enrichh"), "{err}");
+    }
+
+    #[test]
+    fn overrides_replace_file_settings() {
+        let mut p = PipelineSpec::registry_sync();
+        p.apply(&Overrides {
+            exclude_status: Some("live, registered ,".into()),
+            recheck_days: Some(7),
+            force: Some(true),
+            batch_size: Some(10),
+            ..Default::default()
+        });
+        assert_eq!(p.source.batch_size, 10);
+        let OperatorSpec::Filter(f) = &p.operators[0] else { panic!() };
+        assert_eq!(f.exclude_status, ["live", "registered"]);
+        let OperatorSpec::Dedupe(d) = &p.operators[1] else { panic!() };
+        assert_eq!((d.recheck_days, d.force), (7, true));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut p = PipelineSpec::registry_sync();
+        p.source.batch_size = 0;
+        assert!(p.validate().unwrap_err().to_string().contains("ACRA_DIRECT_BATCH_SIZE"));
+        let mut p = PipelineSpec::registry_sync();
+        p.operators.swap(1, 2);
+        assert!(p.validate().unwrap_err().to_string().contains("'dedupe' must come before 'upsert'"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Connections, migrations and the facts about a user's schema the engine adapts to.
+//!
+//! A DSN is never shown as given: [`describe`] keeps host, port, user and database and drops the password,
+//! and connection errors are reported with that description.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, Config, NoTls};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The numbered migrations in `sql/`, applied in order. Each is idempotent and never drops anything.
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("001_staging", include_str!("../sql/001_staging.sql")),
+    ("002_companies", include_str!("../sql/002_companies.sql")),
+    ("003_engine", include_str!("../sql/003_engine.sql")),
+];
+
+const SSIC_CSV: &str = include_str!("../data/ssic2020_classification_structure.csv");
+
+/// `user@host:port/dbname` for logs and errors; the password never appears.
+pub fn describe(dsn: &str) -> String {
+    match dsn.parse::<Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "{}@{host}:{port}/{}",
+                c.get_user().unwrap_or("?"),
+                c.get_dbname().or(c.get_user()).unwrap_or("?")
+            )
+        }
+        Err(_) => "(an unparsable POSTGRES_DSN)".into(),
+    }
+}
+
+/// Opens a connection, retrying briefly (a server that is starting up, a network blip).
+pub async fn connect(dsn: &str) -> Result<Client> {
+    let mut config: Config = dsn.parse().map_err(|e| {
+        Error::with_source(ErrorKind::Config, format!("POSTGRES_DSN is not a valid connection string ({})", describe(dsn)), e)
+    })?;
+    if config.get_application_name().is_none() {
+        config.application_name("acraflow");
+    }
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection closed");
+                    }
+                });
+                return Ok(client);
+            }
+            Err(e) => {
+                let err = Error::db(format!("connecting to {}", describe(dsn)), e);
+                if !err.is_retryable() || attempt >= 5 {
+                    return Err(err);
+                }
+                tracing::warn!(attempt, error = %err, "connection failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Applies every migration and loads the SSIC 2020 reference into `ssic_ref`.
+pub async fn migrate(client: &mut Client) -> Result<()> {
+    let tx = client.transaction().await.map_err(|e| Error::db("starting the migration transaction", e))?;
+    // Two processes migrating at once would race on `create ... if not exists`.
+    // `if not exists` notices are expected on every run after the first.
+    tx.batch_execute("set local client_min_messages = warning")
+        .await
+        .map_err(|e| Error::db("starting the migrations", e))?;
+    tx.execute("select pg_advisory_xact_lock(hashtext('acraflow.migrate'))", &[])
+        .await
+        .map_err(|e| Error::db("taking the migration lock", e))?;
+    for (name, sql) in MIGRATIONS {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Schema, format!("applying migration {name}"), e))?;
+    }
+    load_ssic(&tx).await?;
+    tx.commit().await.map_err(|e| Error::db("committing the migrations", e))?;
+    Ok(())
+}
+
+async fn load_ssic(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    let mut codes = Vec::new();
+    let mut titles = Vec::new();
+    let mut levels = Vec::new();
+    let mut sections = Vec::new();
+    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes()).records().enumerate() {
+        let rec = rec.map_err(|e| {
+            Error::with_source(ErrorKind::Data, format!("ssic2020_classification_structure.csv record {}", i + 1), e)
+        })?;
+        codes.push(rec[0].to_owned());
+        titles.push(rec[1].to_owned());
+        levels.push(rec[2].to_owned());
+        sections.push(rec[3].to_owned());
+    }
+    tx.execute(
+        "insert into ssic_ref as r (code, title, level, section) \
+         select * from unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+         on conflict (code) do update set title = excluded.title, level = excluded.level, section = excluded.section \
+         where (r.title, r.level, r.section) is distinct from (excluded.title, excluded.level, excluded.section)",
+        &[&codes, &titles, &levels, &sections],
+    )
+    .await
+    .map_err(|e| Error::db("loading ssic_ref", e))?;
+    Ok(())
+}
+
+/// What the engine found in the target schema, to adapt its statements to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchemaFacts {
+    /// `companies.industry` exists (optional; mirrors `industry_norm`).
+    pub companies_has_industry: bool,
+}
+
+pub async fn schema_facts(client: &Client) -> Result<SchemaFacts> {
+    let required = ["companies", "company_enrichment_runs", "service_progress", "dead_letters", "enrichment_runs", "ssic_ref"];
+    let present: Vec<String> = client
+        .query(
+            "select table_name::text from information_schema.tables \
+             where table_schema = current_schema() and table_name = any($1)",
+            &[&required.as_slice()],
+        )
+        .await
+        .map_err(|e| Error::db("reading the schema", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&str> = required.iter().copied().filter(|t| !present.iter().any(|p| p == t)).collect();
+    if !missing.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Schema,
+            format!("table(s) {} missing; run `acraflow migrate` first", missing.join(", ")),
+        ));
+    }
+    let has_industry = client
+        .query_opt(
+            "select 1 from information_schema.columns \
+             where table_schema = current_schema() and table_name = 'companies' and column_name = 'industry'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db("reading the schema", e))?
+        .is_some();
+    Ok(SchemaFacts { companies_has_industry: has_industry })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_never_shows_the_password() {
+        let d = describe("host=db.example port=6543 user=ops password=hunter2 dbname=crm");
+        assert_eq!(d, "ops@db.example:6543/crm");
+        let d = describe("postgres://ops:hunter2@db.example:6543/crm");
+        assert_eq!(d, "ops@db.example:6543/crm");
+        assert!(!describe("postgres://ops:hunter2@[::1").contains("hunter2"));
+    }
+}
+
+/// The same connection string pointed at another database on the same server.
+pub fn with_dbname(dsn: &str, dbname: &str) -> String {
+    if let Some(rest) = dsn.strip_prefix("postgres://").or_else(|| dsn.strip_prefix("postgresql://")) {
+        let (authority, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let host = authority.split_once('/').map_or(authority, |(h, _)| h);
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+        format!("postgres://{host}/{dbname}{query}")
+    } else {
+        format!("{dsn} dbname={dbname}")
+    }
+}

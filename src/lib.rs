@@ -1,0 +1,36 @@
+//! acraflow: a streaming dataflow engine that keeps an enriched `companies` table fresh from Singapore's
+//! ACRA registry (`staging_acra_companies`), over PostgreSQL.
+//!
+//! - [`change`]: the one event type every operator sees (staging row + source position) and its batches
+//! - [`registry`]: PRD 20's mapping rules, staging row -> company record (pure)
+//! - [`source`]: where changes come from ([`source::backfill`]: the table replayed in one snapshot)
+//! - [`ops`]: the operators (filter, dedupe, upsert), each a `Stream` adapter over batches
+//! - [`sink`]: the transactional Postgres sink (history, dead letters and checkpoint in one transaction)
+//! - [`checkpoint`]: where the engine's position lives and how it advances
+//! - [`pipeline`]: pipeline file -> stream graph; run to the end or to a shutdown
+//! - [`config`]: pipeline files, the env overlay and validation
+//! - [`db`]: connections, migrations, schema facts
+//! - [`embedded`]: the private PostgreSQL used when `POSTGRES_DSN` is unset
+//! - [`seed`]: ACRA-shaped sample rows from real reference data
+//! - [`bench`]: throughput benchmarks with a same-run reference
+//! - [`commands`]: what each CLI command does; [`cli`]: its flags; [`telemetry`]: logging
+//! - [`error`]: the one error type
+
+pub mod bench;
+pub mod change;
+pub mod checkpoint;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod db;
+pub mod embedded;
+pub mod error;
+pub mod ops;
+pub mod pipeline;
+pub mod registry;
+pub mod seed;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,282 @@
+//! Upsert: writes the registry fields of a batch into `companies` in one round trip per key kind.
+//!
+//! Rules (PRD 20): the key is the UEN, else `(lower(name), incorporation_year)`; the latest change per key
+//! in the batch wins; eligible changes may create a company, filtered ones only refresh an existing one;
+//! `industry_norm` is the `ssic_ref` title of the code, else the row's own description. Duplicate keys
+//! are collapsed before the statement ([`collapse`]), so they can never make it fail.
+//!
+//! Unchanged rows are not rewritten: a row identical to the stored company is removed from the insert
+//! before `ON CONFLICT` sees it, so it costs no new tuple, no row lock and no WAL. The statement commits on
+//! its own, in source order; replaying it is harmless (see `checkpoint`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use tokio_postgres::{Client, Statement};
+
+use crate::change::{Batch, Fate};
+use crate::db::SchemaFacts;
+use crate::error::{Error, Result};
+use crate::ops::{BatchStream, Operator};
+use crate::registry::CompanyKey;
+
+/// The write for one company key, collapsed from every change to it in the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyWrite {
+    /// Index (in the batch) of the latest change to this key; its fields win.
+    pub latest: usize,
+    /// The latest non-missing name (a change without a name keeps the stored one).
+    pub name: Option<String>,
+    /// Some eligible change had a name, so the company may be created.
+    pub insertable: bool,
+    /// The processed change that needs the company's id (for its history row).
+    pub processed: Option<usize>,
+}
+
+/// Collapses a batch to one write per company key, in first-seen order.
+pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
+    let mut index: HashMap<&CompanyKey, usize> = HashMap::new();
+    let mut writes: Vec<(CompanyKey, KeyWrite)> = Vec::new();
+    for (i, e) in batch.events.iter().enumerate() {
+        let Some(record) = &e.record else { continue };
+        let eligible = match e.fate {
+            Fate::Process | Fate::Skipped | Fate::Superseded => true,
+            Fate::Filtered { .. } => false,
+            Fate::Ignored | Fate::DeadLetter { .. } => continue,
+        };
+        let slot = *index.entry(&record.key).or_insert_with(|| {
+            writes.push((
+                record.key.clone(),
+                KeyWrite { latest: i, name: None, insertable: false, processed: None },
+            ));
+            writes.len() - 1
+        });
+        let w = &mut writes[slot].1;
+        w.latest = i;
+        if record.name.is_some() {
+            w.name.clone_from(&record.name);
+        }
+        w.insertable |= eligible && record.name.is_some();
+        if e.fate == Fate::Process {
+            w.processed = Some(i);
+        }
+    }
+    writes
+}
+
+pub struct Upsert {
+    client: Arc<Client>,
+    by_uen: Statement,
+    by_name: Statement,
+}
+
+impl Upsert {
+    pub async fn new(client: Arc<Client>, facts: SchemaFacts) -> Result<Self> {
+        let (by_uen, by_name) = statements(facts.companies_has_industry);
+        let by_uen = client.prepare(&by_uen).await.map_err(|e| Error::db("upsert: preparing the uen upsert", e))?;
+        let by_name =
+            client.prepare(&by_name).await.map_err(|e| Error::db("upsert: preparing the name/year upsert", e))?;
+        Ok(Upsert { client, by_uen, by_name })
+    }
+
+    async fn process(&self, mut batch: Batch) -> Result<Batch> {
+        let writes = collapse(&batch);
+        let (uen_writes, name_writes): (Vec<_>, Vec<_>) =
+            writes.iter().partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
+        let (a, b) = futures::try_join!(
+            self.execute(&self.by_uen, &batch, &uen_writes),
+            self.execute(&self.by_name, &batch, &name_writes)
+        )?;
+        let ids: HashMap<usize, i64> = a.into_iter().chain(b).collect();
+        for (_, w) in &writes {
+            let Some(i) = w.processed else { continue };
+            match ids.get(&i) {
+                Some(id) => batch.events[i].company_id = Some(*id),
+                None => batch.events[i].dead_letter(
+                    "upsert",
+                    "entity_name: missing ('na' or empty) and no company with this key exists yet, \
+                     so there is no name to create it with",
+                ),
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Runs one statement for `writes`; returns (event index, company_id) for the processed changes.
+    async fn execute(&self, stmt: &Statement, batch: &Batch, writes: &[&(CompanyKey, KeyWrite)]) -> Result<Vec<(usize, i64)>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = writes.len();
+        let (mut ords, mut uens, mut names, mut codes, mut descs, mut years, mut statuses, mut insertable, mut want) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (_, w) in writes {
+            let r = batch.events[w.latest].record.as_ref().expect("collapse only keeps events with a record");
+            ords.push(w.processed.unwrap_or(w.latest) as i32);
+            uens.push(r.uen.as_deref());
+            names.push(w.name.as_deref());
+            codes.push(r.industry_code.as_deref());
+            descs.push(r.ssic_description.as_deref());
+            years.push(r.incorporation_year);
+            statuses.push(r.status.as_deref());
+            insertable.push(w.insertable);
+            want.push(w.processed.is_some());
+        }
+        let rows = self
+            .client
+            .query(stmt, &[&ords, &uens, &names, &codes, &descs, &years, &statuses, &insertable, &want])
+            .await
+            .map_err(|e| Error::db(format!("upsert: writing {n} companies"), e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.get::<_, i32>(0) as usize, r.get::<_, Option<i64>>(1)?)))
+            .collect())
+    }
+}
+
+impl Operator for Upsert {
+    fn apply(self: Box<Self>, input: BatchStream) -> BatchStream {
+        let this = Arc::new(*self);
+        Box::pin(input.and_then(move |batch| {
+            let this = Arc::clone(&this);
+            async move { this.process(batch).await }
+        }))
+    }
+}
+
+/// The two upsert statements (by uen, by name and year), with or without the optional `industry` column.
+fn statements(with_industry: bool) -> (String, String) {
+    let (ind_col, ind_val, ind_set) = if with_industry {
+        (", industry", ", m.industry_norm", ", industry = excluded.industry")
+    } else {
+        ("", "", "")
+    };
+    let ind_cmp_e = if with_industry { ", e.industry" } else { "" };
+    let ind_cmp_c = if with_industry { ", c.industry" } else { "" };
+    let ind_upd = if with_industry { ", industry = m.industry_norm" } else { "" };
+    let input = "input as ( \
+           select * from unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], \
+                                $7::text[], $8::bool[], $9::bool[]) \
+             as t(ord, uen, name, industry_code, ssic_description, incorporation_year, status, insertable, want) \
+         ), mapped as ( \
+           select i.*, coalesce(s.title, i.ssic_description) as industry_norm \
+           from input i left join ssic_ref s on s.code = i.industry_code \
+         )";
+    let same = |alias: &str, ind: &str| {
+        format!(
+            "({alias}.name, {alias}.industry_code, {alias}.industry_norm{ind}, {alias}.incorporation_year, {alias}.status) \
+             is not distinct from (coalesce(m.name, {alias}.name), m.industry_code, m.industry_norm{ind_val}, \
+             m.incorporation_year, m.status)"
+        )
+    };
+    let by_uen = format!(
+        "with {input}, \
+         ins as ( \
+           insert into companies as c (uen, name, industry_code, industry_norm{ind_col}, incorporation_year, status) \
+           select m.uen, m.name, m.industry_code, m.industry_norm{ind_val}, m.incorporation_year, m.status \
+           from mapped m \
+           where m.insertable and not exists (select 1 from companies e where e.uen = m.uen and {same_e}) \
+           on conflict (uen) do update set name = coalesce(excluded.name, c.name), \
+             industry_code = excluded.industry_code, industry_norm = excluded.industry_norm{ind_set}, \
+             incorporation_year = excluded.incorporation_year, status = excluded.status, updated_at = now() \
+           returning c.company_id, c.uen \
+         ), \
+         upd as ( \
+           update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
+             industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, \
+             status = m.status, updated_at = now() \
+           from mapped m \
+           where not m.insertable and c.uen = m.uen and not ({same_c}) \
+         ) \
+         select m.ord, coalesce(ins.company_id, c.company_id) \
+         from mapped m left join ins on ins.uen = m.uen left join companies c on c.uen = m.uen \
+         where m.want",
+        same_e = same("e", ind_cmp_e),
+        same_c = same("c", ind_cmp_c),
+    );
+    // The name key hashes lower(name), matching the partial unique index companies_name_year_key. Rows are
+    // collapsed again here because Postgres' lower() may fold names the engine kept apart.
+    let key = |a: &str| format!("md5(lower({a}.name)), coalesce({a}.incorporation_year, 0)");
+    let by_name = format!(
+        "with {input}, \
+         keyed as ( \
+           select distinct on ({mk}) m.*, bool_or(m.insertable) over (partition by {mk}) as any_insertable \
+           from mapped m order by {mk}, m.ord desc \
+         ), \
+         ins as ( \
+           insert into companies as c (uen, name, industry_code, industry_norm{ind_col}, incorporation_year, status) \
+           select null, m.name, m.industry_code, m.industry_norm{ind_val}, m.incorporation_year, m.status \
+           from keyed m \
+           where m.any_insertable and not exists ( \
+             select 1 from companies e where e.uen is null and ({ek}) = ({mk}) and {same_e}) \
+           on conflict (md5(lower(name)), coalesce(incorporation_year, 0)) where uen is null \
+           do update set name = excluded.name, industry_code = excluded.industry_code, \
+             industry_norm = excluded.industry_norm{ind_set}, status = excluded.status, updated_at = now() \
+           returning c.company_id, c.name, c.incorporation_year \
+         ), \
+         upd as ( \
+           update companies c set name = m.name, industry_code = m.industry_code, \
+             industry_norm = m.industry_norm{ind_upd}, status = m.status, updated_at = now() \
+           from keyed m \
+           where not m.any_insertable and c.uen is null and ({ck}) = ({mk}) and not ({same_c}) \
+         ) \
+         select m.ord, coalesce(ins.company_id, c.company_id) \
+         from mapped m \
+         left join ins on ({ik}) = ({mk}) \
+         left join companies c on c.uen is null and ({ck}) = ({mk}) \
+         where m.want",
+        mk = key("m"),
+        ek = key("e"),
+        ck = key("c"),
+        ik = key("ins"),
+        same_e = same("e", ind_cmp_e),
+        same_c = same("c", ind_cmp_c),
+    );
+    (by_uen, by_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Change, Event, Op, Position, StagingRow};
+    use crate::checkpoint::{Checkpoint, Cursor};
+
+    fn event(id: i64, uen: &str, name: &str, fate: Fate) -> Event {
+        let row = StagingRow { id, uen: Some(uen.into()), entity_name: Some(name.into()), ..Default::default() };
+        let mut e = Event::new(Change { pos: Position { lsn: 1, seq: id }, op: Op::Insert, row });
+        e.record = Some(crate::registry::map(&e.change.row, 2026).unwrap());
+        e.fate = fate;
+        e
+    }
+
+    #[test]
+    fn collapse_keeps_latest_fields_and_any_eligibility() {
+        let batch = Batch {
+            events: vec![
+                event(1, "A1", "Alpha", Fate::Process),
+                event(2, "B2", "Beta", Fate::Filtered { reason: "x".into() }),
+                event(3, "A1", "na", Fate::Filtered { reason: "x".into() }),
+            ],
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 3 }, lsn: 1 },
+        };
+        let w = collapse(&batch);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].0, CompanyKey::Uen("A1".into()));
+        assert_eq!(
+            w[0].1,
+            KeyWrite { latest: 2, name: Some("Alpha".into()), insertable: true, processed: Some(0) },
+            "the struck-off repeat's fields win, its missing name keeps the earlier one, the company may be created"
+        );
+        assert_eq!(w[1].1, KeyWrite { latest: 1, name: Some("Beta".into()), insertable: false, processed: None });
+    }
+}

@@ -1,0 +1,117 @@
+//! The backfill source: replays `staging_acra_companies` in bounded memory inside one consistent snapshot.
+//!
+//! Invariants:
+//! - Every page is read in the same `REPEATABLE READ` transaction (optionally the slot's exported snapshot,
+//!   `SET TRANSACTION SNAPSHOT`), so the backfill sees the table as of one instant, whatever the ingester
+//!   writes meanwhile.
+//! - Pages are keyset queries (`id > $last order by id limit $page`), never OFFSET: each page costs the same
+//!   and memory holds one page per pipeline stage.
+//! - A change's position is `(snapshot LSN, staging id)`. A resumed backfill reuses the LSN stored in the
+//!   checkpoint, so a replayed row keeps its position and its history key.
+//! - Each batch carries the cursor to resume after it. When the walk reaches the end of the table, the last
+//!   batch's cursor is `Id { last_id: max(id) in the snapshot }`, so later runs pick up only newer rows; a
+//!   walk stopped by the batch limit or a shutdown resumes exactly where it stopped.
+
+use async_stream::try_stream;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::change::{parse_lsn, Batch, Change, Event, Op, Position, StagingRow};
+use crate::checkpoint::{Checkpoint, Cursor};
+use crate::error::Error;
+use crate::ops::BatchStream;
+
+#[derive(Debug, Clone)]
+pub struct BackfillOptions {
+    /// Quoted table name.
+    pub table: String,
+    pub page_size: usize,
+    /// Where to start (exclusive).
+    pub start: Cursor,
+    /// The LSN positions carry; `None` takes the snapshot's current WAL position.
+    pub lsn: Option<u64>,
+    /// Stop after this many rows.
+    pub limit: Option<u64>,
+    /// An exported snapshot to read in (the replication slot's), instead of a fresh one.
+    pub snapshot: Option<String>,
+}
+
+/// Streams the table's rows as batches of changes. Stops early (without error) when `stop` turns true.
+pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<bool>) -> BatchStream {
+    Box::pin(try_stream! {
+        let db = |what: &'static str| move |e| Error::db(format!("backfill: {what}"), e);
+        client.batch_execute("begin isolation level repeatable read read only").await.map_err(db("starting the snapshot"))?;
+        if let Some(snapshot) = &opts.snapshot {
+            client.batch_execute(&format!("set transaction snapshot '{}'", snapshot.replace('\'', "''")))
+                .await.map_err(db("importing the exported snapshot"))?;
+        }
+        let lsn = match opts.lsn {
+            Some(lsn) => lsn,
+            None => {
+                let row = client.query_one("select pg_current_wal_lsn()::text", &[]).await.map_err(db("reading the WAL position"))?;
+                parse_lsn(row.get(0)).unwrap_or(0)
+            }
+        };
+        let cols = StagingRow::COLUMNS;
+        let table = &opts.table;
+        let by_id = client
+            .prepare(&format!("select {cols} from {table} where id > $1 order by id limit $2"))
+            .await.map_err(db("preparing the page query"))?;
+        let by_uen = client
+            .prepare(&format!("select {cols} from {table} where (uen, id) > ($1, $2) order by uen, id limit $3"))
+            .await.map_err(db("preparing the page query"))?;
+        let mut cursor = opts.start.clone();
+        let mut remaining = opts.limit.unwrap_or(u64::MAX);
+        tracing::info!(start = %cursor, snapshot_lsn = %crate::change::lsn_to_text(lsn), limit = ?opts.limit, "backfill started");
+        loop {
+            if *stop.borrow_and_update() {
+                tracing::info!(cursor = %cursor, "backfill stopping on request");
+                break;
+            }
+            let take = remaining.min(opts.page_size as u64) as i64;
+            let rows = match &cursor {
+                Cursor::Id { last_id } => client.query(&by_id, &[last_id, &take]).await,
+                Cursor::Uen { last_uen, last_id } => client.query(&by_uen, &[last_uen, last_id, &take]).await,
+                Cursor::Lsn { .. } => Err(Error::config("a backfill cannot start from a stream (LSN) checkpoint"))?,
+            }
+            .map_err(db("reading a page"))?;
+            let n = rows.len() as u64;
+            let mut events = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let row = StagingRow {
+                    id: r.get(0),
+                    uen: r.get(1),
+                    entity_name: r.get(2),
+                    entity_status_description: r.get(3),
+                    registration_incorporation_date: r.get(4),
+                    primary_ssic_code: r.get(5),
+                    primary_ssic_description: r.get(6),
+                };
+                cursor = match cursor {
+                    Cursor::Uen { .. } => Cursor::Uen { last_uen: row.uen.clone().unwrap_or_default(), last_id: row.id },
+                    _ => Cursor::Id { last_id: row.id },
+                };
+                events.push(Event::new(Change { pos: Position { lsn, seq: row.id }, op: Op::Insert, row }));
+            }
+            drop(rows);
+            remaining -= n;
+            let exhausted = (n as i64) < take;
+            if exhausted {
+                // The end of the table: hand over to an id cursor at the snapshot's last row.
+                let max: i64 = client
+                    .query_one(&*format!("select coalesce(max(id), 0) from {table}"), &[])
+                    .await.map_err(db("reading the last id"))?
+                    .get(0);
+                cursor = Cursor::Id { last_id: max.max(match cursor { Cursor::Id { last_id } => last_id, _ => 0 }) };
+            }
+            if n > 0 || exhausted {
+                yield Batch { events, checkpoint: Checkpoint { cursor: cursor.clone(), lsn } };
+            }
+            if exhausted || remaining == 0 {
+                break;
+            }
+        }
+        client.batch_execute("commit").await.map_err(db("closing the snapshot"))?;
+        tracing::info!(cursor = %cursor, "backfill finished");
+    })
+}
