@@ -8,6 +8,7 @@
 use std::fmt;
 
 use crate::checkpoint::Checkpoint;
+use crate::ops::dedupe::Claim;
 use crate::registry::CompanyRecord;
 
 /// Where a change came from, totally ordered.
@@ -114,7 +115,7 @@ pub enum Fate {
 }
 
 /// A change on its way through the operators.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Event {
     pub change: Change,
     pub fate: Fate,
@@ -122,20 +123,32 @@ pub struct Event {
     pub record: Option<CompanyRecord>,
     /// The `companies` row this change resolved to (set by upsert for processed changes).
     pub company_id: Option<i64>,
+    /// Held from dedupe until the event is dropped after the sink's commit: no other change to the same
+    /// company is processed meanwhile.
+    pub claim: Option<Claim>,
 }
 
 impl Event {
     pub fn new(change: Change) -> Self {
-        Event { change, fate: Fate::Process, record: None, company_id: None }
+        Event {
+            change,
+            fate: Fate::Process,
+            record: None,
+            company_id: None,
+            claim: None,
+        }
     }
 
     pub fn dead_letter(&mut self, stage: &'static str, reason: impl Into<String>) {
-        self.fate = Fate::DeadLetter { stage, reason: reason.into() };
+        self.fate = Fate::DeadLetter {
+            stage,
+            reason: reason.into(),
+        };
     }
 }
 
 /// A run of consecutive changes and the checkpoint that is safe to commit once all of them are done.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Batch {
     pub events: Vec<Event>,
     pub checkpoint: Checkpoint,

@@ -21,15 +21,34 @@ pub struct Database {
 impl Database {
     pub async fn open(cli: &Cli) -> Result<Database> {
         if let Some(dsn) = cli.dsn.as_deref().filter(|d| !d.trim().is_empty()) {
-            return Ok(Database { dsn: dsn.to_owned(), embedded: false, cluster: None });
+            return Ok(Database {
+                dsn: dsn.to_owned(),
+                embedded: false,
+                cluster: None,
+            });
         }
-        let opts = ClusterOptions { home: cli.home.clone().unwrap_or_else(ClusterOptions::default_home), durable: true };
+        let opts = ClusterOptions {
+            home: cli
+                .home
+                .clone()
+                .unwrap_or_else(ClusterOptions::default_home),
+            durable: true,
+        };
         let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts))
             .await
-            .map_err(|e| Error::new(crate::ErrorKind::Embedded, format!("starting the private PostgreSQL: {e}")))??;
+            .map_err(|e| {
+                Error::new(
+                    crate::ErrorKind::Embedded,
+                    format!("starting the private PostgreSQL: {e}"),
+                )
+            })??;
         let dsn = cluster.ensure_database().await?;
         tracing::info!(database = %db::describe(&dsn), "using the private PostgreSQL (POSTGRES_DSN is unset)");
-        Ok(Database { dsn, embedded: true, cluster: Some(cluster) })
+        Ok(Database {
+            dsn,
+            embedded: true,
+            cluster: Some(cluster),
+        })
     }
 
     /// Stops the embedded cluster (if we started it) off the async threads.
@@ -96,7 +115,11 @@ async fn run_pipeline(database: &Database, args: &RunArgs, mode: &str) -> Result
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
         for n in 0.. {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
@@ -132,7 +155,11 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
     // The demo replays staging from the start each time under its own checkpoint key, so a second demo
     // shows what a re-run does: registry fields refreshed, nothing rewritten, nothing processed twice.
     let mut spec = PipelineSpec::registry_sync();
-    spec.apply(&Overrides { start_after_id: Some(0), checkpoint_key: Some("demo".into()), ..Default::default() });
+    spec.apply(&Overrides {
+        start_after_id: Some(0),
+        checkpoint_key: Some("demo".into()),
+        ..Default::default()
+    });
     let summary = pipeline::run(dsn, &spec, "demo", shutdown_signal()).await?;
     println!("\n{summary}\n");
     let rows = client
@@ -173,19 +200,29 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     db::schema_facts(&client).await?;
     let q = |sql: &'static str| {
         let client = &client;
-        async move { client.query(sql, &[]).await.map_err(|e| Error::db("reading status", e)) }
+        async move {
+            client
+                .query(sql, &[])
+                .await
+                .map_err(|e| Error::db("reading status", e))
+        }
     };
-    let checkpoints = q("select key, coalesce(cursor, 'id'), last_id, last_uen, last_lsn::text, last_seq, \
-                         updated_at::text from service_progress order by key")
+    let checkpoints = q(
+        "select key, coalesce(cursor, 'id'), last_id, last_uen, last_lsn::text, last_seq, \
+                         updated_at::text from service_progress order by key",
+    )
     .await?;
     let runs = q("select run_id, pipeline, mode, status, started_at::text, ended_at::text, rows_in, processed, \
                   filtered, skipped, failed, dead_lettered, error from enrichment_runs order by run_id desc limit 5")
     .await?;
     let dead = q("select stage, count(*) from dead_letters group by stage order by stage").await?;
-    let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
-                    (select count(*) from company_enrichment_runs)")
+    let counts = q(
+        "select (select count(*) from staging_acra_companies), (select count(*) from companies), \
+                    (select count(*) from company_enrichment_runs)",
+    )
     .await?;
-    let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
+    let (staged, companies, history): (i64, i64, i64) =
+        (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({
             "database": db::describe(dsn),
@@ -213,11 +250,24 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     for r in &checkpoints {
         let cursor: String = r.get(1);
         let at = match cursor.as_str() {
-            "uen" => format!("after uen {} (id {})", r.get::<_, Option<String>>(3).unwrap_or_default(), r.get::<_, Option<i64>>(2).unwrap_or(0)),
-            "lsn" => format!("after {} #{}", r.get::<_, Option<String>>(4).unwrap_or_default(), r.get::<_, Option<i64>>(5).unwrap_or(0)),
+            "uen" => format!(
+                "after uen {} (id {})",
+                r.get::<_, Option<String>>(3).unwrap_or_default(),
+                r.get::<_, Option<i64>>(2).unwrap_or(0)
+            ),
+            "lsn" => format!(
+                "after {} #{}",
+                r.get::<_, Option<String>>(4).unwrap_or_default(),
+                r.get::<_, Option<i64>>(5).unwrap_or(0)
+            ),
             _ => format!("after id {}", r.get::<_, Option<i64>>(2).unwrap_or(0)),
         };
-        println!("  {:<16} {:<36} updated {}", r.get::<_, String>(0), at, r.get::<_, String>(6));
+        println!(
+            "  {:<16} {:<36} updated {}",
+            r.get::<_, String>(0),
+            at,
+            r.get::<_, String>(6)
+        );
     }
     println!("\nrecent runs");
     for r in &runs {

@@ -144,7 +144,8 @@ pub struct Overrides {
 impl PipelineSpec {
     /// Parses a pipeline file; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::config(format!("pipeline {origin}: {}", e.to_string().trim())))
+        toml::from_str(text)
+            .map_err(|e| Error::config(format!("pipeline {origin}: {}", e.to_string().trim())))
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
@@ -154,7 +155,8 @@ impl PipelineSpec {
     }
 
     pub fn registry_sync() -> Self {
-        Self::parse(REGISTRY_SYNC, "registry_sync.toml (built in)").expect("the built-in pipeline parses")
+        Self::parse(REGISTRY_SYNC, "registry_sync.toml (built in)")
+            .expect("the built-in pipeline parses")
     }
 
     pub fn apply(&mut self, o: &Overrides) {
@@ -178,7 +180,11 @@ impl PipelineSpec {
             match op {
                 OperatorSpec::Filter(f) => {
                     if let Some(list) = &o.exclude_status {
-                        f.exclude_status = list.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+                        f.exclude_status = list
+                            .split(',')
+                            .map(|s| s.trim().to_owned())
+                            .filter(|s| !s.is_empty())
+                            .collect();
                     }
                     if let Some(d) = o.min_age_days {
                         f.min_age_days = d;
@@ -206,7 +212,9 @@ impl PipelineSpec {
             return Err(Error::config("pipeline: `name` must not be empty"));
         }
         if self.checkpoint_key.trim().is_empty() {
-            return Err(Error::config("pipeline: `checkpoint_key` (ACRA_DIRECT_CHECKPOINT_KEY) must not be empty"));
+            return Err(Error::config(
+                "pipeline: `checkpoint_key` (ACRA_DIRECT_CHECKPOINT_KEY) must not be empty",
+            ));
         }
         if !(1..=MAX_BATCH_SIZE).contains(&self.source.batch_size) {
             return Err(Error::config(format!(
@@ -218,15 +226,22 @@ impl PipelineSpec {
             return Err(Error::config("source.table must not be empty"));
         }
         if self.source.batch_limit == Some(0) {
-            return Err(Error::config("ACRA_DIRECT_BATCH_LIMIT is 0; leave it unset for no limit"));
+            return Err(Error::config(
+                "ACRA_DIRECT_BATCH_LIMIT is 0; leave it unset for no limit",
+            ));
         }
         if matches!(self.source.start_after_id, Some(id) if id < 0) {
-            return Err(Error::config("ACRA_DIRECT_START_AFTER_ID must be 0 or more"));
+            return Err(Error::config(
+                "ACRA_DIRECT_START_AFTER_ID must be 0 or more",
+            ));
         }
         let position = |kind: &str| self.operators.iter().position(|o| o.kind() == kind);
         for kind in ["filter", "dedupe", "upsert"] {
             if self.operators.iter().filter(|o| o.kind() == kind).count() > 1 {
-                return Err(Error::config(format!("pipeline {}: operator '{kind}' appears more than once", self.name)));
+                return Err(Error::config(format!(
+                    "pipeline {}: operator '{kind}' appears more than once",
+                    self.name
+                )));
             }
         }
         let (filter, dedupe, upsert) = (position("filter"), position("dedupe"), position("upsert"));
@@ -238,14 +253,23 @@ impl PipelineSpec {
             )));
         };
         if filter != 0 {
-            return Err(Error::config(format!("pipeline {}: 'filter' must be the first operator", self.name)));
+            return Err(Error::config(format!(
+                "pipeline {}: 'filter' must be the first operator",
+                self.name
+            )));
         }
         if upsert.is_none() {
-            return Err(Error::config(format!("pipeline {}: an 'upsert' operator is required", self.name)));
+            return Err(Error::config(format!(
+                "pipeline {}: an 'upsert' operator is required",
+                self.name
+            )));
         }
         if let (Some(d), Some(u)) = (dedupe, upsert) {
             if d > u {
-                return Err(Error::config(format!("pipeline {}: 'dedupe' must come before 'upsert'", self.name)));
+                return Err(Error::config(format!(
+                    "pipeline {}: 'dedupe' must come before 'upsert'",
+                    self.name
+                )));
             }
         }
         Ok(())
@@ -265,7 +289,10 @@ fn default_recheck_days() -> u32 {
     DEFAULT_RECHECK_DAYS
 }
 fn default_excluded() -> Vec<String> {
-    DEFAULT_EXCLUDED_STATUSES.iter().map(|s| s.to_string()).collect()
+    DEFAULT_EXCLUDED_STATUSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -283,11 +310,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = PipelineSpec::parse("name = 'x'\n[source]\nbatch_sise = 5\n", "test.toml").unwrap_err();
+        let err =
+            PipelineSpec::parse("name = 'x'\n[source]\nbatch_sise = 5\n", "test.toml").unwrap_err();
         assert!(err.to_string().contains("batch_sise"), "{err}");
-        let err = PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'filter'\nmin_age = 3\n", "t").unwrap_err();
+        let err = PipelineSpec::parse(
+            "name = 'x'\n[[operator]]\nkind = 'filter'\nmin_age = 3\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("min_age"), "{err}");
-        let err = PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'enrichh'\n", "t").unwrap_err();
+        let err =
+            PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'enrichh'\n", "t").unwrap_err();
         assert!(err.to_string().contains("enrichh"), "{err}");
     }
 
@@ -302,9 +335,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(p.source.batch_size, 10);
-        let OperatorSpec::Filter(f) = &p.operators[0] else { panic!() };
+        let OperatorSpec::Filter(f) = &p.operators[0] else {
+            panic!()
+        };
         assert_eq!(f.exclude_status, ["live", "registered"]);
-        let OperatorSpec::Dedupe(d) = &p.operators[1] else { panic!() };
+        let OperatorSpec::Dedupe(d) = &p.operators[1] else {
+            panic!()
+        };
         assert_eq!((d.recheck_days, d.force), (7, true));
     }
 
@@ -312,9 +349,17 @@ mod tests {
     fn validation_names_the_setting() {
         let mut p = PipelineSpec::registry_sync();
         p.source.batch_size = 0;
-        assert!(p.validate().unwrap_err().to_string().contains("ACRA_DIRECT_BATCH_SIZE"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ACRA_DIRECT_BATCH_SIZE"));
         let mut p = PipelineSpec::registry_sync();
         p.operators.swap(1, 2);
-        assert!(p.validate().unwrap_err().to_string().contains("'dedupe' must come before 'upsert'"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("'dedupe' must come before 'upsert'"));
     }
 }

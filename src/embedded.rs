@@ -58,7 +58,9 @@ impl ClusterOptions {
         if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
             return PathBuf::from(x).join("acraflow");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         home.join(".local/share/acraflow")
     }
 }
@@ -89,9 +91,15 @@ impl Cluster {
         if !pgdata.join("PG_VERSION").exists() {
             initdb(&bin, &home, &pgdata, &password, user.as_ref())?;
         }
+        wait_for_stopping_server(&pgdata);
         if let Some(port) = running_server_port(&pgdata) {
             tracing::info!(port, data_dir = %pgdata.display(), "attached to the private PostgreSQL already running");
-            return Ok(Cluster { port, password, home, keeper: None });
+            return Ok(Cluster {
+                port,
+                password,
+                home,
+                keeper: None,
+            });
         }
 
         let port = free_port()?;
@@ -118,8 +126,13 @@ impl Cluster {
         ] {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
-        let log_err = log.try_clone().map_err(|e| Error::io("duplicating the log file handle", e))?;
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err).process_group(0);
+        let log_err = log
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the log file handle", e))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
         if let Some(u) = &user {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
@@ -143,9 +156,22 @@ impl Cluster {
             .map_err(|e| Error::io("starting the postgres keeper thread", e))?;
         let pid = pid_rx
             .recv()
-            .map_err(|_| Error::new(ErrorKind::Embedded, "the postgres keeper thread exited before starting it"))?
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Embedded,
+                    "the postgres keeper thread exited before starting it",
+                )
+            })?
             .map_err(|e| Error::io(format!("starting {}", bin.join("postgres").display()), e))?;
-        let cluster = Cluster { port, password, home, keeper: Some(Keeper { stop: stop_tx, thread }) };
+        let cluster = Cluster {
+            port,
+            password,
+            home,
+            keeper: Some(Keeper {
+                stop: stop_tx,
+                thread,
+            }),
+        };
         wait_ready(&pgdata, pid, &exited, &log_path)?;
         tracing::info!(port, pid, data_dir = %pgdata.display(), "started private PostgreSQL");
         Ok(cluster)
@@ -161,7 +187,10 @@ impl Cluster {
 
     /// A libpq-style connection string for `dbname` in this cluster.
     pub fn dsn(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user={ROLE} password={} dbname={dbname}", self.port, self.password)
+        format!(
+            "host=127.0.0.1 port={} user={ROLE} password={} dbname={dbname}",
+            self.port, self.password
+        )
     }
 
     /// Creates the `acraflow` database when missing and returns its DSN.
@@ -210,18 +239,16 @@ fn keep(
         }
     };
     let _ = pid_tx.send(Ok(child.id()));
-    loop {
-        match stop_rx.recv_timeout(Duration::from_millis(200)) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(Some(status)) = child.try_wait() {
-                    *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-                    return;
-                }
-            }
-            // The cluster was dropped: fast shutdown (SIGINT), then SIGKILL if it does not finish in time.
-            _ => break,
+    // Until the cluster is dropped (the sender goes away), watch for the server exiting on its own.
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        stop_rx.recv_timeout(Duration::from_millis(200))
+    {
+        if let Ok(Some(status)) = child.try_wait() {
+            *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+            return;
         }
     }
+    // Fast shutdown (SIGINT), then SIGKILL if it does not finish in time.
     let pid = Pid::from_raw(child.id() as i32);
     let _ = kill(pid, Signal::SIGINT);
     let deadline = Instant::now() + STOP_TIMEOUT;
@@ -235,13 +262,21 @@ fn keep(
     let _ = child.wait();
 }
 
-fn wait_ready(pgdata: &Path, pid: u32, exited: &Mutex<Option<ExitStatus>>, log: &Path) -> Result<()> {
+fn wait_ready(
+    pgdata: &Path,
+    pid: u32,
+    exited: &Mutex<Option<ExitStatus>>,
+    log: &Path,
+) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = *exited.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(Error::new(
                 ErrorKind::Embedded,
-                format!("PostgreSQL exited during start-up ({status}); its log ends with:\n{}", log_tail(log)),
+                format!(
+                    "PostgreSQL exited during start-up ({status}); its log ends with:\n{}",
+                    log_tail(log)
+                ),
             ));
         }
         if let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) {
@@ -266,6 +301,27 @@ fn wait_ready(pgdata: &Path, pid: u32, exited: &Mutex<Option<ExitStatus>>, log: 
     }
 }
 
+/// A server from an earlier run may still be shutting down (its pid file says `stopping`); starting a new
+/// one before it is gone would fail on the lock file.
+fn wait_for_stopping_server(pgdata: &Path) {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) else {
+            return;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let alive = lines
+            .first()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_ok());
+        let ready = lines.get(7).map(|l| l.trim()) == Some("ready");
+        if !alive || ready {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The port of a live server already running on `pgdata`, per its `postmaster.pid`.
 fn running_server_port(pgdata: &Path) -> Option<u16> {
     let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
@@ -276,16 +332,31 @@ fn running_server_port(pgdata: &Path) -> Option<u16> {
     (ready && kill(Pid::from_raw(pid), None).is_ok()).then_some(port)
 }
 
-fn initdb(bin: &Path, home: &Path, pgdata: &Path, password: &str, user: Option<&User>) -> Result<()> {
+fn initdb(
+    bin: &Path,
+    home: &Path,
+    pgdata: &Path,
+    password: &str,
+    user: Option<&User>,
+) -> Result<()> {
     // No PG_VERSION means an earlier initdb did not finish: what it left is ours and incomplete.
     if pgdata.exists() {
-        fs::remove_dir_all(pgdata).map_err(|e| Error::io(format!("removing incomplete {}", pgdata.display()), e))?;
+        fs::remove_dir_all(pgdata)
+            .map_err(|e| Error::io(format!("removing incomplete {}", pgdata.display()), e))?;
     }
     make_dir(pgdata, 0o700, user)?;
     let pwfile = home.join(".initdb-password");
     write_private(&pwfile, password, user)?;
     let mut cmd = Command::new(bin.join("initdb"));
-    cmd.arg("-D").arg(pgdata).args(["-U", ROLE, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "-N"]);
+    cmd.arg("-D").arg(pgdata).args([
+        "-U",
+        ROLE,
+        "--auth=scram-sha-256",
+        "-E",
+        "UTF8",
+        "--locale=C.UTF-8",
+        "-N",
+    ]);
     cmd.arg(format!("--pwfile={}", pwfile.display()));
     if let Some(u) = user {
         cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
@@ -385,7 +456,8 @@ fn write_private(path: &Path, content: &str, owner: Option<&User>) -> Result<()>
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-    f.write_all(content.as_bytes()).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    f.write_all(content.as_bytes())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     if let Some(u) = owner {
         std::os::unix::fs::chown(path, Some(u.uid.as_raw()), Some(u.gid.as_raw()))
             .map_err(|e| Error::io(format!("giving {} to the postgres user", path.display()), e))?;
@@ -406,8 +478,12 @@ fn load_or_create_password(home: &Path) -> Result<String> {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| Error::io("finding a free port", e))
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::io("finding a free port", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::io("finding a free port", e))
 }
 
 fn log_tail(path: &Path) -> String {

@@ -54,15 +54,32 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "  failed          {:>10}", c.failed)?;
         writeln!(f, "  dead-lettered   {:>10}", c.dead_lettered)?;
         if c.ignored > 0 {
-            writeln!(f, "  ignored         {:>10}  (deletes/truncates on staging)", c.ignored)?;
+            writeln!(
+                f,
+                "  ignored         {:>10}  (deletes/truncates on staging)",
+                c.ignored
+            )?;
         }
-        writeln!(f, "  duration        {:>9.2}s  ({:.0} rows/s)", self.seconds, self.rows_per_second)?;
-        write!(f, "  checkpoint      {}", self.checkpoint.as_deref().unwrap_or("unchanged"))
+        writeln!(
+            f,
+            "  duration        {:>9.2}s  ({:.0} rows/s)",
+            self.seconds, self.rows_per_second
+        )?;
+        write!(
+            f,
+            "  checkpoint      {}",
+            self.checkpoint.as_deref().unwrap_or("unchanged")
+        )
     }
 }
 
 /// Runs `spec` against the database at `dsn` until the source ends or `stop` turns true.
-pub async fn run(dsn: &str, spec: &PipelineSpec, mode: &str, stop: watch::Receiver<bool>) -> Result<RunSummary> {
+pub async fn run(
+    dsn: &str,
+    spec: &PipelineSpec,
+    mode: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<RunSummary> {
     spec.validate()?;
     let control = db::connect(dsn).await?;
     let facts = db::schema_facts(&control).await?;
@@ -96,10 +113,30 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: &str, stop: watch::Receiv
     tracing::info!(run_id, pipeline = %spec.name, mode, start = %start, "run started");
 
     let started = Instant::now();
-    let result = drive(dsn, spec, &table, facts, start, lsn, run_id, stop.clone(), started).await;
+    let result = drive(
+        dsn,
+        spec,
+        &table,
+        facts,
+        start,
+        lsn,
+        run_id,
+        stop.clone(),
+        started,
+    )
+    .await;
     let seconds = started.elapsed().as_secs_f64();
     let (status, counters, last, error) = match &result {
-        Ok((counters, last)) => (if *stop.borrow() { "interrupted" } else { "completed" }, *counters, last.clone(), None),
+        Ok((counters, last)) => (
+            if *stop.borrow() {
+                "interrupted"
+            } else {
+                "completed"
+            },
+            *counters,
+            last.clone(),
+            None,
+        ),
         Err((counters, e)) => ("failed", *counters, None, Some(error_chain(e))),
     };
     control
@@ -181,8 +218,12 @@ async fn drive(
             last_log = Instant::now();
             let rate = counters.rows_in as f64 / started.elapsed().as_secs_f64().max(1e-9);
             tracing::info!(
-                rows_in = counters.rows_in, processed = counters.processed, filtered = counters.filtered,
-                skipped = counters.skipped, dead_lettered = counters.dead_lettered, rows_per_second = rate as u64,
+                rows_in = counters.rows_in,
+                processed = counters.processed,
+                filtered = counters.filtered,
+                skipped = counters.skipped,
+                dead_lettered = counters.dead_lettered,
+                rows_per_second = rate as u64,
                 "progress"
             );
         }
@@ -198,10 +239,18 @@ async fn build_operators(
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
     for op in &spec.operators {
         ops.push(match op {
-            OperatorSpec::Filter(f) => Box::new(Filter::new(&f.exclude_status, f.min_age_days, Utc::now().date_naive())),
+            OperatorSpec::Filter(f) => Box::new(Filter::new(
+                &f.exclude_status,
+                f.min_age_days,
+                Utc::now().date_naive(),
+            )),
             OperatorSpec::Dedupe(d) => Box::new(Dedupe::new(
                 Arc::clone(client),
-                DedupePolicy { recheck_days: d.recheck_days, skip_if_any_history: d.skip_if_any_history, force: d.force },
+                DedupePolicy {
+                    recheck_days: d.recheck_days,
+                    skip_if_any_history: d.skip_if_any_history,
+                    force: d.force,
+                },
             )),
             OperatorSpec::Upsert(_) => Box::new(Upsert::new(Arc::clone(client), facts).await?),
         });

@@ -25,18 +25,59 @@ pub const MAX_ROWS: u64 = 5_000_000;
 
 /// The 53 text columns of ACRA's "Information on Corporate Entities", in the dataset's order.
 pub const STAGING_COLUMNS: [&str; 53] = [
-    "uen", "issuance_agency_id", "entity_name", "entity_type_description", "business_constitution_description",
-    "company_type_description", "paf_constitution_description", "entity_status_description",
-    "registration_incorporation_date", "uen_issue_date", "address_type", "block", "street_name", "level_no",
-    "unit_no", "building_name", "postal_code", "other_address_line1", "other_address_line2", "account_due_date",
-    "annual_return_date", "primary_ssic_code", "primary_ssic_description", "primary_user_described_activity",
-    "secondary_ssic_code", "secondary_ssic_description", "secondary_user_described_activity", "no_of_officers",
-    "former_entity_name1", "former_entity_name2", "former_entity_name3", "former_entity_name4",
-    "former_entity_name5", "former_entity_name6", "former_entity_name7", "former_entity_name8",
-    "former_entity_name9", "former_entity_name10", "former_entity_name11", "former_entity_name12",
-    "former_entity_name13", "former_entity_name14", "former_entity_name15", "uen_of_audit_firm1",
-    "uen_of_audit_firm2", "uen_of_audit_firm3", "uen_of_audit_firm4", "uen_of_audit_firm5", "name_of_audit_firm1",
-    "name_of_audit_firm2", "name_of_audit_firm3", "name_of_audit_firm4", "name_of_audit_firm5",
+    "uen",
+    "issuance_agency_id",
+    "entity_name",
+    "entity_type_description",
+    "business_constitution_description",
+    "company_type_description",
+    "paf_constitution_description",
+    "entity_status_description",
+    "registration_incorporation_date",
+    "uen_issue_date",
+    "address_type",
+    "block",
+    "street_name",
+    "level_no",
+    "unit_no",
+    "building_name",
+    "postal_code",
+    "other_address_line1",
+    "other_address_line2",
+    "account_due_date",
+    "annual_return_date",
+    "primary_ssic_code",
+    "primary_ssic_description",
+    "primary_user_described_activity",
+    "secondary_ssic_code",
+    "secondary_ssic_description",
+    "secondary_user_described_activity",
+    "no_of_officers",
+    "former_entity_name1",
+    "former_entity_name2",
+    "former_entity_name3",
+    "former_entity_name4",
+    "former_entity_name5",
+    "former_entity_name6",
+    "former_entity_name7",
+    "former_entity_name8",
+    "former_entity_name9",
+    "former_entity_name10",
+    "former_entity_name11",
+    "former_entity_name12",
+    "former_entity_name13",
+    "former_entity_name14",
+    "former_entity_name15",
+    "uen_of_audit_firm1",
+    "uen_of_audit_firm2",
+    "uen_of_audit_firm3",
+    "uen_of_audit_firm4",
+    "uen_of_audit_firm5",
+    "name_of_audit_firm1",
+    "name_of_audit_firm2",
+    "name_of_audit_firm3",
+    "name_of_audit_firm4",
+    "name_of_audit_firm5",
 ];
 
 /// Statuses and their weights in thousands of entities. The first five are the registry's real counts.
@@ -57,18 +98,71 @@ const STATUSES: &[(&str, u32)] = &[
 ];
 
 const WORDS_A: &[&str] = &[
-    "ORCHID", "MERLION", "HARBOUR", "STRAITS", "JADE", "LION", "PACIFIC", "EVERGREEN", "GOLDEN", "SUMMIT", "RAFFLES",
-    "MARINA", "KAMPONG", "BLUE OCEAN", "RED DOT", "SILVER", "PRIME", "UNITY", "NOVA", "ZENITH", "LOTUS", "BAMBOO",
-    "TEMASEK", "CRESCENT", "HORIZON", "KEPPEL", "SENTOSA", "BUKIT", "CEDAR", "ASIA LINK",
+    "ORCHID",
+    "MERLION",
+    "HARBOUR",
+    "STRAITS",
+    "JADE",
+    "LION",
+    "PACIFIC",
+    "EVERGREEN",
+    "GOLDEN",
+    "SUMMIT",
+    "RAFFLES",
+    "MARINA",
+    "KAMPONG",
+    "BLUE OCEAN",
+    "RED DOT",
+    "SILVER",
+    "PRIME",
+    "UNITY",
+    "NOVA",
+    "ZENITH",
+    "LOTUS",
+    "BAMBOO",
+    "TEMASEK",
+    "CRESCENT",
+    "HORIZON",
+    "KEPPEL",
+    "SENTOSA",
+    "BUKIT",
+    "CEDAR",
+    "ASIA LINK",
 ];
 const WORDS_B: &[&str] = &[
-    "TRADING", "ENGINEERING", "LOGISTICS", "TECHNOLOGIES", "CONSULTING", "HOLDINGS", "FOODS", "CONSTRUCTION",
-    "CAPITAL", "MARINE", "SOLUTIONS", "DESIGN", "VENTURES", "SERVICES", "RESOURCES", "INTERNATIONAL", "MEDICAL",
-    "ELECTRICAL", "PROPERTIES", "EDUCATION",
+    "TRADING",
+    "ENGINEERING",
+    "LOGISTICS",
+    "TECHNOLOGIES",
+    "CONSULTING",
+    "HOLDINGS",
+    "FOODS",
+    "CONSTRUCTION",
+    "CAPITAL",
+    "MARINE",
+    "SOLUTIONS",
+    "DESIGN",
+    "VENTURES",
+    "SERVICES",
+    "RESOURCES",
+    "INTERNATIONAL",
+    "MEDICAL",
+    "ELECTRICAL",
+    "PROPERTIES",
+    "EDUCATION",
 ];
 const STREETS: &[&str] = &[
-    "ANG MO KIO AVENUE 3", "BEDOK NORTH ROAD", "JURONG WEST STREET 41", "ORCHARD ROAD", "TAMPINES STREET 92",
-    "UBI AVENUE 1", "WOODLANDS DRIVE 14", "CECIL STREET", "SHENTON WAY", "KALLANG BAHRU", "TOA PAYOH LORONG 6",
+    "ANG MO KIO AVENUE 3",
+    "BEDOK NORTH ROAD",
+    "JURONG WEST STREET 41",
+    "ORCHARD ROAD",
+    "TAMPINES STREET 92",
+    "UBI AVENUE 1",
+    "WOODLANDS DRIVE 14",
+    "CECIL STREET",
+    "SHENTON WAY",
+    "KALLANG BAHRU",
+    "TOA PAYOH LORONG 6",
 ];
 
 struct CorpRow {
@@ -81,7 +175,9 @@ struct CorpRow {
 /// Inserts `rows` sample rows into `table` (quoted) with one binary COPY; returns the number written.
 pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<u64> {
     if rows > MAX_ROWS {
-        return Err(Error::config(format!("--rows {rows} is more than the {MAX_ROWS} the sample generator can make")));
+        return Err(Error::config(format!(
+            "--rows {rows} is more than the {MAX_ROWS} the sample generator can make"
+        )));
     }
     let corp = load_corp()?;
     let subclasses = load_subclasses()?;
@@ -118,7 +214,11 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
         };
         let kind = uen_kind(&uen);
         let (entity_type, company_type, suffix) = match kind {
-            UenKind::Roc => ("Local Company", "Exempt Private Company Limited by Shares", " PTE. LTD."),
+            UenKind::Roc => (
+                "Local Company",
+                "Exempt Private Company Limited by Shares",
+                " PTE. LTD.",
+            ),
             UenKind::Business => ("Sole Proprietorship/ Partnership", "na", ""),
             UenKind::Other => ("Limited Liability Partnership", "na", " LLP"),
         };
@@ -140,7 +240,11 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
                 }
             })
             .map_or("Live", |s| s.0);
-        let date = format!("{year:04}-{:02}-{:02}", rng.gen_range(1..=12), rng.gen_range(1..=28));
+        let date = format!(
+            "{year:04}-{:02}-{:02}",
+            rng.gen_range(1..=12),
+            rng.gen_range(1..=28)
+        );
         let (code, title) = subclasses
             .get(base.division.as_str())
             .and_then(|v| v.get(rng.gen_range(0..v.len())).cloned())
@@ -164,17 +268,34 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
         values[21] = &code;
         values[22] = &title;
         values[27] = &officers;
-        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        writer.as_mut().write(&refs).await.map_err(|e| Error::db("seed: writing a row", e))?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        writer
+            .as_mut()
+            .write(&refs)
+            .await
+            .map_err(|e| Error::db("seed: writing a row", e))?;
     }
-    let n = writer.finish().await.map_err(|e| Error::db("seed: finishing COPY", e))?;
+    let n = writer
+        .finish()
+        .await
+        .map_err(|e| Error::db("seed: finishing COPY", e))?;
     Ok(n)
 }
 
 fn load_corp() -> Result<Vec<CorpRow>> {
     let mut out = Vec::with_capacity(150_000);
-    for (i, rec) in csv::Reader::from_reader(CORP_CSV.as_bytes()).records().enumerate() {
-        let rec = rec.map_err(|e| Error::with_source(ErrorKind::Data, format!("acra_sg_corp_info record {}", i + 1), e))?;
+    for (i, rec) in csv::Reader::from_reader(CORP_CSV.as_bytes())
+        .records()
+        .enumerate()
+    {
+        let rec = rec.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Data,
+                format!("acra_sg_corp_info record {}", i + 1),
+                e,
+            )
+        })?;
         out.push(CorpRow {
             uen: rec[0].to_owned(),
             year: rec[1].parse().unwrap_or(2019),
@@ -188,10 +309,17 @@ fn load_corp() -> Result<Vec<CorpRow>> {
 /// 5-digit SSIC 2020 sub-classes by their 2-digit division.
 fn load_subclasses() -> Result<HashMap<String, Vec<(String, String)>>> {
     let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
-    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes()).records().enumerate() {
-        let rec = rec.map_err(|e| Error::with_source(ErrorKind::Data, format!("ssic2020 record {}", i + 1), e))?;
+    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes())
+        .records()
+        .enumerate()
+    {
+        let rec = rec.map_err(|e| {
+            Error::with_source(ErrorKind::Data, format!("ssic2020 record {}", i + 1), e)
+        })?;
         if &rec[2] == "subclass" && rec[0].len() == 5 {
-            out.entry(rec[0][..2].to_owned()).or_default().push((rec[0].to_owned(), rec[1].to_owned()));
+            out.entry(rec[0][..2].to_owned())
+                .or_default()
+                .push((rec[0].to_owned(), rec[1].to_owned()));
         }
     }
     Ok(out)
@@ -216,17 +344,23 @@ fn uen_kind(uen: &str) -> UenKind {
 /// A ROC-format UEN (`YYYY` + 5-digit serial + check letter), per ACRA's check-letter rule.
 pub fn roc_uen(year: i32, serial: u32) -> String {
     let body = format!("{year:04}{serial:05}");
-    let sum: u32 = body.bytes().zip([10, 8, 6, 4, 9, 7, 5, 3, 1]).map(|(d, w)| u32::from(d - b'0') * w).sum();
+    let sum: u32 = body
+        .bytes()
+        .zip([10, 8, 6, 4, 9, 7, 5, 3, 1])
+        .map(|(d, w)| u32::from(d - b'0') * w)
+        .sum();
     let check = b"ZKCMDNERGWH"[(sum % 11) as usize] as char;
     format!("{body}{check}")
 }
 
 /// True when a 10-character ROC-format UEN carries the right check letter.
 pub fn roc_check_ok(uen: &str) -> bool {
-    uen.len() == 10 && uen[..9].bytes().all(|b| b.is_ascii_digit()) && roc_uen(
-        uen[..4].parse().unwrap_or(0),
-        uen[4..9].parse().unwrap_or(0),
-    ) == uen
+    uen.len() == 10
+        && uen[..9].bytes().all(|b| b.is_ascii_digit())
+        && roc_uen(
+            uen[..4].parse().unwrap_or(0),
+            uen[4..9].parse().unwrap_or(0),
+        ) == uen
 }
 
 #[cfg(test)]
@@ -236,9 +370,15 @@ mod tests {
     #[test]
     fn check_letter_rule_agrees_with_every_real_roc_uen() {
         let corp = load_corp().unwrap();
-        let roc: Vec<&CorpRow> = corp.iter().filter(|c| uen_kind(&c.uen) == UenKind::Roc).collect();
+        let roc: Vec<&CorpRow> = corp
+            .iter()
+            .filter(|c| uen_kind(&c.uen) == UenKind::Roc)
+            .collect();
         assert!(roc.len() > 100_000);
-        assert!(roc.iter().all(|c| roc_check_ok(&c.uen)), "a real UEN failed the check-letter rule");
+        assert!(
+            roc.iter().all(|c| roc_check_ok(&c.uen)),
+            "a real UEN failed the check-letter rule"
+        );
         assert!(!roc_check_ok("201908808A"));
     }
 
@@ -247,7 +387,10 @@ mod tests {
         let subs = load_subclasses().unwrap();
         assert_eq!(subs.values().map(Vec::len).sum::<usize>(), 1023);
         let corp = load_corp().unwrap();
-        let missing = corp.iter().filter(|c| !subs.contains_key(&c.division)).count();
+        let missing = corp
+            .iter()
+            .filter(|c| !subs.contains_key(&c.division))
+            .count();
         assert_eq!(missing, 0);
     }
 }

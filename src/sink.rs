@@ -40,7 +40,10 @@ impl Counters {
     }
 
     pub fn of(batch: &Batch) -> Counters {
-        let mut c = Counters { rows_in: batch.events.len() as u64, ..Default::default() };
+        let mut c = Counters {
+            rows_in: batch.events.len() as u64,
+            ..Default::default()
+        };
         for e in &batch.events {
             match e.fate {
                 Fate::Process => c.processed += 1,
@@ -62,7 +65,11 @@ pub struct PostgresSink {
 
 impl PostgresSink {
     pub fn new(client: Client, checkpoint_key: String, run_id: i64) -> Self {
-        PostgresSink { client, checkpoint_key, run_id }
+        PostgresSink {
+            client,
+            checkpoint_key,
+            run_id,
+        }
     }
 
     /// Commits the batch's effects and its checkpoint atomically; returns what the batch counted.
@@ -72,8 +79,15 @@ impl PostgresSink {
         let mut h_lsn = Vec::new();
         let mut h_seq = Vec::new();
         let mut h_staging = Vec::new();
-        let (mut d_lsn, mut d_seq, mut d_staging, mut d_uen, mut d_stage, mut d_reason, mut d_row) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut d_lsn, mut d_seq, mut d_staging, mut d_uen, mut d_stage, mut d_reason, mut d_row) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for e in &batch.events {
             let pos = e.change.pos;
             match (&e.fate, e.company_id) {
@@ -99,7 +113,11 @@ impl PostgresSink {
                 _ => {}
             }
         }
-        let tx = self.client.transaction().await.map_err(|e| Error::db("sink: starting a transaction", e))?;
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| Error::db("sink: starting a transaction", e))?;
         let history = async {
             if h_company.is_empty() {
                 return Ok(0);
@@ -132,7 +150,9 @@ impl PostgresSink {
         let cp = checkpoint::save(&tx, &self.checkpoint_key, &batch.checkpoint);
         // Issued together: tokio-postgres pipelines them on the one connection.
         futures::try_join!(history, dead, cp)?;
-        tx.commit().await.map_err(|e| Error::db("sink: committing the batch and its checkpoint", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| Error::db("sink: committing the batch and its checkpoint", e))?;
         Ok(counters)
     }
 

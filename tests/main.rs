@@ -1,1 +1,7 @@
+//! Integration tests: one binary, against a real PostgreSQL (wal_level=logical) that the harness starts.
+mod support;
 
+mod backfill;
+mod bad_input;
+mod cli;
+mod schema;

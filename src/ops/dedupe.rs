@@ -1,16 +1,22 @@
 //! Dedupe: an anti-join that keeps a company from being enriched again too soon.
 //!
-//! Two rules, in this order:
+//! Three rules, applied in this order:
 //! 1. Within a batch, repeated keys close together are processed once: the latest eligible change per
 //!    company key wins, earlier ones become [`Fate::Superseded`] (pure, [`supersede_repeats`]).
-//! 2. A change whose company has a `company_enrichment_runs` row newer than `recheck_days` (any row when
+//! 2. A change whose company is already in flight (processed by an earlier batch whose history row is not
+//!    committed yet) is skipped: each processed change holds a [`Claim`] on its key until the sink has
+//!    committed it. Stages run concurrently, so without this a company repeated in consecutive batches
+//!    would get two history rows. Claims are bounded by the events in flight.
+//! 3. A change whose company has a `company_enrichment_runs` row newer than `recheck_days` (any row when
 //!    `skip_if_any_history`) becomes [`Fate::Skipped`]; `force` turns this rule off. One query per batch.
+//!    It runs after the claim: a claim is released only after its history row committed, so the query
+//!    sees that row; querying first would leave a window between the two.
 //!
 //! Skipped and superseded changes still refresh registry fields in upsert; they only get no history row
 //! and no enrichment.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use tokio_postgres::Client;
@@ -46,21 +52,93 @@ pub fn supersede_repeats(batch: &mut Batch) {
     }
 }
 
+/// The company keys being processed right now.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    keys: Mutex<HashSet<CompanyKey>>,
+}
+
+impl InFlight {
+    /// Claims `key`, or returns `None` when another change holds it.
+    pub fn try_claim(self: &Arc<Self>, key: &CompanyKey) -> Option<Claim> {
+        let fresh = self
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        fresh.then(|| Claim {
+            owner: Arc::clone(self),
+            key: key.clone(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A processed change's hold on its company key; released when dropped.
+#[derive(Debug)]
+pub struct Claim {
+    owner: Arc<InFlight>,
+    key: CompanyKey,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.owner
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Claims the key of every change still to be processed; a change whose key is taken is skipped.
+pub fn claim_keys(batch: &mut Batch, in_flight: &Arc<InFlight>) {
+    for e in &mut batch.events {
+        if e.fate != Fate::Process {
+            continue;
+        }
+        let Some(record) = &e.record else { continue };
+        match in_flight.try_claim(&record.key) {
+            Some(claim) => e.claim = Some(claim),
+            None => e.fate = Fate::Skipped,
+        }
+    }
+}
+
 pub struct Dedupe {
     client: Arc<Client>,
     policy: DedupePolicy,
+    in_flight: Arc<InFlight>,
 }
 
 impl Dedupe {
     pub fn new(client: Arc<Client>, policy: DedupePolicy) -> Self {
-        Dedupe { client, policy }
+        Dedupe {
+            client,
+            policy,
+            in_flight: Arc::default(),
+        }
     }
 
     async fn process(&self, mut batch: Batch) -> Result<Batch> {
         supersede_repeats(&mut batch);
-        if self.policy.force {
-            return Ok(batch);
+        // Claim before querying (see the module doc).
+        claim_keys(&mut batch, &self.in_flight);
+        if !self.policy.force {
+            self.skip_recent(&mut batch).await?;
         }
+        Ok(batch)
+    }
+
+    /// Rule 2: one anti-join query for the batch.
+    async fn skip_recent(&self, batch: &mut Batch) -> Result<()> {
         let mut ords = Vec::new();
         let mut uens = Vec::new();
         let mut names = Vec::new();
@@ -74,7 +152,7 @@ impl Dedupe {
             }
         }
         if ords.is_empty() {
-            return Ok(batch);
+            return Ok(());
         }
         let recheck_days = i32::try_from(self.policy.recheck_days).unwrap_or(i32::MAX);
         let rows = self
@@ -96,9 +174,11 @@ impl Dedupe {
             .map_err(|e| Error::db("dedupe: looking up recent enrichment history", e))?;
         for row in rows {
             let ord: i32 = row.get(0);
-            batch.events[ord as usize].fate = Fate::Skipped;
+            let event = &mut batch.events[ord as usize];
+            event.fate = Fate::Skipped;
+            event.claim = None;
         }
-        Ok(batch)
+        Ok(())
     }
 }
 
@@ -126,7 +206,11 @@ mod tests {
             entity_status_description: Some(status.into()),
             ..Default::default()
         };
-        let mut e = Event::new(Change { pos: Position { lsn: 1, seq: id }, op: Op::Insert, row });
+        let mut e = Event::new(Change {
+            pos: Position { lsn: 1, seq: id },
+            op: Op::Insert,
+            row,
+        });
         e.record = Some(crate::registry::map(&e.change.row, 2026).unwrap());
         e
     }
@@ -134,15 +218,59 @@ mod tests {
     #[test]
     fn latest_eligible_change_per_key_wins() {
         let mut batch = Batch {
-            events: vec![event(1, "A1", "Live"), event(2, "B2", "Live"), event(3, "A1", "Live"), event(4, "A1", "x")],
-            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 4 }, lsn: 1 },
+            events: vec![
+                event(1, "A1", "Live"),
+                event(2, "B2", "Live"),
+                event(3, "A1", "Live"),
+                event(4, "A1", "x"),
+            ],
+            checkpoint: Checkpoint {
+                cursor: Cursor::Id { last_id: 4 },
+                lsn: 1,
+            },
         };
-        batch.events[3].fate = Fate::Filtered { reason: "test".into() };
+        batch.events[3].fate = Fate::Filtered {
+            reason: "test".into(),
+        };
         supersede_repeats(&mut batch);
         let fates: Vec<&Fate> = batch.events.iter().map(|e| &e.fate).collect();
         assert_eq!(fates[0], &Fate::Superseded);
         assert_eq!(fates[1], &Fate::Process);
-        assert_eq!(fates[2], &Fate::Process, "the latest eligible repeat is the one processed");
-        assert!(matches!(fates[3], Fate::Filtered { .. }), "filtered changes are left alone");
+        assert_eq!(
+            fates[2],
+            &Fate::Process,
+            "the latest eligible repeat is the one processed"
+        );
+        assert!(
+            matches!(fates[3], Fate::Filtered { .. }),
+            "filtered changes are left alone"
+        );
+    }
+
+    #[test]
+    fn a_key_in_flight_is_skipped_until_its_event_is_dropped() {
+        let in_flight = Arc::new(InFlight::default());
+        let batch = |id| Batch {
+            events: vec![event(id, "A1", "Live")],
+            checkpoint: Checkpoint {
+                cursor: Cursor::Id { last_id: id },
+                lsn: 1,
+            },
+        };
+        let mut first = batch(1);
+        claim_keys(&mut first, &in_flight);
+        assert_eq!(first.events[0].fate, Fate::Process);
+        let mut second = batch(2);
+        claim_keys(&mut second, &in_flight);
+        assert_eq!(
+            second.events[0].fate,
+            Fate::Skipped,
+            "A1 is still in flight"
+        );
+        drop(first); // the sink committed it
+        assert!(in_flight.is_empty());
+        let mut third = batch(3);
+        claim_keys(&mut third, &in_flight);
+        assert_eq!(third.events[0].fate, Fate::Process);
     }
 }

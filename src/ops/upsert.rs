@@ -48,7 +48,12 @@ pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
         let slot = *index.entry(&record.key).or_insert_with(|| {
             writes.push((
                 record.key.clone(),
-                KeyWrite { latest: i, name: None, insertable: false, processed: None },
+                KeyWrite {
+                    latest: i,
+                    name: None,
+                    insertable: false,
+                    processed: None,
+                },
             ));
             writes.len() - 1
         });
@@ -74,16 +79,26 @@ pub struct Upsert {
 impl Upsert {
     pub async fn new(client: Arc<Client>, facts: SchemaFacts) -> Result<Self> {
         let (by_uen, by_name) = statements(facts.companies_has_industry);
-        let by_uen = client.prepare(&by_uen).await.map_err(|e| Error::db("upsert: preparing the uen upsert", e))?;
-        let by_name =
-            client.prepare(&by_name).await.map_err(|e| Error::db("upsert: preparing the name/year upsert", e))?;
-        Ok(Upsert { client, by_uen, by_name })
+        let by_uen = client
+            .prepare(&by_uen)
+            .await
+            .map_err(|e| Error::db("upsert: preparing the uen upsert", e))?;
+        let by_name = client
+            .prepare(&by_name)
+            .await
+            .map_err(|e| Error::db("upsert: preparing the name/year upsert", e))?;
+        Ok(Upsert {
+            client,
+            by_uen,
+            by_name,
+        })
     }
 
     async fn process(&self, mut batch: Batch) -> Result<Batch> {
         let writes = collapse(&batch);
-        let (uen_writes, name_writes): (Vec<_>, Vec<_>) =
-            writes.iter().partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
+        let (uen_writes, name_writes): (Vec<_>, Vec<_>) = writes
+            .iter()
+            .partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
         let (a, b) = futures::try_join!(
             self.execute(&self.by_uen, &batch, &uen_writes),
             self.execute(&self.by_name, &batch, &name_writes)
@@ -104,12 +119,27 @@ impl Upsert {
     }
 
     /// Runs one statement for `writes`; returns (event index, company_id) for the processed changes.
-    async fn execute(&self, stmt: &Statement, batch: &Batch, writes: &[&(CompanyKey, KeyWrite)]) -> Result<Vec<(usize, i64)>> {
+    async fn execute(
+        &self,
+        stmt: &Statement,
+        batch: &Batch,
+        writes: &[&(CompanyKey, KeyWrite)],
+    ) -> Result<Vec<(usize, i64)>> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
         let n = writes.len();
-        let (mut ords, mut uens, mut names, mut codes, mut descs, mut years, mut statuses, mut insertable, mut want) = (
+        let (
+            mut ords,
+            mut uens,
+            mut names,
+            mut codes,
+            mut descs,
+            mut years,
+            mut statuses,
+            mut insertable,
+            mut want,
+        ) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -121,7 +151,10 @@ impl Upsert {
             Vec::with_capacity(n),
         );
         for (_, w) in writes {
-            let r = batch.events[w.latest].record.as_ref().expect("collapse only keeps events with a record");
+            let r = batch.events[w.latest]
+                .record
+                .as_ref()
+                .expect("collapse only keeps events with a record");
             ords.push(w.processed.unwrap_or(w.latest) as i32);
             uens.push(r.uen.as_deref());
             names.push(w.name.as_deref());
@@ -134,7 +167,20 @@ impl Upsert {
         }
         let rows = self
             .client
-            .query(stmt, &[&ords, &uens, &names, &codes, &descs, &years, &statuses, &insertable, &want])
+            .query(
+                stmt,
+                &[
+                    &ords,
+                    &uens,
+                    &names,
+                    &codes,
+                    &descs,
+                    &years,
+                    &statuses,
+                    &insertable,
+                    &want,
+                ],
+            )
             .await
             .map_err(|e| Error::db(format!("upsert: writing {n} companies"), e))?;
         Ok(rows
@@ -157,13 +203,21 @@ impl Operator for Upsert {
 /// The two upsert statements (by uen, by name and year), with or without the optional `industry` column.
 fn statements(with_industry: bool) -> (String, String) {
     let (ind_col, ind_val, ind_set) = if with_industry {
-        (", industry", ", m.industry_norm", ", industry = excluded.industry")
+        (
+            ", industry",
+            ", m.industry_norm",
+            ", industry = excluded.industry",
+        )
     } else {
         ("", "", "")
     };
     let ind_cmp_e = if with_industry { ", e.industry" } else { "" };
     let ind_cmp_c = if with_industry { ", c.industry" } else { "" };
-    let ind_upd = if with_industry { ", industry = m.industry_norm" } else { "" };
+    let ind_upd = if with_industry {
+        ", industry = m.industry_norm"
+    } else {
+        ""
+    };
     let input = "input as ( \
            select * from unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], \
                                 $7::text[], $8::bool[], $9::bool[]) \
@@ -252,8 +306,17 @@ mod tests {
     use crate::checkpoint::{Checkpoint, Cursor};
 
     fn event(id: i64, uen: &str, name: &str, fate: Fate) -> Event {
-        let row = StagingRow { id, uen: Some(uen.into()), entity_name: Some(name.into()), ..Default::default() };
-        let mut e = Event::new(Change { pos: Position { lsn: 1, seq: id }, op: Op::Insert, row });
+        let row = StagingRow {
+            id,
+            uen: Some(uen.into()),
+            entity_name: Some(name.into()),
+            ..Default::default()
+        };
+        let mut e = Event::new(Change {
+            pos: Position { lsn: 1, seq: id },
+            op: Op::Insert,
+            row,
+        });
         e.record = Some(crate::registry::map(&e.change.row, 2026).unwrap());
         e.fate = fate;
         e
@@ -267,7 +330,10 @@ mod tests {
                 event(2, "B2", "Beta", Fate::Filtered { reason: "x".into() }),
                 event(3, "A1", "na", Fate::Filtered { reason: "x".into() }),
             ],
-            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 3 }, lsn: 1 },
+            checkpoint: Checkpoint {
+                cursor: Cursor::Id { last_id: 3 },
+                lsn: 1,
+            },
         };
         let w = collapse(&batch);
         assert_eq!(w.len(), 2);
@@ -277,6 +343,14 @@ mod tests {
             KeyWrite { latest: 2, name: Some("Alpha".into()), insertable: true, processed: Some(0) },
             "the struck-off repeat's fields win, its missing name keeps the earlier one, the company may be created"
         );
-        assert_eq!(w[1].1, KeyWrite { latest: 1, name: Some("Beta".into()), insertable: false, processed: None });
+        assert_eq!(
+            w[1].1,
+            KeyWrite {
+                latest: 1,
+                name: Some("Beta".into()),
+                insertable: false,
+                processed: None
+            }
+        );
     }
 }

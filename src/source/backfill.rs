@@ -37,7 +37,11 @@ pub struct BackfillOptions {
 }
 
 /// Streams the table's rows as batches of changes. Stops early (without error) when `stop` turns true.
-pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<bool>) -> BatchStream {
+pub fn stream(
+    client: Client,
+    opts: BackfillOptions,
+    mut stop: watch::Receiver<bool>,
+) -> BatchStream {
     Box::pin(try_stream! {
         let db = |what: &'static str| move |e| Error::db(format!("backfill: {what}"), e);
         client.batch_execute("begin isolation level repeatable read read only").await.map_err(db("starting the snapshot"))?;

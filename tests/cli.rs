@@ -1,0 +1,182 @@
+//! The command line as a user meets it.
+
+use std::time::Duration;
+
+use crate::support::{wait_until, TestDb};
+
+fn acraflow() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
+}
+
+#[test]
+fn help_lists_every_command_and_the_prd_environment_names() {
+    let out = acraflow().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in [
+        "migrate", "seed", "backfill", "run", "demo", "status", "bench",
+    ] {
+        assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
+    }
+    let out = acraflow().args(["backfill", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for env in [
+        "POSTGRES_DSN",
+        "ACRA_DIRECT_START_AFTER_ID",
+        "ACRA_DIRECT_START_FROM_UEN",
+        "ACRA_DIRECT_BATCH_LIMIT",
+        "ACRA_DIRECT_EXCLUDE_STATUS",
+        "ACRA_DIRECT_MIN_AGE_DAYS",
+        "ENRICH_RECHECK_DAYS",
+        "ENRICH_SKIP_IF_ANY_HISTORY",
+        "ACRA_DIRECT_FORCE",
+    ] {
+        assert!(help.contains(env), "backfill --help lacks {env}:\n{help}");
+    }
+}
+
+#[test]
+fn unreachable_database_exits_non_zero_naming_it_without_the_password() {
+    let out = acraflow()
+        .arg("backfill")
+        .env(
+            "POSTGRES_DSN",
+            "host=127.0.0.1 port=1 user=ops password=hunter2secret dbname=crm connect_timeout=2",
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connecting to ops@127.0.0.1:1/crm"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2secret"),
+        "the password leaked: {stderr}"
+    );
+}
+
+#[test]
+fn bad_settings_are_named() {
+    let out = acraflow()
+        .arg("backfill")
+        .env("POSTGRES_DSN", "host=127.0.0.1 port=1 dbname=x")
+        .env("ACRA_DIRECT_BATCH_SIZE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ACRA_DIRECT_BATCH_SIZE"));
+    let dir = std::env::temp_dir().join(format!("acraflow-badpipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("p.toml");
+    std::fs::write(&file, "name = 'p'\n[source]\nbatch_sise = 10\n").unwrap();
+    let out = acraflow()
+        .args(["backfill", "--pipeline"])
+        .arg(&file)
+        .env("POSTGRES_DSN", "host=127.0.0.1 port=1 dbname=x")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("p.toml") && stderr.contains("batch_sise"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_reports_checkpoint_runs_and_dead_letters() {
+    let db = TestDb::new().await;
+    db.seed(300, 2).await;
+    db.client
+        .batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')")
+        .await
+        .unwrap();
+    let out = db.cli(&["backfill"], &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("rows read") && summary.contains("301"),
+        "{summary}"
+    );
+
+    let out = db.cli(&["status", "--json"], &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tables"]["staging_acra_companies"], 301);
+    assert_eq!(v["checkpoints"][0]["key"], "acra_direct");
+    assert_eq!(v["checkpoints"][0]["last_id"], 301);
+    assert_eq!(v["runs"][0]["status"], "completed");
+    assert_eq!(v["runs"][0]["rows_in"], 301);
+    assert_eq!(v["dead_letters"]["filter"], 1);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&db.dsn),
+        "status must not print the DSN"
+    );
+}
+
+/// The embedded default: a private server is started on demand, reused, and never outlives acraflow,
+/// even when acraflow is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_server_starts_on_demand_and_never_outlives_acraflow() {
+    let home = std::env::temp_dir().join(format!("acraflow-embedded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let out = acraflow()
+        .args(["seed", "--rows", "50"])
+        .env_remove("POSTGRES_DSN")
+        .env("ACRAFLOW_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(home.join("pgdata/PG_VERSION").exists());
+    assert!(
+        !server_running(&home),
+        "the server outlived `acraflow seed`"
+    );
+
+    let mut child = acraflow()
+        .args(["seed", "--rows", "3000000"])
+        .env_remove("POSTGRES_DSN")
+        .env("ACRAFLOW_HOME", &home)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || async { server_running(&home) }).await,
+        "server never started"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async { !server_running(&home) }).await,
+        "the server outlived a killed acraflow"
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// A postgres process whose command line names this home's data directory.
+fn server_running(home: &std::path::Path) -> bool {
+    let needle = home.join("pgdata").display().to_string();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(&needle)
+            })
+            .unwrap_or(false)
+    })
+}
