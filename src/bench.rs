@@ -21,17 +21,17 @@ const BENCH_DB: &str = "acraflow_bench";
 
 pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
     let admin = db::connect(admin_dsn).await?;
-    admin
-        .batch_execute(&format!(
-            "drop database if exists {BENCH_DB} with (force); create database {BENCH_DB}"
-        ))
-        .await
-        .map_err(|e| {
+    for sql in [
+        format!("drop database if exists {BENCH_DB} with (force)"),
+        format!("create database {BENCH_DB}"),
+    ] {
+        admin.batch_execute(&sql).await.map_err(|e| {
             Error::db(
-                format!("creating the {BENCH_DB} database (the bench needs CREATEDB)"),
+                format!("recreating the {BENCH_DB} database (the bench needs CREATEDB)"),
                 e,
             )
         })?;
+    }
     let dsn = db::with_dbname(admin_dsn, BENCH_DB);
     let mut client = db::connect(&dsn).await?;
     db::migrate(&mut client).await?;

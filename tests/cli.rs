@@ -180,3 +180,35 @@ fn server_running(home: &std::path::Path) -> bool {
             .unwrap_or(false)
     })
 }
+
+/// The bench's two sides must do the same work: the command itself fails when the pipeline's companies
+/// differ from the set-based ceiling's. Run small here for that check; the figures come from `./dev bench`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_pipeline_and_set_based_ceiling_agree() {
+    let db = TestDb::empty().await;
+    let out = db
+        .cli(
+            &[
+                "bench",
+                "backfill",
+                "--rows",
+                "3000",
+                "--repeat",
+                "1",
+                "--batch-size",
+                "500",
+            ],
+            &[],
+        )
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ratio") && stdout.contains("peak RSS"),
+        "{stdout}"
+    );
+}

@@ -158,16 +158,22 @@ impl Dedupe {
         let rows = self
             .client
             .query(
+                // One index probe per key (LATERAL ... LIMIT 1), whatever the planner thinks of unnest's size:
+                // a hashed EXISTS would scan all of companies and the history on every batch.
                 "select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
-                 where case when k.uen is not null then exists ( \
-                     select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
-                     where c.uen = k.uen and ($5 or r.updated_at > now() - make_interval(days => $6))) \
-                   else exists ( \
-                     select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
-                     where c.uen is null and md5(lower(c.name)) = md5(lower(k.name)) \
-                       and coalesce(c.incorporation_year, 0) = coalesce(k.year, 0) \
-                       and ($5 or r.updated_at > now() - make_interval(days => $6))) \
-                   end",
+                 cross join lateral ( \
+                   select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
+                   where k.uen is not null and c.uen = k.uen \
+                     and ($5 or r.updated_at > now() - make_interval(days => $6)) \
+                   limit 1) h \
+                 union all \
+                 select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
+                 cross join lateral ( \
+                   select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
+                   where k.uen is null and c.uen is null and md5(lower(c.name)) = md5(lower(k.name)) \
+                     and coalesce(c.incorporation_year, 0) = coalesce(k.year, 0) \
+                     and ($5 or r.updated_at > now() - make_interval(days => $6)) \
+                   limit 1) h",
                 &[&ords, &uens, &names, &years, &self.policy.skip_if_any_history, &recheck_days],
             )
             .await

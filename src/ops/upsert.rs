@@ -183,9 +183,26 @@ impl Upsert {
             )
             .await
             .map_err(|e| Error::db(format!("upsert: writing {n} companies"), e))?;
+        // Rows are (ord, uen, company_id): ord is set for companies that existed before the statement;
+        // a company the statement inserted comes back by uen (joining the insert's output to the input
+        // inside the statement would be a nested loop over a CTE).
+        let by_uen: HashMap<&str, usize> = writes
+            .iter()
+            .filter_map(|(k, w)| match k {
+                CompanyKey::Uen(u) => Some((u.as_str(), w.processed?)),
+                CompanyKey::NameYear { .. } => None,
+            })
+            .collect();
         Ok(rows
             .iter()
-            .filter_map(|r| Some((r.get::<_, i32>(0) as usize, r.get::<_, Option<i64>>(1)?)))
+            .filter_map(|r| {
+                let id: Option<i64> = r.get(2);
+                let ord = match r.get::<_, Option<i32>>(0) {
+                    Some(ord) => ord as usize,
+                    None => *by_uen.get(r.get::<_, Option<&str>>(1)?)?,
+                };
+                Some((ord, id?))
+            })
             .collect())
     }
 }
@@ -252,9 +269,9 @@ fn statements(with_industry: bool) -> (String, String) {
            from mapped m \
            where not m.insertable and c.uen = m.uen and not ({same_c}) \
          ) \
-         select m.ord, coalesce(ins.company_id, c.company_id) \
-         from mapped m left join ins on ins.uen = m.uen left join companies c on c.uen = m.uen \
-         where m.want",
+         select null::int4, ins.uen, ins.company_id from ins \
+         union all \
+         select m.ord, m.uen, c.company_id from mapped m join companies c on c.uen = m.uen where m.want",
         same_e = same("e", ind_cmp_e),
         same_c = same("c", ind_cmp_c),
     );
@@ -284,7 +301,7 @@ fn statements(with_industry: bool) -> (String, String) {
            from keyed m \
            where not m.any_insertable and c.uen is null and ({ck}) = ({mk}) and not ({same_c}) \
          ) \
-         select m.ord, coalesce(ins.company_id, c.company_id) \
+         select m.ord, null::text, coalesce(ins.company_id, c.company_id) \
          from mapped m \
          left join ins on ({ik}) = ({mk}) \
          left join companies c on c.uen is null and ({ck}) = ({mk}) \
