@@ -2,6 +2,7 @@
 //! so every operator downstream is shared between a backfill and the replication stream.
 
 pub mod backfill;
+pub mod pgoutput;
 
 /// Quotes a possibly schema-qualified table name from configuration as SQL identifiers.
 pub fn quote_table(name: &str) -> String {
