@@ -21,16 +21,11 @@ const BENCH_DB: &str = "acraflow_bench";
 
 pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
     let admin = db::connect(admin_dsn).await?;
-    for sql in [
-        format!("drop database if exists {BENCH_DB} with (force)"),
-        format!("create database {BENCH_DB}"),
-    ] {
-        admin.batch_execute(&sql).await.map_err(|e| {
-            Error::db(
-                format!("recreating the {BENCH_DB} database (the bench needs CREATEDB)"),
-                e,
-            )
-        })?;
+    for sql in [format!("drop database if exists {BENCH_DB} with (force)"), format!("create database {BENCH_DB}")] {
+        admin
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::db(format!("recreating the {BENCH_DB} database (the bench needs CREATEDB)"), e))?;
     }
     let dsn = db::with_dbname(admin_dsn, BENCH_DB);
     let mut client = db::connect(&dsn).await?;
@@ -38,10 +33,7 @@ pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
 
     let t = Instant::now();
     let n = seed::seed(&client, "staging_acra_companies", args.rows, 20).await?;
-    client
-        .batch_execute("vacuum analyze staging_acra_companies")
-        .await
-        .map_err(|e| Error::db("vacuum", e))?;
+    client.batch_execute("vacuum analyze staging_acra_companies").await.map_err(|e| Error::db("vacuum", e))?;
     println!("seeded {n} rows in {:.1}s", t.elapsed().as_secs_f64());
 
     let mut best_ceiling = f64::MAX;
@@ -50,16 +42,12 @@ pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
     for round in 1..=args.repeat {
         reset(&client).await?;
         let t = Instant::now();
-        client
-            .batch_execute(&ceiling_sql())
-            .await
-            .map_err(|e| Error::db("running the set-based ceiling", e))?;
+        client.batch_execute(&ceiling_sql()).await.map_err(|e| Error::db("running the set-based ceiling", e))?;
         let ceiling = t.elapsed().as_secs_f64();
         let expected = fingerprint(&client).await?;
 
         reset(&client).await?;
-        let exe =
-            std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
+        let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
         let t = Instant::now();
         let status = tokio::process::Command::new(exe)
             .arg("backfill")
@@ -72,24 +60,16 @@ pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
             .map_err(|e| Error::io("running acraflow backfill", e))?;
         let pipeline = t.elapsed().as_secs_f64();
         if !status.success() {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!("acraflow backfill exited with {status}"),
-            ));
+            return Err(Error::new(ErrorKind::Io, format!("acraflow backfill exited with {status}")));
         }
         let got = fingerprint(&client).await?;
         if got != expected {
             return Err(Error::new(
                 ErrorKind::Data,
-                format!(
-                    "the pipeline's companies differ from the ceiling's: {got:?} vs {expected:?}"
-                ),
+                format!("the pipeline's companies differ from the ceiling's: {got:?} vs {expected:?}"),
             ));
         }
-        peak_rss_kb = getrusage(UsageWho::RUSAGE_CHILDREN)
-            .map(|u| u.max_rss())
-            .unwrap_or(0)
-            .max(peak_rss_kb);
+        peak_rss_kb = getrusage(UsageWho::RUSAGE_CHILDREN).map(|u| u.max_rss()).unwrap_or(0).max(peak_rss_kb);
         println!(
             "round {round}: ceiling {:.2}s ({:.0} rows/s), pipeline {:.2}s ({:.0} rows/s), ratio {:.2}, companies {}",
             ceiling,
@@ -104,18 +84,9 @@ pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
     }
     let ratio = best_ceiling / best_pipeline;
     let rss_mb = peak_rss_kb as f64 / 1024.0;
-    println!(
-        "\nbench backfill: {n} staging rows, batch size {}, best of {}",
-        args.batch_size, args.repeat
-    );
-    println!(
-        "  set-based ceiling   {:>10.0} rows/s",
-        n as f64 / best_ceiling
-    );
-    println!(
-        "  registry pipeline   {:>10.0} rows/s",
-        n as f64 / best_pipeline
-    );
+    println!("\nbench backfill: {n} staging rows, batch size {}, best of {}", args.batch_size, args.repeat);
+    println!("  set-based ceiling   {:>10.0} rows/s", n as f64 / best_ceiling);
+    println!("  registry pipeline   {:>10.0} rows/s", n as f64 / best_pipeline);
     println!("  ratio               {:>10.2}   (target >= 0.80)", ratio);
     println!("  pipeline peak RSS   {:>10.1} MB (target <= 100)", rss_mb);
     Ok(())
@@ -149,10 +120,7 @@ pub fn ceiling_sql() -> String {
     let clean = |c: &str| {
         format!("case when lower(btrim({c}, E' \\t\\n\\r\\f')) in ('', 'na') then null else btrim({c}, E' \\t\\n\\r\\f') end")
     };
-    let excluded: Vec<String> = DEFAULT_EXCLUDED_STATUSES
-        .iter()
-        .map(|s| format!("'{s}%'"))
-        .collect();
+    let excluded: Vec<String> = DEFAULT_EXCLUDED_STATUSES.iter().map(|s| format!("'{s}%'")).collect();
     format!(
         "with s as ( \
            select id, upper({uen}) as uen, {name} as name, {status} as status, {desc} as ssic_desc, \

@@ -130,20 +130,11 @@ pub struct Event {
 
 impl Event {
     pub fn new(change: Change) -> Self {
-        Event {
-            change,
-            fate: Fate::Process,
-            record: None,
-            company_id: None,
-            claim: None,
-        }
+        Event { change, fate: Fate::Process, record: None, company_id: None, claim: None }
     }
 
     pub fn dead_letter(&mut self, stage: &'static str, reason: impl Into<String>) {
-        self.fate = Fate::DeadLetter {
-            stage,
-            reason: reason.into(),
-        };
+        self.fate = Fate::DeadLetter { stage, reason: reason.into() };
     }
 }
 
@@ -152,6 +143,9 @@ impl Event {
 pub struct Batch {
     pub events: Vec<Event>,
     pub checkpoint: Checkpoint,
+    /// For streamed batches: the transaction end LSN the server may be told is flushed once this batch
+    /// has committed (see `source::replication`). `None` for backfill batches.
+    pub ack_lsn: Option<u64>,
 }
 
 #[cfg(test)]

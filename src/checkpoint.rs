@@ -49,11 +49,7 @@ impl std::fmt::Display for Cursor {
             Cursor::Uen { last_uen, last_id } => {
                 write!(f, "after uen {last_uen} (staging id {last_id})")
             }
-            Cursor::Lsn { lsn, seq } => write!(
-                f,
-                "after change {seq} of the transaction at {}",
-                lsn_to_text(*lsn)
-            ),
+            Cursor::Lsn { lsn, seq } => write!(f, "after change {seq} of the transaction at {}", lsn_to_text(*lsn)),
         }
     }
 }
@@ -62,9 +58,7 @@ impl Checkpoint {
     fn columns(&self) -> (&'static str, Option<i64>, Option<&str>, i64) {
         match &self.cursor {
             Cursor::Id { last_id } => ("id", Some(*last_id), None, 0),
-            Cursor::Uen { last_uen, last_id } => {
-                ("uen", Some(*last_id), Some(last_uen.as_str()), 0)
-            }
+            Cursor::Uen { last_uen, last_id } => ("uen", Some(*last_id), Some(last_uen.as_str()), 0),
             Cursor::Lsn { seq, .. } => ("lsn", None, None, *seq),
         }
     }
@@ -86,20 +80,11 @@ pub async fn load(client: &Client, key: &str) -> Result<Option<Checkpoint>> {
             &[&key],
         )
         .await
-        .map_err(|e| {
-            Error::db(
-                format!("reading checkpoint '{key}' from service_progress"),
-                e,
-            )
-        })?;
+        .map_err(|e| Error::db(format!("reading checkpoint '{key}' from service_progress"), e))?;
     let Some(row) = row else { return Ok(None) };
     let cursor_kind: Option<String> = row.get(0);
     let last_id: Option<i64> = row.get(1);
-    let lsn = row
-        .get::<_, Option<String>>(2)
-        .as_deref()
-        .and_then(parse_lsn)
-        .unwrap_or(0);
+    let lsn = row.get::<_, Option<String>>(2).as_deref().and_then(parse_lsn).unwrap_or(0);
     let seq: i64 = row.get(3);
     let last_uen: Option<String> = row.get(4);
     let cursor = match (cursor_kind.as_deref(), last_id, last_uen) {

@@ -50,7 +50,8 @@ pub enum Command {
     Seed(SeedArgs),
     /// Replay staging_acra_companies through the pipeline to the end (or the batch limit), then exit.
     Backfill(RunArgs),
-    /// Run the pipeline (today: a backfill from the checkpoint; the replication stream comes next).
+    /// Keep companies in step with staging: stream changes from a logical replication slot (on first start,
+    /// create the slot and backfill in its snapshot), until SIGINT/SIGTERM.
     Run(RunArgs),
     /// The whole job on the embedded default: seed sample rows, run the registry pipeline, show the result.
     Demo(DemoArgs),
@@ -112,6 +113,18 @@ pub struct OverrideArgs {
     /// The service_progress key of the checkpoint [default: acra_direct]
     #[arg(long, env = "ACRA_DIRECT_CHECKPOINT_KEY", value_name = "KEY")]
     pub checkpoint_key: Option<String>,
+    /// Logical replication slot for `run` [default: acraflow]
+    #[arg(long, env = "ACRA_DIRECT_SLOT", value_name = "NAME")]
+    pub slot: Option<String>,
+    /// Publication on the staging table for `run` [default: acraflow_pub]
+    #[arg(long, env = "ACRA_DIRECT_PUBLICATION", value_name = "NAME")]
+    pub publication: Option<String>,
+    /// Cut a streamed batch at this age even when not full [default: 20ms]
+    #[arg(long, env = "ACRA_DIRECT_BATCH_DEADLINE", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub batch_deadline: Option<std::time::Duration>,
+    /// Keep reconnecting this long after losing the database, then exit non-zero [default: 5m]
+    #[arg(long, env = "ACRA_DIRECT_RECONNECT_BUDGET", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub reconnect_budget: Option<std::time::Duration>,
 }
 
 impl OverrideArgs {
@@ -127,6 +140,10 @@ impl OverrideArgs {
             skip_if_any_history: self.skip_if_any_history,
             force: self.force,
             checkpoint_key: self.checkpoint_key.clone(),
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            batch_deadline: self.batch_deadline,
+            reconnect_budget: self.reconnect_budget,
         }
     }
 }

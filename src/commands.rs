@@ -1,5 +1,7 @@
 //! What each CLI command does. `main` only parses flags and calls [`execute`].
 
+use std::time::{Duration, Instant};
+
 use tokio::sync::watch;
 
 use crate::cli::{BenchCommand, Cli, Command, DemoArgs, RunArgs, StatusArgs};
@@ -7,7 +9,7 @@ use crate::config::{Overrides, PipelineSpec, DEFAULT_TABLE};
 use crate::db;
 use crate::embedded::{Cluster, ClusterOptions};
 use crate::error::{Error, Result};
-use crate::pipeline;
+use crate::pipeline::{self, Mode};
 use crate::seed;
 use crate::source::quote_table;
 
@@ -21,34 +23,16 @@ pub struct Database {
 impl Database {
     pub async fn open(cli: &Cli) -> Result<Database> {
         if let Some(dsn) = cli.dsn.as_deref().filter(|d| !d.trim().is_empty()) {
-            return Ok(Database {
-                dsn: dsn.to_owned(),
-                embedded: false,
-                cluster: None,
-            });
+            return Ok(Database { dsn: dsn.to_owned(), embedded: false, cluster: None });
         }
-        let opts = ClusterOptions {
-            home: cli
-                .home
-                .clone()
-                .unwrap_or_else(ClusterOptions::default_home),
-            durable: true,
-        };
+        let opts =
+            ClusterOptions { home: cli.home.clone().unwrap_or_else(ClusterOptions::default_home), durable: true };
         let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts))
             .await
-            .map_err(|e| {
-                Error::new(
-                    crate::ErrorKind::Embedded,
-                    format!("starting the private PostgreSQL: {e}"),
-                )
-            })??;
+            .map_err(|e| Error::new(crate::ErrorKind::Embedded, format!("starting the private PostgreSQL: {e}")))??;
         let dsn = cluster.ensure_database().await?;
         tracing::info!(database = %db::describe(&dsn), "using the private PostgreSQL (POSTGRES_DSN is unset)");
-        Ok(Database {
-            dsn,
-            embedded: true,
-            cluster: Some(cluster),
-        })
+        Ok(Database { dsn, embedded: true, cluster: Some(cluster) })
     }
 
     /// Stops the embedded cluster (if we started it) off the async threads.
@@ -82,8 +66,8 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
             println!("seeded {n} rows into {DEFAULT_TABLE}");
             Ok(())
         }
-        Command::Backfill(args) => run_pipeline(database, args, "backfill").await,
-        Command::Run(args) => run_pipeline(database, args, "run").await,
+        Command::Backfill(args) => run_pipeline(database, args, Mode::Backfill).await,
+        Command::Run(args) => run_pipeline(database, args, Mode::Stream).await,
         Command::Demo(args) => demo(database, args).await,
         Command::Status(args) => status(dsn, args).await,
         Command::Bench(BenchCommand::Backfill(args)) => crate::bench::backfill(dsn, args).await,
@@ -100,14 +84,56 @@ fn pipeline_spec(args: &RunArgs, overrides: &Overrides) -> Result<PipelineSpec> 
     Ok(spec)
 }
 
-async fn run_pipeline(database: &Database, args: &RunArgs, mode: &str) -> Result<()> {
+async fn run_pipeline(database: &Database, args: &RunArgs, mode: Mode) -> Result<()> {
     let spec = pipeline_spec(args, &args.overrides.to_overrides())?;
     if database.embedded {
         db::migrate(&mut db::connect(&database.dsn).await?).await?;
     }
-    let summary = pipeline::run(&database.dsn, &spec, mode, shutdown_signal()).await?;
+    let summary = supervise(&database.dsn, &spec, mode, shutdown_signal()).await?;
     println!("{summary}");
     Ok(())
+}
+
+/// Runs the pipeline; after a lost connection (a database restart, a network cut) starts it again from
+/// the checkpoint, with exponential backoff and jitter, until `reconnect_budget` has passed without a
+/// successful start. Then it gives up with the cause.
+pub async fn supervise(
+    dsn: &str,
+    spec: &PipelineSpec,
+    mode: Mode,
+    stop: watch::Receiver<bool>,
+) -> Result<pipeline::RunSummary> {
+    use rand::Rng;
+    let budget = spec.source.reconnect_budget;
+    let mut failing_since: Option<Instant> = None;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = Instant::now();
+        match pipeline::run(dsn, spec, mode, stop.clone()).await {
+            Ok(summary) => return Ok(summary),
+            Err(e) if e.is_retryable() && !*stop.borrow() => {
+                if attempt.elapsed() > Duration::from_secs(30) {
+                    // It ran for a while: this is a new outage, not the same one.
+                    failing_since = None;
+                    delay = Duration::from_millis(200);
+                }
+                let since = *failing_since.get_or_insert(attempt);
+                if since.elapsed() >= budget {
+                    return Err(Error::with_source(
+                        crate::ErrorKind::Connect,
+                        format!("gave up after {}s of reconnecting (ACRA_DIRECT_RECONNECT_BUDGET)", budget.as_secs()),
+                        e,
+                    ));
+                }
+                let wait = delay + delay.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
+                tracing::warn!(error = %pipeline::error_chain(&e), retry_in_ms = wait.as_millis() as u64,
+                    "lost the database; restarting from the checkpoint");
+                tokio::time::sleep(wait).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Turns true on the first SIGINT/SIGTERM (finish the batch in flight, commit, exit 0); a second signal
@@ -115,9 +141,7 @@ async fn run_pipeline(database: &Database, args: &RunArgs, mode: &str) -> Result
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
             return;
         };
         for n in 0.. {
@@ -155,18 +179,11 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
     // The demo replays staging from the start each time under its own checkpoint key, so a second demo
     // shows what a re-run does: registry fields refreshed, nothing rewritten, nothing processed twice.
     let mut spec = PipelineSpec::registry_sync();
-    spec.apply(&Overrides {
-        start_after_id: Some(0),
-        checkpoint_key: Some("demo".into()),
-        ..Default::default()
-    });
-    let summary = pipeline::run(dsn, &spec, "demo", shutdown_signal()).await?;
+    spec.apply(&Overrides { start_after_id: Some(0), checkpoint_key: Some("demo".into()), ..Default::default() });
+    let summary = pipeline::run(dsn, &spec, Mode::Backfill, shutdown_signal()).await?;
     println!("\n{summary}\n");
     let rows = client
-        .query(
-            "select coalesce(status, '(none)'), count(*) from companies group by 1 order by 2 desc limit 6",
-            &[],
-        )
+        .query("select coalesce(status, '(none)'), count(*) from companies group by 1 order by 2 desc limit 6", &[])
         .await
         .map_err(|e| Error::db("summarising companies", e))?;
     println!("companies by status:");
@@ -200,29 +217,19 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     db::schema_facts(&client).await?;
     let q = |sql: &'static str| {
         let client = &client;
-        async move {
-            client
-                .query(sql, &[])
-                .await
-                .map_err(|e| Error::db("reading status", e))
-        }
+        async move { client.query(sql, &[]).await.map_err(|e| Error::db("reading status", e)) }
     };
-    let checkpoints = q(
-        "select key, coalesce(cursor, 'id'), last_id, last_uen, last_lsn::text, last_seq, \
-                         updated_at::text from service_progress order by key",
-    )
+    let checkpoints = q("select key, coalesce(cursor, 'id'), last_id, last_uen, last_lsn::text, last_seq, \
+                         updated_at::text from service_progress order by key")
     .await?;
     let runs = q("select run_id, pipeline, mode, status, started_at::text, ended_at::text, rows_in, processed, \
                   filtered, skipped, failed, dead_lettered, error from enrichment_runs order by run_id desc limit 5")
     .await?;
     let dead = q("select stage, count(*) from dead_letters group by stage order by stage").await?;
-    let counts = q(
-        "select (select count(*) from staging_acra_companies), (select count(*) from companies), \
-                    (select count(*) from company_enrichment_runs)",
-    )
+    let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
+                    (select count(*) from company_enrichment_runs)")
     .await?;
-    let (staged, companies, history): (i64, i64, i64) =
-        (counts[0].get(0), counts[0].get(1), counts[0].get(2));
+    let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({
             "database": db::describe(dsn),
@@ -262,12 +269,7 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
             ),
             _ => format!("after id {}", r.get::<_, Option<i64>>(2).unwrap_or(0)),
         };
-        println!(
-            "  {:<16} {:<36} updated {}",
-            r.get::<_, String>(0),
-            at,
-            r.get::<_, String>(6)
-        );
+        println!("  {:<16} {:<36} updated {}", r.get::<_, String>(0), at, r.get::<_, String>(6));
     }
     println!("\nrecent runs");
     for r in &runs {

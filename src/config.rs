@@ -4,7 +4,9 @@
 //! (or the matching command-line flags) override the file; [`PipelineSpec::validate`] then checks the whole
 //! and names the bad setting.
 
-use serde::Deserialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
 use crate::ops::filter::DEFAULT_EXCLUDED_STATUSES;
@@ -14,6 +16,15 @@ pub const DEFAULT_TABLE: &str = "staging_acra_companies";
 pub const DEFAULT_BATCH_SIZE: usize = 5_000;
 pub const MAX_BATCH_SIZE: usize = 100_000;
 pub const DEFAULT_RECHECK_DAYS: u32 = 30;
+pub const DEFAULT_SLOT: &str = "acraflow";
+pub const DEFAULT_PUBLICATION: &str = "acraflow_pub";
+/// A streamed batch is cut at this age even when not full: the bound on commit-to-visible latency added
+/// by batching.
+pub const DEFAULT_BATCH_DEADLINE: Duration = Duration::from_millis(20);
+/// How often acknowledged positions are sent to the server.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long `acraflow run` keeps reconnecting after losing the database before it gives up.
+pub const DEFAULT_RECONNECT_BUDGET: Duration = Duration::from_secs(300);
 
 /// The pipeline `backfill`, `run` and `demo` use when no `--pipeline` is given.
 pub const REGISTRY_SYNC: &str = include_str!("../pipelines/registry_sync.toml");
@@ -46,17 +57,34 @@ pub struct SourceSpec {
     pub start_after_id: Option<i64>,
     pub start_from_uen: Option<String>,
     pub batch_limit: Option<u64>,
+    /// Logical replication slot (`acraflow run`).
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication on the staging table (`acraflow run`).
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    #[serde(default = "default_batch_deadline", deserialize_with = "duration")]
+    pub batch_deadline: Duration,
+    #[serde(default = "default_status_interval", deserialize_with = "duration")]
+    pub status_interval: Duration,
+    #[serde(default = "default_reconnect_budget", deserialize_with = "duration")]
+    pub reconnect_budget: Duration,
 }
 
 impl Default for SourceSpec {
     fn default() -> Self {
         SourceSpec {
-            kind: SourceKind::Backfill,
+            kind: SourceKind::Replication,
             table: default_table(),
             batch_size: DEFAULT_BATCH_SIZE,
             start_after_id: None,
             start_from_uen: None,
             batch_limit: None,
+            slot: default_slot(),
+            publication: default_publication(),
+            batch_deadline: DEFAULT_BATCH_DEADLINE,
+            status_interval: DEFAULT_STATUS_INTERVAL,
+            reconnect_budget: DEFAULT_RECONNECT_BUDGET,
         }
     }
 }
@@ -64,8 +92,11 @@ impl Default for SourceSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
-    #[default]
+    /// `acraflow run` replays the table and stops.
     Backfill,
+    /// `acraflow run` replays the table in the slot's snapshot, then streams changes from the slot.
+    #[default]
+    Replication,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -139,13 +170,16 @@ pub struct Overrides {
     pub skip_if_any_history: Option<bool>,
     pub force: Option<bool>,
     pub checkpoint_key: Option<String>,
+    pub slot: Option<String>,
+    pub publication: Option<String>,
+    pub batch_deadline: Option<Duration>,
+    pub reconnect_budget: Option<Duration>,
 }
 
 impl PipelineSpec {
     /// Parses a pipeline file; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        toml::from_str(text)
-            .map_err(|e| Error::config(format!("pipeline {origin}: {}", e.to_string().trim())))
+        toml::from_str(text).map_err(|e| Error::config(format!("pipeline {origin}: {}", e.to_string().trim())))
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
@@ -155,8 +189,7 @@ impl PipelineSpec {
     }
 
     pub fn registry_sync() -> Self {
-        Self::parse(REGISTRY_SYNC, "registry_sync.toml (built in)")
-            .expect("the built-in pipeline parses")
+        Self::parse(REGISTRY_SYNC, "registry_sync.toml (built in)").expect("the built-in pipeline parses")
     }
 
     pub fn apply(&mut self, o: &Overrides) {
@@ -176,15 +209,24 @@ impl PipelineSpec {
         if let Some(k) = &o.checkpoint_key {
             self.checkpoint_key.clone_from(k);
         }
+        if let Some(v) = &o.slot {
+            s.slot.clone_from(v);
+        }
+        if let Some(v) = &o.publication {
+            s.publication.clone_from(v);
+        }
+        if let Some(v) = o.batch_deadline {
+            s.batch_deadline = v;
+        }
+        if let Some(v) = o.reconnect_budget {
+            s.reconnect_budget = v;
+        }
         for op in &mut self.operators {
             match op {
                 OperatorSpec::Filter(f) => {
                     if let Some(list) = &o.exclude_status {
-                        f.exclude_status = list
-                            .split(',')
-                            .map(|s| s.trim().to_owned())
-                            .filter(|s| !s.is_empty())
-                            .collect();
+                        f.exclude_status =
+                            list.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
                     }
                     if let Some(d) = o.min_age_days {
                         f.min_age_days = d;
@@ -212,9 +254,7 @@ impl PipelineSpec {
             return Err(Error::config("pipeline: `name` must not be empty"));
         }
         if self.checkpoint_key.trim().is_empty() {
-            return Err(Error::config(
-                "pipeline: `checkpoint_key` (ACRA_DIRECT_CHECKPOINT_KEY) must not be empty",
-            ));
+            return Err(Error::config("pipeline: `checkpoint_key` (ACRA_DIRECT_CHECKPOINT_KEY) must not be empty"));
         }
         if !(1..=MAX_BATCH_SIZE).contains(&self.source.batch_size) {
             return Err(Error::config(format!(
@@ -225,23 +265,34 @@ impl PipelineSpec {
         if self.source.table.trim().is_empty() {
             return Err(Error::config("source.table must not be empty"));
         }
+        // Slot and publication names reach replication commands; PostgreSQL allows only these characters
+        // in slot names, and holding publications to the same keeps every name safe to send.
+        for (what, env, name) in [
+            ("source.slot", "ACRA_DIRECT_SLOT", &self.source.slot),
+            ("source.publication", "ACRA_DIRECT_PUBLICATION", &self.source.publication),
+        ] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(Error::config(format!(
+                    "{what} ({env}) is '{name}'; use 1 to 63 lowercase letters, digits and underscores"
+                )));
+            }
+        }
+        if self.source.batch_deadline.is_zero() {
+            return Err(Error::config("source.batch_deadline (ACRA_DIRECT_BATCH_DEADLINE) must be more than 0"));
+        }
         if self.source.batch_limit == Some(0) {
-            return Err(Error::config(
-                "ACRA_DIRECT_BATCH_LIMIT is 0; leave it unset for no limit",
-            ));
+            return Err(Error::config("ACRA_DIRECT_BATCH_LIMIT is 0; leave it unset for no limit"));
         }
         if matches!(self.source.start_after_id, Some(id) if id < 0) {
-            return Err(Error::config(
-                "ACRA_DIRECT_START_AFTER_ID must be 0 or more",
-            ));
+            return Err(Error::config("ACRA_DIRECT_START_AFTER_ID must be 0 or more"));
         }
         let position = |kind: &str| self.operators.iter().position(|o| o.kind() == kind);
         for kind in ["filter", "dedupe", "upsert"] {
             if self.operators.iter().filter(|o| o.kind() == kind).count() > 1 {
-                return Err(Error::config(format!(
-                    "pipeline {}: operator '{kind}' appears more than once",
-                    self.name
-                )));
+                return Err(Error::config(format!("pipeline {}: operator '{kind}' appears more than once", self.name)));
             }
         }
         let (filter, dedupe, upsert) = (position("filter"), position("dedupe"), position("upsert"));
@@ -253,27 +304,45 @@ impl PipelineSpec {
             )));
         };
         if filter != 0 {
-            return Err(Error::config(format!(
-                "pipeline {}: 'filter' must be the first operator",
-                self.name
-            )));
+            return Err(Error::config(format!("pipeline {}: 'filter' must be the first operator", self.name)));
         }
         if upsert.is_none() {
-            return Err(Error::config(format!(
-                "pipeline {}: an 'upsert' operator is required",
-                self.name
-            )));
+            return Err(Error::config(format!("pipeline {}: an 'upsert' operator is required", self.name)));
         }
         if let (Some(d), Some(u)) = (dedupe, upsert) {
             if d > u {
-                return Err(Error::config(format!(
-                    "pipeline {}: 'dedupe' must come before 'upsert'",
-                    self.name
-                )));
+                return Err(Error::config(format!("pipeline {}: 'dedupe' must come before 'upsert'", self.name)));
             }
         }
         Ok(())
     }
+}
+
+fn default_slot() -> String {
+    DEFAULT_SLOT.into()
+}
+fn default_publication() -> String {
+    DEFAULT_PUBLICATION.into()
+}
+fn default_batch_deadline() -> Duration {
+    DEFAULT_BATCH_DEADLINE
+}
+fn default_status_interval() -> Duration {
+    DEFAULT_STATUS_INTERVAL
+}
+fn default_reconnect_budget() -> Duration {
+    DEFAULT_RECONNECT_BUDGET
+}
+
+/// A duration written as text: "500ms", "10s", "5m".
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("'{text}' is not a duration like 500ms, 10s or 5m ({e})"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 fn default_checkpoint_key() -> String {
@@ -289,10 +358,7 @@ fn default_recheck_days() -> u32 {
     DEFAULT_RECHECK_DAYS
 }
 fn default_excluded() -> Vec<String> {
-    DEFAULT_EXCLUDED_STATUSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    DEFAULT_EXCLUDED_STATUSES.iter().map(|s| s.to_string()).collect()
 }
 
 #[cfg(test)]
@@ -310,17 +376,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err =
-            PipelineSpec::parse("name = 'x'\n[source]\nbatch_sise = 5\n", "test.toml").unwrap_err();
+        let err = PipelineSpec::parse("name = 'x'\n[source]\nbatch_sise = 5\n", "test.toml").unwrap_err();
         assert!(err.to_string().contains("batch_sise"), "{err}");
-        let err = PipelineSpec::parse(
-            "name = 'x'\n[[operator]]\nkind = 'filter'\nmin_age = 3\n",
-            "t",
-        )
-        .unwrap_err();
+        let err = PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'filter'\nmin_age = 3\n", "t").unwrap_err();
         assert!(err.to_string().contains("min_age"), "{err}");
-        let err =
-            PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'enrichh'\n", "t").unwrap_err();
+        let err = PipelineSpec::parse("name = 'x'\n[[operator]]\nkind = 'enrichh'\n", "t").unwrap_err();
         assert!(err.to_string().contains("enrichh"), "{err}");
     }
 
@@ -335,31 +395,32 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(p.source.batch_size, 10);
-        let OperatorSpec::Filter(f) = &p.operators[0] else {
-            panic!()
-        };
+        let OperatorSpec::Filter(f) = &p.operators[0] else { panic!() };
         assert_eq!(f.exclude_status, ["live", "registered"]);
-        let OperatorSpec::Dedupe(d) = &p.operators[1] else {
-            panic!()
-        };
+        let OperatorSpec::Dedupe(d) = &p.operators[1] else { panic!() };
         assert_eq!((d.recheck_days, d.force), (7, true));
+    }
+
+    #[test]
+    fn durations_are_text_and_names_are_checked() {
+        let p = PipelineSpec::parse("name = 'x'\n[source]\nbatch_deadline = '250ms'\nreconnect_budget = '2m'\n", "t")
+            .unwrap();
+        assert_eq!(p.source.batch_deadline, Duration::from_millis(250));
+        assert_eq!(p.source.reconnect_budget, Duration::from_secs(120));
+        let err = PipelineSpec::parse("name = 'x'\n[source]\nbatch_deadline = 'soon'\n", "t").unwrap_err();
+        assert!(err.to_string().contains("'soon' is not a duration"), "{err}");
+        let mut p = PipelineSpec::registry_sync();
+        p.source.slot = "acraflow'; drop".into();
+        assert!(p.validate().unwrap_err().to_string().contains("ACRA_DIRECT_SLOT"));
     }
 
     #[test]
     fn validation_names_the_setting() {
         let mut p = PipelineSpec::registry_sync();
         p.source.batch_size = 0;
-        assert!(p
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("ACRA_DIRECT_BATCH_SIZE"));
+        assert!(p.validate().unwrap_err().to_string().contains("ACRA_DIRECT_BATCH_SIZE"));
         let mut p = PipelineSpec::registry_sync();
         p.operators.swap(1, 2);
-        assert!(p
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("'dedupe' must come before 'upsert'"));
+        assert!(p.validate().unwrap_err().to_string().contains("'dedupe' must come before 'upsert'"));
     }
 }

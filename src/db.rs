@@ -31,11 +31,7 @@ pub fn describe(dsn: &str) -> String {
                 })
                 .unwrap_or_else(|| "localhost".into());
             let port = c.get_ports().first().copied().unwrap_or(5432);
-            format!(
-                "{}@{host}:{port}/{}",
-                c.get_user().unwrap_or("?"),
-                c.get_dbname().or(c.get_user()).unwrap_or("?")
-            )
+            format!("{}@{host}:{port}/{}", c.get_user().unwrap_or("?"), c.get_dbname().or(c.get_user()).unwrap_or("?"))
         }
         Err(_) => "(an unparsable POSTGRES_DSN)".into(),
     }
@@ -46,10 +42,7 @@ pub async fn connect(dsn: &str) -> Result<Client> {
     let mut config: Config = dsn.parse().map_err(|e| {
         Error::with_source(
             ErrorKind::Config,
-            format!(
-                "POSTGRES_DSN is not a valid connection string ({})",
-                describe(dsn)
-            ),
+            format!("POSTGRES_DSN is not a valid connection string ({})", describe(dsn)),
             e,
         )
     })?;
@@ -84,30 +77,22 @@ pub async fn connect(dsn: &str) -> Result<Client> {
 
 /// Applies every migration and loads the SSIC 2020 reference into `ssic_ref`.
 pub async fn migrate(client: &mut Client) -> Result<()> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| Error::db("starting the migration transaction", e))?;
+    let tx = client.transaction().await.map_err(|e| Error::db("starting the migration transaction", e))?;
     // Two processes migrating at once would race on `create ... if not exists`.
     // `if not exists` notices are expected on every run after the first.
     tx.batch_execute("set local client_min_messages = warning")
         .await
         .map_err(|e| Error::db("starting the migrations", e))?;
-    tx.execute(
-        "select pg_advisory_xact_lock(hashtext('acraflow.migrate'))",
-        &[],
-    )
-    .await
-    .map_err(|e| Error::db("taking the migration lock", e))?;
+    tx.execute("select pg_advisory_xact_lock(hashtext('acraflow.migrate'))", &[])
+        .await
+        .map_err(|e| Error::db("taking the migration lock", e))?;
     for (name, sql) in MIGRATIONS {
-        tx.batch_execute(sql).await.map_err(|e| {
-            Error::with_source(ErrorKind::Schema, format!("applying migration {name}"), e)
-        })?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Schema, format!("applying migration {name}"), e))?;
     }
     load_ssic(&tx).await?;
-    tx.commit()
-        .await
-        .map_err(|e| Error::db("committing the migrations", e))?;
+    tx.commit().await.map_err(|e| Error::db("committing the migrations", e))?;
     Ok(())
 }
 
@@ -116,16 +101,9 @@ async fn load_ssic(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
     let mut titles = Vec::new();
     let mut levels = Vec::new();
     let mut sections = Vec::new();
-    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes())
-        .records()
-        .enumerate()
-    {
+    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes()).records().enumerate() {
         let rec = rec.map_err(|e| {
-            Error::with_source(
-                ErrorKind::Data,
-                format!("ssic2020_classification_structure.csv record {}", i + 1),
-                e,
-            )
+            Error::with_source(ErrorKind::Data, format!("ssic2020_classification_structure.csv record {}", i + 1), e)
         })?;
         codes.push(rec[0].to_owned());
         titles.push(rec[1].to_owned());
@@ -152,14 +130,8 @@ pub struct SchemaFacts {
 }
 
 pub async fn schema_facts(client: &Client) -> Result<SchemaFacts> {
-    let required = [
-        "companies",
-        "company_enrichment_runs",
-        "service_progress",
-        "dead_letters",
-        "enrichment_runs",
-        "ssic_ref",
-    ];
+    let required =
+        ["companies", "company_enrichment_runs", "service_progress", "dead_letters", "enrichment_runs", "ssic_ref"];
     let present: Vec<String> = client
         .query(
             "select table_name::text from information_schema.tables \
@@ -171,18 +143,11 @@ pub async fn schema_facts(client: &Client) -> Result<SchemaFacts> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let missing: Vec<&str> = required
-        .iter()
-        .copied()
-        .filter(|t| !present.iter().any(|p| p == t))
-        .collect();
+    let missing: Vec<&str> = required.iter().copied().filter(|t| !present.iter().any(|p| p == t)).collect();
     if !missing.is_empty() {
         return Err(Error::new(
             ErrorKind::Schema,
-            format!(
-                "table(s) {} missing; run `acraflow migrate` first",
-                missing.join(", ")
-            ),
+            format!("table(s) {} missing; run `acraflow migrate` first", missing.join(", ")),
         ));
     }
     let has_industry = client
@@ -194,17 +159,12 @@ pub async fn schema_facts(client: &Client) -> Result<SchemaFacts> {
         .await
         .map_err(|e| Error::db("reading the schema", e))?
         .is_some();
-    Ok(SchemaFacts {
-        companies_has_industry: has_industry,
-    })
+    Ok(SchemaFacts { companies_has_industry: has_industry })
 }
 
 /// The same connection string pointed at another database on the same server.
 pub fn with_dbname(dsn: &str, dbname: &str) -> String {
-    if let Some(rest) = dsn
-        .strip_prefix("postgres://")
-        .or_else(|| dsn.strip_prefix("postgresql://"))
-    {
+    if let Some(rest) = dsn.strip_prefix("postgres://").or_else(|| dsn.strip_prefix("postgresql://")) {
         let (authority, query) = match rest.split_once('?') {
             Some((a, q)) => (a, Some(q)),
             None => (rest, None),
@@ -223,14 +183,8 @@ mod tests {
 
     #[test]
     fn with_dbname_points_at_another_database() {
-        assert_eq!(
-            with_dbname("host=h user=u password=p dbname=a", "b"),
-            "host=h user=u password=p dbname=a dbname=b"
-        );
-        assert_eq!(
-            with_dbname("postgres://u:p@h:5/a?sslmode=disable", "b"),
-            "postgres://u:p@h:5/b?sslmode=disable"
-        );
+        assert_eq!(with_dbname("host=h user=u password=p dbname=a", "b"), "host=h user=u password=p dbname=a dbname=b");
+        assert_eq!(with_dbname("postgres://u:p@h:5/a?sslmode=disable", "b"), "postgres://u:p@h:5/b?sslmode=disable");
         let c: Config = with_dbname("host=h dbname=a", "b").parse().unwrap();
         assert_eq!(c.get_dbname(), Some("b"));
     }

@@ -58,9 +58,7 @@ impl ClusterOptions {
         if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
             return PathBuf::from(x).join("acraflow");
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         home.join(".local/share/acraflow")
     }
 }
@@ -94,12 +92,7 @@ impl Cluster {
         wait_for_stopping_server(&pgdata);
         if let Some(port) = running_server_port(&pgdata) {
             tracing::info!(port, data_dir = %pgdata.display(), "attached to the private PostgreSQL already running");
-            return Ok(Cluster {
-                port,
-                password,
-                home,
-                keeper: None,
-            });
+            return Ok(Cluster { port, password, home, keeper: None });
         }
 
         let port = free_port()?;
@@ -126,13 +119,8 @@ impl Cluster {
         ] {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
-        let log_err = log
-            .try_clone()
-            .map_err(|e| Error::io("duplicating the log file handle", e))?;
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .process_group(0);
+        let log_err = log.try_clone().map_err(|e| Error::io("duplicating the log file handle", e))?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err).process_group(0);
         if let Some(u) = &user {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
@@ -156,22 +144,9 @@ impl Cluster {
             .map_err(|e| Error::io("starting the postgres keeper thread", e))?;
         let pid = pid_rx
             .recv()
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Embedded,
-                    "the postgres keeper thread exited before starting it",
-                )
-            })?
+            .map_err(|_| Error::new(ErrorKind::Embedded, "the postgres keeper thread exited before starting it"))?
             .map_err(|e| Error::io(format!("starting {}", bin.join("postgres").display()), e))?;
-        let cluster = Cluster {
-            port,
-            password,
-            home,
-            keeper: Some(Keeper {
-                stop: stop_tx,
-                thread,
-            }),
-        };
+        let cluster = Cluster { port, password, home, keeper: Some(Keeper { stop: stop_tx, thread }) };
         wait_ready(&pgdata, pid, &exited, &log_path)?;
         tracing::info!(port, pid, data_dir = %pgdata.display(), "started private PostgreSQL");
         Ok(cluster)
@@ -187,10 +162,7 @@ impl Cluster {
 
     /// A libpq-style connection string for `dbname` in this cluster.
     pub fn dsn(&self, dbname: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={ROLE} password={} dbname={dbname}",
-            self.port, self.password
-        )
+        format!("host=127.0.0.1 port={} user={ROLE} password={} dbname={dbname}", self.port, self.password)
     }
 
     /// Creates the `acraflow` database when missing and returns its DSN.
@@ -240,9 +212,7 @@ fn keep(
     };
     let _ = pid_tx.send(Ok(child.id()));
     // Until the cluster is dropped (the sender goes away), watch for the server exiting on its own.
-    while let Err(mpsc::RecvTimeoutError::Timeout) =
-        stop_rx.recv_timeout(Duration::from_millis(200))
-    {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(Duration::from_millis(200)) {
         if let Ok(Some(status)) = child.try_wait() {
             *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
             return;
@@ -262,21 +232,13 @@ fn keep(
     let _ = child.wait();
 }
 
-fn wait_ready(
-    pgdata: &Path,
-    pid: u32,
-    exited: &Mutex<Option<ExitStatus>>,
-    log: &Path,
-) -> Result<()> {
+fn wait_ready(pgdata: &Path, pid: u32, exited: &Mutex<Option<ExitStatus>>, log: &Path) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = *exited.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(Error::new(
                 ErrorKind::Embedded,
-                format!(
-                    "PostgreSQL exited during start-up ({status}); its log ends with:\n{}",
-                    log_tail(log)
-                ),
+                format!("PostgreSQL exited during start-up ({status}); its log ends with:\n{}", log_tail(log)),
             ));
         }
         if let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) {
@@ -332,31 +294,16 @@ fn running_server_port(pgdata: &Path) -> Option<u16> {
     (ready && kill(Pid::from_raw(pid), None).is_ok()).then_some(port)
 }
 
-fn initdb(
-    bin: &Path,
-    home: &Path,
-    pgdata: &Path,
-    password: &str,
-    user: Option<&User>,
-) -> Result<()> {
+fn initdb(bin: &Path, home: &Path, pgdata: &Path, password: &str, user: Option<&User>) -> Result<()> {
     // No PG_VERSION means an earlier initdb did not finish: what it left is ours and incomplete.
     if pgdata.exists() {
-        fs::remove_dir_all(pgdata)
-            .map_err(|e| Error::io(format!("removing incomplete {}", pgdata.display()), e))?;
+        fs::remove_dir_all(pgdata).map_err(|e| Error::io(format!("removing incomplete {}", pgdata.display()), e))?;
     }
     make_dir(pgdata, 0o700, user)?;
     let pwfile = home.join(".initdb-password");
     write_private(&pwfile, password, user)?;
     let mut cmd = Command::new(bin.join("initdb"));
-    cmd.arg("-D").arg(pgdata).args([
-        "-U",
-        ROLE,
-        "--auth=scram-sha-256",
-        "-E",
-        "UTF8",
-        "--locale=C.UTF-8",
-        "-N",
-    ]);
+    cmd.arg("-D").arg(pgdata).args(["-U", ROLE, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "-N"]);
     cmd.arg(format!("--pwfile={}", pwfile.display()));
     if let Some(u) = user {
         cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
@@ -394,10 +341,7 @@ pub fn find_bin_dir() -> Result<PathBuf> {
         if has_server(&dir) {
             return Ok(dir);
         }
-        return Err(Error::config(format!(
-            "ACRAFLOW_PG_BIN={} does not contain initdb and postgres",
-            dir.display()
-        )));
+        return Err(Error::config(format!("ACRAFLOW_PG_BIN={} does not contain initdb and postgres", dir.display())));
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -456,8 +400,7 @@ fn write_private(path: &Path, content: &str, owner: Option<&User>) -> Result<()>
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-    f.write_all(content.as_bytes())
-        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    f.write_all(content.as_bytes()).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     if let Some(u) = owner {
         std::os::unix::fs::chown(path, Some(u.uid.as_raw()), Some(u.gid.as_raw()))
             .map_err(|e| Error::io(format!("giving {} to the postgres user", path.display()), e))?;
@@ -478,12 +421,8 @@ fn load_or_create_password(home: &Path) -> Result<String> {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::io("finding a free port", e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::io("finding a free port", e))
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| Error::io("finding a free port", e))
 }
 
 fn log_tail(path: &Path) -> String {

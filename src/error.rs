@@ -34,11 +34,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Error { kind, message: message.into(), source: None }
     }
 
     pub fn with_source(
@@ -46,11 +42,7 @@ impl Error {
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        Error {
-            kind,
-            message: message.into(),
-            source: Some(Box::new(source)),
-        }
+        Error { kind, message: message.into(), source: Some(Box::new(source)) }
     }
 
     pub fn config(message: impl Into<String>) -> Self {
@@ -59,11 +51,7 @@ impl Error {
 
     /// A failed statement or lost connection; the kind follows from what Postgres said.
     pub fn db(what: impl Into<String>, err: tokio_postgres::Error) -> Self {
-        let kind = if is_connection_error(&err) {
-            ErrorKind::Connect
-        } else {
-            ErrorKind::Database
-        };
+        let kind = if is_connection_error(&err) { ErrorKind::Connect } else { ErrorKind::Database };
         Self::with_source(kind, what, err)
     }
 
@@ -87,8 +75,7 @@ impl Error {
                 .and_then(|e| e.code())
                 .is_some_and(|c| {
                     use tokio_postgres::error::SqlState;
-                    *c == SqlState::T_R_SERIALIZATION_FAILURE
-                        || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
                 }),
             _ => false,
         }
@@ -115,9 +102,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -130,9 +115,6 @@ mod tests {
         let e = Error::config("ACRA_DIRECT_MIN_AGE_DAYS='x' is not a whole number");
         assert_eq!(e.kind(), ErrorKind::Config);
         assert!(!e.is_retryable());
-        assert_eq!(
-            e.to_string(),
-            "ACRA_DIRECT_MIN_AGE_DAYS='x' is not a whole number"
-        );
+        assert_eq!(e.to_string(), "ACRA_DIRECT_MIN_AGE_DAYS='x' is not a whole number");
     }
 }

@@ -5,10 +5,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = acraflow::cli::Cli::parse();
     acraflow::telemetry::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

@@ -15,8 +15,9 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::change::Position;
 use crate::checkpoint::{self, Checkpoint, Cursor};
-use crate::config::{OperatorSpec, PipelineSpec};
+use crate::config::{OperatorSpec, PipelineSpec, SourceKind};
 use crate::db;
 use crate::error::{Error, Result};
 use crate::ops::dedupe::{Dedupe, DedupePolicy};
@@ -24,6 +25,7 @@ use crate::ops::filter::Filter;
 use crate::ops::upsert::Upsert;
 use crate::ops::{BatchStream, Operator};
 use crate::sink::{Counters, PostgresSink};
+use crate::source::replication::{self, NewSlot, Progress};
 use crate::source::{backfill, quote_table};
 
 /// Batches buffered between two stages.
@@ -54,92 +56,84 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "  failed          {:>10}", c.failed)?;
         writeln!(f, "  dead-lettered   {:>10}", c.dead_lettered)?;
         if c.ignored > 0 {
-            writeln!(
-                f,
-                "  ignored         {:>10}  (deletes/truncates on staging)",
-                c.ignored
-            )?;
+            writeln!(f, "  ignored         {:>10}  (deletes/truncates on staging)", c.ignored)?;
         }
-        writeln!(
-            f,
-            "  duration        {:>9.2}s  ({:.0} rows/s)",
-            self.seconds, self.rows_per_second
-        )?;
-        write!(
-            f,
-            "  checkpoint      {}",
-            self.checkpoint.as_deref().unwrap_or("unchanged")
-        )
+        writeln!(f, "  duration        {:>9.2}s  ({:.0} rows/s)", self.seconds, self.rows_per_second)?;
+        write!(f, "  checkpoint      {}", self.checkpoint.as_deref().unwrap_or("unchanged"))
     }
 }
 
+/// Which source a run reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Replay the table (from the checkpoint or a start setting) and stop.
+    Backfill,
+    /// Stream from the replication slot; on first start, backfill in the slot's snapshot first.
+    Stream,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Backfill => "backfill",
+            Mode::Stream => "run",
+        }
+    }
+}
+
+/// Where a run's changes come from, decided from the slot and the checkpoint.
+enum SourcePlan {
+    Backfill {
+        start: Cursor,
+        lsn: Option<u64>,
+    },
+    /// Backfill (in `new_slot`'s exported snapshot when the slot was just created), then stream.
+    Handover {
+        start: Cursor,
+        lsn: Option<u64>,
+        new_slot: Option<NewSlot>,
+        resume_after: Position,
+    },
+    Stream {
+        resume_after: Position,
+    },
+}
+
 /// Runs `spec` against the database at `dsn` until the source ends or `stop` turns true.
-pub async fn run(
-    dsn: &str,
-    spec: &PipelineSpec,
-    mode: &str,
-    stop: watch::Receiver<bool>,
-) -> Result<RunSummary> {
+pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiver<bool>) -> Result<RunSummary> {
     spec.validate()?;
     let control = db::connect(dsn).await?;
     let facts = db::schema_facts(&control).await?;
     let table = quote_table(&spec.source.table);
-
-    let (start, lsn) = match (&spec.source.start_after_id, &spec.source.start_from_uen) {
-        (Some(id), _) => (Cursor::Id { last_id: *id }, None),
-        (None, Some(uen)) => (Cursor::Uen { last_uen: uen.clone(), last_id: i64::MAX }, None),
-        (None, None) => match checkpoint::load(&control, &spec.checkpoint_key).await? {
-            Some(Checkpoint { cursor: Cursor::Lsn { .. }, .. }) => {
-                return Err(Error::config(format!(
-                    "checkpoint '{}' belongs to a replication stream; a backfill needs ACRA_DIRECT_START_AFTER_ID \
-                     or another ACRA_DIRECT_CHECKPOINT_KEY",
-                    spec.checkpoint_key
-                )))
-            }
-            Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
-            None => (Cursor::Id { last_id: 0 }, None),
-        },
+    let plan = match (mode, spec.source.kind) {
+        (Mode::Stream, SourceKind::Replication) => plan_stream(&control, dsn, spec, &table).await?,
+        _ => {
+            let (start, lsn) = backfill_start(&control, spec).await?;
+            SourcePlan::Backfill { start, lsn }
+        }
     };
-
+    let mode_label = mode.label();
     let run_id: i64 = control
         .query_one(
             "insert into enrichment_runs (tenant_id, mode, pipeline, checkpoint_key) values ($1, $2, $3, $4) \
              returning run_id",
-            &[&std::env::var("ACRA_DIRECT_TENANT_ID").ok(), &mode, &spec.name, &spec.checkpoint_key],
+            &[&std::env::var("ACRA_DIRECT_TENANT_ID").ok(), &mode_label, &spec.name, &spec.checkpoint_key],
         )
         .await
         .map_err(|e| Error::db("writing the run header", e))?
         .get(0);
-    tracing::info!(run_id, pipeline = %spec.name, mode, start = %start, "run started");
+    tracing::info!(run_id, pipeline = %spec.name, mode = mode_label, "run started");
 
     let started = Instant::now();
-    let result = drive(
-        dsn,
-        spec,
-        &table,
-        facts,
-        start,
-        lsn,
-        run_id,
-        stop.clone(),
-        started,
-    )
-    .await;
+    let result = drive(dsn, spec, &table, facts, plan, run_id, stop.clone(), started).await;
     let seconds = started.elapsed().as_secs_f64();
     let (status, counters, last, error) = match &result {
-        Ok((counters, last)) => (
-            if *stop.borrow() {
-                "interrupted"
-            } else {
-                "completed"
-            },
-            *counters,
-            last.clone(),
-            None,
-        ),
+        Ok((counters, last)) => {
+            (if *stop.borrow() { "interrupted" } else { "completed" }, *counters, last.clone(), None)
+        }
         Err((counters, e)) => ("failed", *counters, None, Some(error_chain(e))),
     };
-    control
+    let header = control
         .execute(
             "update enrichment_runs set ended_at = now(), status = $2, rows_in = $3, processed = $4, filtered = $5, \
                skipped = $6, failed = $7, dead_lettered = $8, error = $9 where run_id = $1",
@@ -155,8 +149,14 @@ pub async fn run(
                 &error,
             ],
         )
-        .await
-        .map_err(|e| Error::db("writing the run's counters", e))?;
+        .await;
+    if let Err(e) = header {
+        // The run's own error (often the same lost connection) matters more than its header.
+        tracing::warn!(run_id, error = %e, "could not write the run's counters");
+        if result.is_ok() {
+            return Err(Error::db("writing the run's counters", e));
+        }
+    }
     match result {
         Err((_, e)) => Err(e),
         Ok(_) => Ok(RunSummary {
@@ -177,29 +177,18 @@ async fn drive(
     spec: &PipelineSpec,
     table: &str,
     facts: db::SchemaFacts,
-    start: Cursor,
-    lsn: Option<u64>,
+    plan: SourcePlan,
     run_id: i64,
     stop: watch::Receiver<bool>,
     started: Instant,
 ) -> std::result::Result<(Counters, Option<Checkpoint>), (Counters, Error)> {
     let mut counters = Counters::default();
     let setup = async {
-        let source_client = db::connect(dsn).await?;
         let ops_client = Arc::new(db::connect(dsn).await?);
-        let sink = PostgresSink::new(db::connect(dsn).await?, spec.checkpoint_key.clone(), run_id);
-        let source = backfill::stream(
-            source_client,
-            backfill::BackfillOptions {
-                table: table.to_owned(),
-                page_size: spec.source.batch_size,
-                start,
-                lsn,
-                limit: spec.source.batch_limit,
-                snapshot: None,
-            },
-            stop,
-        );
+        let progress = Arc::new(Progress::default());
+        let sink =
+            PostgresSink::new(db::connect(dsn).await?, spec.checkpoint_key.clone(), run_id, Arc::clone(&progress));
+        let source = build_source(dsn, spec, table, plan, progress, stop).await?;
         let mut stream = spawn_stage(source);
         for op in build_operators(spec, &ops_client, facts).await? {
             stream = op.apply(stream);
@@ -231,6 +220,188 @@ async fn drive(
     Ok((counters, last))
 }
 
+/// The backfill's start: an explicit setting, else the checkpoint, else the beginning.
+async fn backfill_start(control: &tokio_postgres::Client, spec: &PipelineSpec) -> Result<(Cursor, Option<u64>)> {
+    Ok(match (&spec.source.start_after_id, &spec.source.start_from_uen) {
+        (Some(id), _) => (Cursor::Id { last_id: *id }, None),
+        (None, Some(uen)) => (Cursor::Uen { last_uen: uen.clone(), last_id: i64::MAX }, None),
+        (None, None) => match checkpoint::load(control, &spec.checkpoint_key).await? {
+            Some(Checkpoint { cursor: Cursor::Lsn { .. }, .. }) => {
+                return Err(Error::config(format!(
+                    "checkpoint '{}' belongs to the replication stream; a backfill needs ACRA_DIRECT_START_AFTER_ID \
+                     (e.g. 0) or another ACRA_DIRECT_CHECKPOINT_KEY",
+                    spec.checkpoint_key
+                )))
+            }
+            Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
+            None => (Cursor::Id { last_id: 0 }, None),
+        },
+    })
+}
+
+/// Decides how `acraflow run` starts: stream from the checkpoint, or backfill first (creating the slot
+/// with an exported snapshot when it does not exist yet, so the hand-over has no gap and no overlap).
+async fn plan_stream(
+    control: &tokio_postgres::Client,
+    dsn: &str,
+    spec: &PipelineSpec,
+    table: &str,
+) -> Result<SourcePlan> {
+    let (schema, name) = split_table(control, &spec.source.table).await?;
+    let src = &spec.source;
+    replication::ensure_publication(control, &src.publication, table, &schema, &name).await?;
+    let slot = replication::slot_info_when_free(control, &src.slot).await?;
+    let checkpoint = checkpoint::load(control, &spec.checkpoint_key).await?;
+    Ok(match (slot, checkpoint) {
+        (Some(info), Some(Checkpoint { cursor: Cursor::Lsn { lsn, seq }, .. })) => {
+            replication::check_slot(&src.slot, &info)?;
+            if src.start_after_id.is_some() || src.start_from_uen.is_some() {
+                tracing::warn!("ACRA_DIRECT_START_AFTER_ID/START_FROM_UEN apply to backfills; the stream resumes from its checkpoint");
+            }
+            SourcePlan::Stream { resume_after: Position { lsn, seq } }
+        }
+        (Some(info), checkpoint) => {
+            // The slot exists but the initial backfill did not finish: finish it (in a fresh snapshot), then
+            // stream everything since the slot's consistent point. Overlap is harmless (idempotent upserts,
+            // history keyed by position, dedupe).
+            replication::check_slot(&src.slot, &info)?;
+            let (start, lsn) = match checkpoint {
+                Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
+                None => backfill_start(control, spec).await?,
+            };
+            SourcePlan::Handover { start, lsn, new_slot: None, resume_after: Position::default() }
+        }
+        (None, Some(Checkpoint { cursor: Cursor::Lsn { lsn, .. }, .. })) => {
+            return Err(Error::new(
+                crate::ErrorKind::Schema,
+                format!(
+                    "replication slot '{}' is missing, but checkpoint '{}' is at {} in its stream: changes since then \
+                     cannot be replayed from the WAL. To rebuild, delete the checkpoint (delete from service_progress \
+                     where key = '{}') and run `acraflow run` again: it recreates the slot and replays staging \
+                     (dedupe keeps companies from being processed twice)",
+                    src.slot,
+                    spec.checkpoint_key,
+                    crate::change::lsn_to_text(lsn),
+                    spec.checkpoint_key
+                ),
+            ))
+        }
+        (None, checkpoint) => {
+            let new_slot = replication::create_slot(dsn, &src.slot, &src.publication).await?;
+            let start = match (&src.start_after_id, &src.start_from_uen, checkpoint) {
+                (None, None, Some(cp)) => cp.cursor,
+                _ => backfill_start(control, spec).await?.0,
+            };
+            let lsn = Some(new_slot.consistent_point);
+            let resume_after = Position { lsn: new_slot.consistent_point, seq: 0 };
+            SourcePlan::Handover { start, lsn, new_slot: Some(new_slot), resume_after }
+        }
+    })
+}
+
+/// The unquoted schema and name of the staging table (the schema defaults to the current one).
+async fn split_table(control: &tokio_postgres::Client, table: &str) -> Result<(String, String)> {
+    if let Some((schema, name)) = table.split_once('.') {
+        return Ok((schema.to_owned(), name.to_owned()));
+    }
+    let schema: String = control
+        .query_one("select current_schema()::text", &[])
+        .await
+        .map_err(|e| Error::db("reading the current schema", e))?
+        .get(0);
+    Ok((schema, table.to_owned()))
+}
+
+async fn build_source(
+    dsn: &str,
+    spec: &PipelineSpec,
+    table: &str,
+    plan: SourcePlan,
+    progress: Arc<Progress>,
+    stop: watch::Receiver<bool>,
+) -> Result<BatchStream> {
+    let backfill_opts = |start: Cursor, lsn: Option<u64>, snapshot: Option<String>| backfill::BackfillOptions {
+        table: table.to_owned(),
+        page_size: spec.source.batch_size,
+        start,
+        lsn,
+        limit: spec.source.batch_limit,
+        snapshot,
+    };
+    let (schema, name) = match spec.source.table.split_once('.') {
+        Some((s, n)) => (s.to_owned(), n.to_owned()),
+        None => (String::new(), spec.source.table.clone()),
+    };
+    let stream_opts = |resume_after: Position| -> Result<replication::ReplicationOptions> {
+        Ok(replication::ReplicationOptions {
+            dsn: dsn.to_owned(),
+            slot: spec.source.slot.clone(),
+            publication: spec.source.publication.clone(),
+            schema: schema.clone(),
+            table: name.clone(),
+            quoted_table: table.to_owned(),
+            batch_size: spec.source.batch_size,
+            batch_deadline: spec.source.batch_deadline,
+            status_interval: spec.source.status_interval,
+            resume_after,
+        })
+    };
+    Ok(match plan {
+        SourcePlan::Backfill { start, lsn } => {
+            backfill::stream(db::connect(dsn).await?, backfill_opts(start, lsn, None), stop)
+        }
+        SourcePlan::Stream { resume_after } => {
+            replication::stream(with_schema(stream_opts(resume_after)?, dsn).await?, progress, stop)
+        }
+        SourcePlan::Handover { start, lsn, new_slot, resume_after } => {
+            let snapshot = new_slot.as_ref().map(|s| s.snapshot.clone());
+            let first = backfill::stream(db::connect(dsn).await?, backfill_opts(start, lsn, snapshot), stop.clone());
+            let then = with_schema(stream_opts(resume_after)?, dsn).await?;
+            handover(first, new_slot, then, progress, stop)
+        }
+    })
+}
+
+/// Fills in the default schema of the staging table for matching Relation messages.
+async fn with_schema(mut opts: replication::ReplicationOptions, dsn: &str) -> Result<replication::ReplicationOptions> {
+    if opts.schema.is_empty() {
+        let client = db::connect(dsn).await?;
+        opts.schema = split_table(&client, &opts.table).await?.0;
+    }
+    Ok(opts)
+}
+
+/// The backfill, then the stream. The new slot's session (whose exported snapshot the backfill reads in)
+/// is kept until the backfill's first batch: by then the snapshot is imported.
+fn handover(
+    mut backfill: BatchStream,
+    new_slot: Option<NewSlot>,
+    stream_opts: replication::ReplicationOptions,
+    progress: Arc<Progress>,
+    stop: watch::Receiver<bool>,
+) -> BatchStream {
+    Box::pin(async_stream::stream! {
+        let mut new_slot = new_slot;
+        while let Some(item) = backfill.next().await {
+            new_slot = None;
+            let failed = item.is_err();
+            yield item;
+            if failed {
+                return;
+            }
+        }
+        drop(new_slot);
+        if *stop.borrow() {
+            return;
+        }
+        tracing::info!("backfill done; streaming from the replication slot");
+        let mut stream = replication::stream(stream_opts, progress, stop);
+        while let Some(item) = stream.next().await {
+            yield item;
+        }
+    })
+}
+
 async fn build_operators(
     spec: &PipelineSpec,
     client: &Arc<tokio_postgres::Client>,
@@ -239,11 +410,9 @@ async fn build_operators(
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
     for op in &spec.operators {
         ops.push(match op {
-            OperatorSpec::Filter(f) => Box::new(Filter::new(
-                &f.exclude_status,
-                f.min_age_days,
-                Utc::now().date_naive(),
-            )),
+            OperatorSpec::Filter(f) => {
+                Box::new(Filter::new(&f.exclude_status, f.min_age_days, Utc::now().date_naive()))
+            }
             OperatorSpec::Dedupe(d) => Box::new(Dedupe::new(
                 Arc::clone(client),
                 DedupePolicy {

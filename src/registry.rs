@@ -18,10 +18,7 @@ pub const MAX_NAME_CHARS: usize = 500;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CompanyKey {
     Uen(String),
-    NameYear {
-        lower_name: String,
-        year: Option<i32>,
-    },
+    NameYear { lower_name: String, year: Option<i32> },
 }
 
 /// The registry fields of one staging row, normalized by the PRD's rules.
@@ -73,15 +70,10 @@ pub fn map(row: &StagingRow, current_year: i32) -> Result<CompanyRecord, Rejecti
         }
     }
     let incorporation_date = parse_date(row.registration_incorporation_date.as_deref());
-    let incorporation_year = incorporation_date
-        .map(|d| d.year())
-        .filter(|y| (1800..=current_year).contains(y));
+    let incorporation_year = incorporation_date.map(|d| d.year()).filter(|y| (1800..=current_year).contains(y));
     let key = match (&uen, &name) {
         (Some(u), _) => CompanyKey::Uen(u.clone()),
-        (None, Some(n)) => CompanyKey::NameYear {
-            lower_name: n.to_lowercase(),
-            year: incorporation_year,
-        },
+        (None, Some(n)) => CompanyKey::NameYear { lower_name: n.to_lowercase(), year: incorporation_year },
         (None, None) => {
             return Err(Rejection {
                 field: "uen",
@@ -117,17 +109,10 @@ pub fn industry_code(raw: Option<&str>) -> Option<String> {
 pub fn parse_date(raw: Option<&str>) -> Option<NaiveDate> {
     let s = clean(raw)?.as_bytes();
     let digits_at = |r: std::ops::Range<usize>| s[r].iter().all(u8::is_ascii_digit);
-    if s.len() != 10
-        || s[4] != b'-'
-        || s[7] != b'-'
-        || !digits_at(0..4)
-        || !digits_at(5..7)
-        || !digits_at(8..10)
-    {
+    if s.len() != 10 || s[4] != b'-' || s[7] != b'-' || !digits_at(0..4) || !digits_at(5..7) || !digits_at(8..10) {
         return None;
     }
-    let num =
-        |r: std::ops::Range<usize>| s[r].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    let num = |r: std::ops::Range<usize>| s[r].iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
     NaiveDate::from_ymd_opt(num(0..4) as i32, num(5..7), num(8..10))
 }
 
@@ -161,32 +146,16 @@ mod tests {
     fn missing_uen_falls_back_to_name_and_year() {
         let r = map(&row("na", "Acme Pte. Ltd."), 2026).unwrap();
         assert_eq!(r.uen, None);
-        assert_eq!(
-            r.key,
-            CompanyKey::NameYear {
-                lower_name: "acme pte. ltd.".into(),
-                year: Some(2019)
-            }
-        );
+        assert_eq!(r.key, CompanyKey::NameYear { lower_name: "acme pte. ltd.".into(), year: Some(2019) });
         let r = map(&row("  ", "ÄÖÜ Trading 株式会社"), 2026).unwrap();
-        assert_eq!(
-            r.key,
-            CompanyKey::NameYear {
-                lower_name: "äöü trading 株式会社".into(),
-                year: Some(2019)
-            }
-        );
+        assert_eq!(r.key, CompanyKey::NameYear { lower_name: "äöü trading 株式会社".into(), year: Some(2019) });
     }
 
     #[test]
     fn neither_uen_nor_name_is_rejected_naming_the_field() {
         let err = map(&row("NA", "na"), 2026).unwrap_err();
         assert_eq!(err.field, "uen");
-        assert!(
-            err.reason.contains("neither uen nor entity_name"),
-            "{}",
-            err.reason
-        );
+        assert!(err.reason.contains("neither uen nor entity_name"), "{}", err.reason);
     }
 
     #[test]
@@ -212,14 +181,8 @@ mod tests {
 
     #[test]
     fn dates_must_be_iso_and_real() {
-        assert_eq!(
-            parse_date(Some("2019-12-31")),
-            NaiveDate::from_ymd_opt(2019, 12, 31)
-        );
-        assert_eq!(
-            parse_date(Some(" 2019-12-31 ")),
-            NaiveDate::from_ymd_opt(2019, 12, 31)
-        );
+        assert_eq!(parse_date(Some("2019-12-31")), NaiveDate::from_ymd_opt(2019, 12, 31));
+        assert_eq!(parse_date(Some(" 2019-12-31 ")), NaiveDate::from_ymd_opt(2019, 12, 31));
         assert_eq!(parse_date(Some("31/12/2019")), None);
         assert_eq!(parse_date(Some("2019-13-45")), None);
         assert_eq!(parse_date(Some("2019-02-29")), None);
@@ -251,14 +214,6 @@ mod tests {
             primary_ssic_description: Some(" na ".into()),
         };
         let m = map(&r, 2026).unwrap();
-        assert_eq!(
-            (
-                m.status,
-                m.industry_code,
-                m.ssic_description,
-                m.incorporation_year
-            ),
-            (None, None, None, None)
-        );
+        assert_eq!((m.status, m.industry_code, m.ssic_description, m.incorporation_year), (None, None, None, None));
     }
 }

@@ -175,9 +175,7 @@ struct CorpRow {
 /// Inserts `rows` sample rows into `table` (quoted) with one binary COPY; returns the number written.
 pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<u64> {
     if rows > MAX_ROWS {
-        return Err(Error::config(format!(
-            "--rows {rows} is more than the {MAX_ROWS} the sample generator can make"
-        )));
+        return Err(Error::config(format!("--rows {rows} is more than the {MAX_ROWS} the sample generator can make")));
     }
     let corp = load_corp()?;
     let subclasses = load_subclasses()?;
@@ -214,11 +212,7 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
         };
         let kind = uen_kind(&uen);
         let (entity_type, company_type, suffix) = match kind {
-            UenKind::Roc => (
-                "Local Company",
-                "Exempt Private Company Limited by Shares",
-                " PTE. LTD.",
-            ),
+            UenKind::Roc => ("Local Company", "Exempt Private Company Limited by Shares", " PTE. LTD."),
             UenKind::Business => ("Sole Proprietorship/ Partnership", "na", ""),
             UenKind::Other => ("Limited Liability Partnership", "na", " LLP"),
         };
@@ -240,11 +234,7 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
                 }
             })
             .map_or("Live", |s| s.0);
-        let date = format!(
-            "{year:04}-{:02}-{:02}",
-            rng.gen_range(1..=12),
-            rng.gen_range(1..=28)
-        );
+        let date = format!("{year:04}-{:02}-{:02}", rng.gen_range(1..=12), rng.gen_range(1..=28));
         let (code, title) = subclasses
             .get(base.division.as_str())
             .and_then(|v| v.get(rng.gen_range(0..v.len())).cloned())
@@ -268,34 +258,18 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
         values[21] = &code;
         values[22] = &title;
         values[27] = &officers;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        writer
-            .as_mut()
-            .write(&refs)
-            .await
-            .map_err(|e| Error::db("seed: writing a row", e))?;
+        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await.map_err(|e| Error::db("seed: writing a row", e))?;
     }
-    let n = writer
-        .finish()
-        .await
-        .map_err(|e| Error::db("seed: finishing COPY", e))?;
+    let n = writer.finish().await.map_err(|e| Error::db("seed: finishing COPY", e))?;
     Ok(n)
 }
 
 fn load_corp() -> Result<Vec<CorpRow>> {
     let mut out = Vec::with_capacity(150_000);
-    for (i, rec) in csv::Reader::from_reader(CORP_CSV.as_bytes())
-        .records()
-        .enumerate()
-    {
-        let rec = rec.map_err(|e| {
-            Error::with_source(
-                ErrorKind::Data,
-                format!("acra_sg_corp_info record {}", i + 1),
-                e,
-            )
-        })?;
+    for (i, rec) in csv::Reader::from_reader(CORP_CSV.as_bytes()).records().enumerate() {
+        let rec =
+            rec.map_err(|e| Error::with_source(ErrorKind::Data, format!("acra_sg_corp_info record {}", i + 1), e))?;
         out.push(CorpRow {
             uen: rec[0].to_owned(),
             year: rec[1].parse().unwrap_or(2019),
@@ -309,17 +283,10 @@ fn load_corp() -> Result<Vec<CorpRow>> {
 /// 5-digit SSIC 2020 sub-classes by their 2-digit division.
 fn load_subclasses() -> Result<HashMap<String, Vec<(String, String)>>> {
     let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
-    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes())
-        .records()
-        .enumerate()
-    {
-        let rec = rec.map_err(|e| {
-            Error::with_source(ErrorKind::Data, format!("ssic2020 record {}", i + 1), e)
-        })?;
+    for (i, rec) in csv::Reader::from_reader(SSIC_CSV.as_bytes()).records().enumerate() {
+        let rec = rec.map_err(|e| Error::with_source(ErrorKind::Data, format!("ssic2020 record {}", i + 1), e))?;
         if &rec[2] == "subclass" && rec[0].len() == 5 {
-            out.entry(rec[0][..2].to_owned())
-                .or_default()
-                .push((rec[0].to_owned(), rec[1].to_owned()));
+            out.entry(rec[0][..2].to_owned()).or_default().push((rec[0].to_owned(), rec[1].to_owned()));
         }
     }
     Ok(out)
@@ -344,11 +311,7 @@ fn uen_kind(uen: &str) -> UenKind {
 /// A ROC-format UEN (`YYYY` + 5-digit serial + check letter), per ACRA's check-letter rule.
 pub fn roc_uen(year: i32, serial: u32) -> String {
     let body = format!("{year:04}{serial:05}");
-    let sum: u32 = body
-        .bytes()
-        .zip([10, 8, 6, 4, 9, 7, 5, 3, 1])
-        .map(|(d, w)| u32::from(d - b'0') * w)
-        .sum();
+    let sum: u32 = body.bytes().zip([10, 8, 6, 4, 9, 7, 5, 3, 1]).map(|(d, w)| u32::from(d - b'0') * w).sum();
     let check = b"ZKCMDNERGWH"[(sum % 11) as usize] as char;
     format!("{body}{check}")
 }
@@ -357,10 +320,7 @@ pub fn roc_uen(year: i32, serial: u32) -> String {
 pub fn roc_check_ok(uen: &str) -> bool {
     uen.len() == 10
         && uen[..9].bytes().all(|b| b.is_ascii_digit())
-        && roc_uen(
-            uen[..4].parse().unwrap_or(0),
-            uen[4..9].parse().unwrap_or(0),
-        ) == uen
+        && roc_uen(uen[..4].parse().unwrap_or(0), uen[4..9].parse().unwrap_or(0)) == uen
 }
 
 #[cfg(test)]
@@ -370,15 +330,9 @@ mod tests {
     #[test]
     fn check_letter_rule_agrees_with_every_real_roc_uen() {
         let corp = load_corp().unwrap();
-        let roc: Vec<&CorpRow> = corp
-            .iter()
-            .filter(|c| uen_kind(&c.uen) == UenKind::Roc)
-            .collect();
+        let roc: Vec<&CorpRow> = corp.iter().filter(|c| uen_kind(&c.uen) == UenKind::Roc).collect();
         assert!(roc.len() > 100_000);
-        assert!(
-            roc.iter().all(|c| roc_check_ok(&c.uen)),
-            "a real UEN failed the check-letter rule"
-        );
+        assert!(roc.iter().all(|c| roc_check_ok(&c.uen)), "a real UEN failed the check-letter rule");
         assert!(!roc_check_ok("201908808A"));
     }
 
@@ -387,10 +341,7 @@ mod tests {
         let subs = load_subclasses().unwrap();
         assert_eq!(subs.values().map(Vec::len).sum::<usize>(), 1023);
         let corp = load_corp().unwrap();
-        let missing = corp
-            .iter()
-            .filter(|c| !subs.contains_key(&c.division))
-            .count();
+        let missing = corp.iter().filter(|c| !subs.contains_key(&c.division)).count();
         assert_eq!(missing, 0);
     }
 }

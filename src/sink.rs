@@ -4,11 +4,14 @@
 //! `ON CONFLICT DO NOTHING`, so a batch replayed after a crash adds nothing that is already there. The
 //! checkpoint is committed in the same transaction, so it never runs ahead of the rows it covers.
 
+use std::sync::Arc;
+
 use tokio_postgres::Client;
 
 use crate::change::{Batch, Fate};
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::source::replication::Progress;
 
 /// Counts of what the pipeline did, per run (also the `enrichment_runs` header's counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -40,10 +43,7 @@ impl Counters {
     }
 
     pub fn of(batch: &Batch) -> Counters {
-        let mut c = Counters {
-            rows_in: batch.events.len() as u64,
-            ..Default::default()
-        };
+        let mut c = Counters { rows_in: batch.events.len() as u64, ..Default::default() };
         for e in &batch.events {
             match e.fate {
                 Fate::Process => c.processed += 1,
@@ -61,15 +61,13 @@ pub struct PostgresSink {
     client: Client,
     checkpoint_key: String,
     run_id: i64,
+    progress: Arc<Progress>,
 }
 
 impl PostgresSink {
-    pub fn new(client: Client, checkpoint_key: String, run_id: i64) -> Self {
-        PostgresSink {
-            client,
-            checkpoint_key,
-            run_id,
-        }
+    /// `progress` learns of every committed streamed batch, so the source can acknowledge its LSN.
+    pub fn new(client: Client, checkpoint_key: String, run_id: i64, progress: Arc<Progress>) -> Self {
+        PostgresSink { client, checkpoint_key, run_id, progress }
     }
 
     /// Commits the batch's effects and its checkpoint atomically; returns what the batch counted.
@@ -79,15 +77,8 @@ impl PostgresSink {
         let mut h_lsn = Vec::new();
         let mut h_seq = Vec::new();
         let mut h_staging = Vec::new();
-        let (mut d_lsn, mut d_seq, mut d_staging, mut d_uen, mut d_stage, mut d_reason, mut d_row) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (mut d_lsn, mut d_seq, mut d_staging, mut d_uen, mut d_stage, mut d_reason, mut d_row) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for e in &batch.events {
             let pos = e.change.pos;
             match (&e.fate, e.company_id) {
@@ -113,11 +104,7 @@ impl PostgresSink {
                 _ => {}
             }
         }
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| Error::db("sink: starting a transaction", e))?;
+        let tx = self.client.transaction().await.map_err(|e| Error::db("sink: starting a transaction", e))?;
         let history = async {
             if h_company.is_empty() {
                 return Ok(0);
@@ -150,9 +137,10 @@ impl PostgresSink {
         let cp = checkpoint::save(&tx, &self.checkpoint_key, &batch.checkpoint);
         // Issued together: tokio-postgres pipelines them on the one connection.
         futures::try_join!(history, dead, cp)?;
-        tx.commit()
-            .await
-            .map_err(|e| Error::db("sink: committing the batch and its checkpoint", e))?;
+        tx.commit().await.map_err(|e| Error::db("sink: committing the batch and its checkpoint", e))?;
+        if let Some(lsn) = batch.ack_lsn {
+            self.progress.record(lsn);
+        }
         Ok(counters)
     }
 

@@ -11,35 +11,19 @@ async fn backfill_of_20k_rows_gives_exactly_the_companies_the_rules_give() {
     let db = TestDb::new().await;
     db.seed(20_000, 7).await;
     // Real ACRA data repeats some UENs: make sure this sample exercises the latest-row-wins rule.
-    assert!(
-        db.count("select count(*) - count(distinct uen) from staging_acra_companies")
-            .await
-            > 0
-    );
+    assert!(db.count("select count(*) - count(distinct uen) from staging_acra_companies").await > 0);
 
     let s = db.run(Overrides::default()).await;
 
     db.assert_companies_match_rules().await;
     let c = s.counters;
     assert_eq!(c.rows_in, 20_000);
-    assert_eq!(
-        c.processed + c.filtered + c.skipped + c.dead_lettered,
-        20_000
-    );
-    assert!(
-        c.filtered > 10_000,
-        "the real status mix excludes most entities: {c:?}"
-    );
+    assert_eq!(c.processed + c.filtered + c.skipped + c.dead_lettered, 20_000);
+    assert!(c.filtered > 10_000, "the real status mix excludes most entities: {c:?}");
     // One history row per processed change, each for a distinct company, each company processed once.
-    let history = db
-        .count("select count(*) from company_enrichment_runs")
-        .await;
+    let history = db.count("select count(*) from company_enrichment_runs").await;
     assert_eq!(history as u64, c.processed);
-    assert_eq!(
-        db.count("select count(distinct company_id) from company_enrichment_runs")
-            .await,
-        history
-    );
+    assert_eq!(db.count("select count(distinct company_id) from company_enrichment_runs").await, history);
     assert_eq!(db.count("select count(*) from companies").await, history);
     // The run header carries the same counters.
     let header = db
@@ -53,13 +37,8 @@ async fn backfill_of_20k_rows_gives_exactly_the_companies_the_rules_give() {
     assert_eq!(header.get::<_, i64>(3) as u64, c.filtered);
     assert!(header.get::<_, bool>(4));
     // The checkpoint is at the last staging row.
-    let last_id = db
-        .count("select last_id from service_progress where key = 'acra_direct'")
-        .await;
-    assert_eq!(
-        last_id,
-        db.count("select max(id) from staging_acra_companies").await
-    );
+    let last_id = db.count("select last_id from service_progress where key = 'acra_direct'").await;
+    assert_eq!(last_id, db.count("select max(id) from staging_acra_companies").await);
     // industry_norm comes from the real SSIC 2020 titles.
     assert_eq!(
         db.count(
@@ -83,59 +62,27 @@ async fn killed_backfill_resumes_without_loss_or_duplicates() {
         .spawn()
         .unwrap();
     let progressed = wait_until(Duration::from_secs(60), || async {
-        db.count("select coalesce(max(last_id), 0) from service_progress")
-            .await
-            >= 4_000
+        db.count("select coalesce(max(last_id), 0) from service_progress").await >= 4_000
     })
     .await;
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     assert!(progressed, "the backfill never reached staging id 4000");
-    let status: String = db
-        .client
-        .query_one("select status from enrichment_runs", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        status, "running",
-        "the first run must have died mid-way for this test to mean anything"
-    );
+    let status: String = db.client.query_one("select status from enrichment_runs", &[]).await.unwrap().get(0);
+    assert_eq!(status, "running", "the first run must have died mid-way for this test to mean anything");
     let checkpoint = db.count("select last_id from service_progress").await;
     assert!(checkpoint < 30_000, "killed after the end");
 
     let out = db.cli(&["backfill"], &[]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows_in: i64 = db
-        .client
-        .query_one("select rows_in from enrichment_runs where run_id = 2", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        rows_in,
-        30_000 - checkpoint,
-        "the resumed run starts right after the checkpoint"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows_in: i64 =
+        db.client.query_one("select rows_in from enrichment_runs where run_id = 2", &[]).await.unwrap().get(0);
+    assert_eq!(rows_in, 30_000 - checkpoint, "the resumed run starts right after the checkpoint");
 
     db.assert_companies_match_rules().await;
-    let history = db
-        .count("select count(*) from company_enrichment_runs")
-        .await;
-    assert_eq!(
-        db.count("select count(distinct company_id) from company_enrichment_runs")
-            .await,
-        history
-    );
-    assert_eq!(
-        db.count("select count(*) from companies").await,
-        history,
-        "every company has exactly one history row"
-    );
+    let history = db.count("select count(*) from company_enrichment_runs").await;
+    assert_eq!(db.count("select count(distinct company_id) from company_enrichment_runs").await, history);
+    assert_eq!(db.count("select count(*) from companies").await, history, "every company has exactly one history row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,19 +90,10 @@ async fn start_after_id_start_from_uen_and_batch_limit() {
     let db = TestDb::new().await;
     db.seed(3_000, 3).await;
 
-    let s = db
-        .run(Overrides {
-            start_after_id: Some(2_000),
-            checkpoint_key: Some("a".into()),
-            ..Default::default()
-        })
-        .await;
+    let s =
+        db.run(Overrides { start_after_id: Some(2_000), checkpoint_key: Some("a".into()), ..Default::default() }).await;
     assert_eq!(s.counters.rows_in, 1_000);
-    assert_eq!(
-        db.count("select count(*) from company_enrichment_runs where staging_id <= 2000")
-            .await,
-        0
-    );
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where staging_id <= 2000").await, 0);
 
     let s = db
         .run(Overrides {
@@ -166,40 +104,19 @@ async fn start_after_id_start_from_uen_and_batch_limit() {
         })
         .await;
     assert_eq!(s.counters.rows_in, 700);
-    assert_eq!(
-        db.count("select last_id from service_progress where key = 'b'")
-            .await,
-        700
-    );
+    assert_eq!(db.count("select last_id from service_progress where key = 'b'").await, 700);
     // Without a start setting, the next run resumes from the checkpoint.
-    let s = db
-        .run(Overrides {
-            batch_limit: Some(100),
-            checkpoint_key: Some("b".into()),
-            ..Default::default()
-        })
-        .await;
+    let s = db.run(Overrides { batch_limit: Some(100), checkpoint_key: Some("b".into()), ..Default::default() }).await;
     assert_eq!(s.counters.rows_in, 100);
-    assert_eq!(
-        db.count("select last_id from service_progress where key = 'b'")
-            .await,
-        800
-    );
+    assert_eq!(db.count("select last_id from service_progress where key = 'b'").await, 800);
 
     let pivot: String = db
         .client
-        .query_one(
-            "select uen from staging_acra_companies order by uen offset 1500 limit 1",
-            &[],
-        )
+        .query_one("select uen from staging_acra_companies order by uen offset 1500 limit 1", &[])
         .await
         .unwrap()
         .get(0);
-    let after = db
-        .count(&format!(
-            "select count(*) from staging_acra_companies where uen > '{pivot}'"
-        ))
-        .await;
+    let after = db.count(&format!("select count(*) from staging_acra_companies where uen > '{pivot}'")).await;
     let s = db
         .run(Overrides {
             start_from_uen: Some(pivot.clone()),
@@ -208,32 +125,15 @@ async fn start_after_id_start_from_uen_and_batch_limit() {
             ..Default::default()
         })
         .await;
-    assert_eq!(
-        s.counters.rows_in as i64, after,
-        "exactly the rows whose uen sorts after {pivot}"
-    );
+    assert_eq!(s.counters.rows_in as i64, after, "exactly the rows whose uen sorts after {pivot}");
     // A uen walk that reaches the end hands over to an id cursor, so later runs pick up only new rows.
-    let cursor: String = db
-        .client
-        .query_one("select cursor from service_progress where key = 'c'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let cursor: String =
+        db.client.query_one("select cursor from service_progress where key = 'c'", &[]).await.unwrap().get(0);
     assert_eq!(cursor, "id");
-    let s = db
-        .run(Overrides {
-            checkpoint_key: Some("c".into()),
-            ..Default::default()
-        })
-        .await;
+    let s = db.run(Overrides { checkpoint_key: Some("c".into()), ..Default::default() }).await;
     assert_eq!(s.counters.rows_in, 0);
     db.seed(10, 99).await;
-    let s = db
-        .run(Overrides {
-            checkpoint_key: Some("c".into()),
-            ..Default::default()
-        })
-        .await;
+    let s = db.run(Overrides { checkpoint_key: Some("c".into()), ..Default::default() }).await;
     assert_eq!(s.counters.rows_in, 10, "only the rows ingested since");
 }
 
@@ -251,16 +151,10 @@ async fn uen_walk_interrupted_by_the_limit_resumes_in_uen_order() {
         })
         .await;
     assert_eq!(first.counters.rows_in, 500);
-    let rest = db
-        .run(Overrides {
-            checkpoint_key: key(),
-            ..Default::default()
-        })
-        .await;
+    let rest = db.run(Overrides { checkpoint_key: key(), ..Default::default() }).await;
     assert_eq!(
         first.counters.rows_in + rest.counters.rows_in,
-        db.count("select count(*) from staging_acra_companies where uen > '0'")
-            .await as u64
+        db.count("select count(*) from staging_acra_companies where uen > '0'").await as u64
     );
     db.assert_companies_match_rules().await;
 }
@@ -273,38 +167,18 @@ async fn second_run_skips_what_the_first_processed_and_rewrites_nothing() {
     assert!(first.counters.processed > 1_000);
     let snapshot = "select string_agg(company_id || ':' || xmin::text, ',' order by company_id) from companies";
     let before: String = db.client.query_one(snapshot, &[]).await.unwrap().get(0);
-    let history = db
-        .count("select count(*) from company_enrichment_runs")
-        .await;
+    let history = db.count("select count(*) from company_enrichment_runs").await;
 
-    let second = db
-        .run(Overrides {
-            start_after_id: Some(0),
-            ..Default::default()
-        })
-        .await;
+    let second = db.run(Overrides { start_after_id: Some(0), ..Default::default() }).await;
     assert_eq!(second.counters.processed, 0, "{:?}", second.counters);
     assert_eq!(second.counters.rows_in, 5_000);
-    assert_eq!(
-        db.count("select count(*) from company_enrichment_runs")
-            .await,
-        history
-    );
+    assert_eq!(db.count("select count(*) from company_enrichment_runs").await, history);
     let after: String = db.client.query_one(snapshot, &[]).await.unwrap().get(0);
-    assert_eq!(
-        before, after,
-        "unchanged companies must not be rewritten (xmin changed)"
-    );
+    assert_eq!(before, after, "unchanged companies must not be rewritten (xmin changed)");
     db.assert_companies_match_rules().await;
 
     // ENRICH_RECHECK_DAYS=0 makes every history row old enough; ACRA_DIRECT_FORCE ignores history.
-    let third = db
-        .run(Overrides {
-            start_after_id: Some(0),
-            recheck_days: Some(0),
-            ..Default::default()
-        })
-        .await;
+    let third = db.run(Overrides { start_after_id: Some(0), recheck_days: Some(0), ..Default::default() }).await;
     assert_eq!(third.counters.processed, first.counters.processed);
     let fourth = db
         .run(Overrides {
@@ -314,17 +188,8 @@ async fn second_run_skips_what_the_first_processed_and_rewrites_nothing() {
             ..Default::default()
         })
         .await;
-    assert_eq!(
-        fourth.counters.processed, 0,
-        "any history skips when ENRICH_SKIP_IF_ANY_HISTORY=true"
-    );
-    let fifth = db
-        .run(Overrides {
-            start_after_id: Some(0),
-            force: Some(true),
-            ..Default::default()
-        })
-        .await;
+    assert_eq!(fourth.counters.processed, 0, "any history skips when ENRICH_SKIP_IF_ANY_HISTORY=true");
+    let fifth = db.run(Overrides { start_after_id: Some(0), force: Some(true), ..Default::default() }).await;
     assert_eq!(fifth.counters.processed, first.counters.processed);
 }
 
@@ -340,12 +205,7 @@ async fn exclude_status_and_min_age_settings() {
         )
         .await
         .unwrap();
-    let s = db
-        .run(Overrides {
-            min_age_days: Some(30),
-            ..Default::default()
-        })
-        .await;
+    let s = db.run(Overrides { min_age_days: Some(30), ..Default::default() }).await;
     assert_eq!((s.counters.processed, s.counters.filtered), (1, 2));
     assert_eq!(db.count("select count(*) from companies").await, 1);
 
@@ -359,9 +219,5 @@ async fn exclude_status_and_min_age_settings() {
         })
         .await;
     assert_eq!((s.counters.processed, s.counters.filtered), (2, 1));
-    assert_eq!(
-        db.count("select count(*) from companies where name in ('Struck', 'Young Live')")
-            .await,
-        2
-    );
+    assert_eq!(db.count("select count(*) from companies where name in ('Struck', 'Young Live')").await, 2);
 }

@@ -54,61 +54,33 @@ async fn bad_rows_get_the_documented_treatment_and_the_run_goes_on() {
         .unwrap();
     let reasons: Vec<(String, String)> = dead.iter().map(|r| (r.get(1), r.get(2))).collect();
     assert_eq!(dead.len(), 3, "{reasons:?}");
-    assert!(
-        reasons[0].0 == "filter" && reasons[0].1.contains("neither uen nor entity_name"),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons[1].0 == "filter" && reasons[1].1.contains("entity_name is 10000 characters"),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons[2].0 == "upsert" && reasons[2].1.contains("entity_name: missing"),
-        "{reasons:?}"
-    );
-    assert_eq!(
-        dead[1].get::<_, String>(3).len(),
-        10_000,
-        "the dead letter keeps the row as it was"
-    );
+    assert!(reasons[0].0 == "filter" && reasons[0].1.contains("neither uen nor entity_name"), "{reasons:?}");
+    assert!(reasons[1].0 == "filter" && reasons[1].1.contains("entity_name is 10000 characters"), "{reasons:?}");
+    assert!(reasons[2].0 == "upsert" && reasons[2].1.contains("entity_name: missing"), "{reasons:?}");
+    assert_eq!(dead[1].get::<_, String>(3).len(), 10_000, "the dead letter keeps the row as it was");
     assert_eq!(s.counters.dead_lettered, 3);
-    assert_eq!(
-        db.count("select count(*) from companies where uen in ('202000001K', '202000006K')")
-            .await,
-        0
-    );
+    assert_eq!(db.count("select count(*) from companies where uen in ('202000001K', '202000006K')").await, 0);
 
     // Unicode is kept as is; a d/m/y date is not a date; an SSIC code of 7 digits is no code.
     let r = company(&db, "uen = '202000002K'").await.unwrap();
     assert_eq!(r.get::<_, String>(1), "株式会社 Ünïcödé 🚀 PTE. LTD.");
     assert_eq!(r.get::<_, Option<i32>>(4), None);
     assert_eq!(r.get::<_, Option<String>>(2), None);
-    assert_eq!(
-        r.get::<_, Option<String>>(3).as_deref(),
-        Some("SOMETHING ODD"),
-        "falls back to the description"
-    );
+    assert_eq!(r.get::<_, Option<String>>(3).as_deref(), Some("SOMETHING ODD"), "falls back to the description");
 
     // An impossible date gives no year; ' 62.011 ' is code 62011 with its SSIC 2020 title.
     let r = company(&db, "uen = '202000003K'").await.unwrap();
     assert_eq!(r.get::<_, Option<i32>>(4), None);
     assert_eq!(r.get::<_, Option<String>>(2).as_deref(), Some("62011"));
-    let title: String = db
-        .client
-        .query_one("select title from ssic_ref where code = '62011'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let title: String =
+        db.client.query_one("select title from ssic_ref where code = '62011'", &[]).await.unwrap().get(0);
     assert_eq!(r.get::<_, Option<String>>(3), Some(title));
 
     // Repeated uens in one batch: one company, the latest row wins, one history row.
     let r = company(&db, "uen = '202000004K'").await.unwrap();
     assert_eq!(r.get::<_, String>(1), "REPEAT NEW NAME");
     assert_eq!(r.get::<_, Option<String>>(2).as_deref(), Some("47111"));
-    assert_eq!(
-        r.get::<_, Option<String>>(5).as_deref(),
-        Some("Live Company")
-    );
+    assert_eq!(r.get::<_, Option<String>>(5).as_deref(), Some("Live Company"));
     assert_eq!(
         db.count("select count(*) from company_enrichment_runs h join companies c using (company_id) where c.uen = '202000004K'").await,
         1
@@ -121,7 +93,8 @@ async fn bad_rows_get_the_documented_treatment_and_the_run_goes_on() {
     assert_eq!(r.get::<_, Option<i32>>(4), Some(2017));
 
     // No uen: keyed by (lower(name), year); 'na', '' and NULL are all missing.
-    let named = db.count("select count(*) from companies where uen is null and lower(name) = 'nameless uen trading'").await;
+    let named =
+        db.count("select count(*) from companies where uen is null and lower(name) = 'nameless uen trading'").await;
     assert_eq!(named, 2, "one company for 2015 (two rows), one for 2016");
 
     db.assert_companies_match_rules().await;
@@ -146,66 +119,26 @@ async fn a_company_struck_off_later_is_updated_but_not_processed_again() {
         .await
         .unwrap();
     let s = db.run(Overrides::default()).await;
-    assert_eq!(
-        (
-            s.counters.rows_in,
-            s.counters.filtered,
-            s.counters.processed
-        ),
-        (1, 1, 0)
-    );
-    let status: String = db
-        .client
-        .query_one("select status from companies where uen = '201500001A'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        status, "Struck Off",
-        "the registry's word must reach companies"
-    );
-    assert_eq!(
-        db.count("select count(*) from companies where uen = '201500002A'")
-            .await,
-        0
-    );
-    assert_eq!(
-        db.count("select count(*) from company_enrichment_runs")
-            .await,
-        1
-    );
+    assert_eq!((s.counters.rows_in, s.counters.filtered, s.counters.processed), (1, 1, 0));
+    let status: String =
+        db.client.query_one("select status from companies where uen = '201500001A'", &[]).await.unwrap().get(0);
+    assert_eq!(status, "Struck Off", "the registry's word must reach companies");
+    assert_eq!(db.count("select count(*) from companies where uen = '201500002A'").await, 0);
+    assert_eq!(db.count("select count(*) from company_enrichment_runs").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_a_batch_after_a_crash_adds_no_second_history_row_or_dead_letter() {
     let db = TestDb::new().await;
     db.seed(1_000, 4).await;
-    db.client
-        .batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')")
-        .await
-        .unwrap();
+    db.client.batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')").await.unwrap();
     db.run(Overrides::default()).await;
-    let history = db
-        .count("select count(*) from company_enrichment_runs")
-        .await;
+    let history = db.count("select count(*) from company_enrichment_runs").await;
     // As if the sink's last commits were lost after the writes: rewind the checkpoint and replay.
-    db.client
-        .batch_execute("update service_progress set last_id = 0, cursor = 'id'")
-        .await
-        .unwrap();
-    let s = db
-        .run(Overrides {
-            force: Some(true),
-            ..Default::default()
-        })
-        .await;
+    db.client.batch_execute("update service_progress set last_id = 0, cursor = 'id'").await.unwrap();
+    let s = db.run(Overrides { force: Some(true), ..Default::default() }).await;
     assert_eq!(s.counters.rows_in, 1_001);
-    assert_eq!(
-        db.count("select count(*) from company_enrichment_runs")
-            .await,
-        history,
-        "same positions, no new rows"
-    );
+    assert_eq!(db.count("select count(*) from company_enrichment_runs").await, history, "same positions, no new rows");
     assert_eq!(db.count("select count(*) from dead_letters").await, 1);
     db.assert_companies_match_rules().await;
 }

@@ -12,9 +12,7 @@ fn acraflow() -> std::process::Command {
 fn help_lists_every_command_and_the_prd_environment_names() {
     let out = acraflow().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in [
-        "migrate", "seed", "backfill", "run", "demo", "status", "bench",
-    ] {
+    for cmd in ["migrate", "seed", "backfill", "run", "demo", "status", "bench"] {
         assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
     }
     let out = acraflow().args(["backfill", "--help"]).output().unwrap();
@@ -38,23 +36,14 @@ fn help_lists_every_command_and_the_prd_environment_names() {
 fn unreachable_database_exits_non_zero_naming_it_without_the_password() {
     let out = acraflow()
         .arg("backfill")
-        .env(
-            "POSTGRES_DSN",
-            "host=127.0.0.1 port=1 user=ops password=hunter2secret dbname=crm connect_timeout=2",
-        )
+        .env("POSTGRES_DSN", "host=127.0.0.1 port=1 user=ops password=hunter2secret dbname=crm connect_timeout=2")
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("connecting to ops@127.0.0.1:1/crm"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("hunter2secret"),
-        "the password leaked: {stderr}"
-    );
+    assert!(stderr.contains("connecting to ops@127.0.0.1:1/crm"), "{stderr}");
+    assert!(!stderr.contains("hunter2secret"), "the password leaked: {stderr}");
 }
 
 #[test]
@@ -79,38 +68,21 @@ fn bad_settings_are_named() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("p.toml") && stderr.contains("batch_sise"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("p.toml") && stderr.contains("batch_sise"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_reports_checkpoint_runs_and_dead_letters() {
     let db = TestDb::new().await;
     db.seed(300, 2).await;
-    db.client
-        .batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')")
-        .await
-        .unwrap();
+    db.client.batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')").await.unwrap();
     let out = db.cli(&["backfill"], &[]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        summary.contains("rows read") && summary.contains("301"),
-        "{summary}"
-    );
+    assert!(summary.contains("rows read") && summary.contains("301"), "{summary}");
 
     let out = db.cli(&["status", "--json"], &[]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tables"]["staging_acra_companies"], 301);
     assert_eq!(v["checkpoints"][0]["key"], "acra_direct");
@@ -118,10 +90,7 @@ async fn status_json_reports_checkpoint_runs_and_dead_letters() {
     assert_eq!(v["runs"][0]["status"], "completed");
     assert_eq!(v["runs"][0]["rows_in"], 301);
     assert_eq!(v["dead_letters"]["filter"], 1);
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains(&db.dsn),
-        "status must not print the DSN"
-    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&db.dsn), "status must not print the DSN");
 }
 
 /// The embedded default: a private server is started on demand, reused, and never outlives acraflow,
@@ -136,16 +105,9 @@ async fn embedded_server_starts_on_demand_and_never_outlives_acraflow() {
         .env("ACRAFLOW_HOME", &home)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(home.join("pgdata/PG_VERSION").exists());
-    assert!(
-        !server_running(&home),
-        "the server outlived `acraflow seed`"
-    );
+    assert!(!server_running(&home), "the server outlived `acraflow seed`");
 
     let mut child = acraflow()
         .args(["seed", "--rows", "3000000"])
@@ -154,10 +116,7 @@ async fn embedded_server_starts_on_demand_and_never_outlives_acraflow() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || async { server_running(&home) }).await,
-        "server never started"
-    );
+    assert!(wait_until(Duration::from_secs(60), || async { server_running(&home) }).await, "server never started");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -172,11 +131,7 @@ fn server_running(home: &std::path::Path) -> bool {
     let needle = home.join("pgdata").display().to_string();
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         std::fs::read(e.path().join("cmdline"))
-            .map(|c| {
-                String::from_utf8_lossy(&c)
-                    .replace('\0', " ")
-                    .contains(&needle)
-            })
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
             .unwrap_or(false)
     })
 }
@@ -186,29 +141,8 @@ fn server_running(home: &std::path::Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_pipeline_and_set_based_ceiling_agree() {
     let db = TestDb::empty().await;
-    let out = db
-        .cli(
-            &[
-                "bench",
-                "backfill",
-                "--rows",
-                "3000",
-                "--repeat",
-                "1",
-                "--batch-size",
-                "500",
-            ],
-            &[],
-        )
-        .await;
+    let out = db.cli(&["bench", "backfill", "--rows", "3000", "--repeat", "1", "--batch-size", "500"], &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("ratio") && stdout.contains("peak RSS"),
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ratio") && stdout.contains("peak RSS"), "{stdout}");
 }

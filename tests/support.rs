@@ -14,11 +14,7 @@ static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let home = std::env::temp_dir().join(format!("acraflow-test-{}", nix::unistd::geteuid()));
-        Cluster::start(&ClusterOptions {
-            home,
-            durable: false,
-        })
-        .expect("starting the test PostgreSQL cluster")
+        Cluster::start(&ClusterOptions { home, durable: false }).expect("starting the test PostgreSQL cluster")
     })
 }
 
@@ -41,22 +37,15 @@ impl TestDb {
     pub async fn empty() -> TestDb {
         let cluster = cluster();
         let name = format!("t_{}_{}", std::process::id(), rand::random::<u32>());
-        let admin = acraflow::db::connect(&cluster.dsn("postgres"))
-            .await
-            .unwrap();
-        admin
-            .batch_execute(&format!("create database {name}"))
-            .await
-            .unwrap();
+        let admin = acraflow::db::connect(&cluster.dsn("postgres")).await.unwrap();
+        admin.batch_execute(&format!("create database {name}")).await.unwrap();
         let dsn = cluster.dsn(&name);
         let client = acraflow::db::connect(&dsn).await.unwrap();
         TestDb { name, dsn, client }
     }
 
     pub async fn seed(&self, rows: u64, seed: u64) {
-        acraflow::seed::seed(&self.client, "staging_acra_companies", rows, seed)
-            .await
-            .unwrap();
+        acraflow::seed::seed(&self.client, "staging_acra_companies", rows, seed).await.unwrap();
     }
 
     /// Runs the registry pipeline in-process with these overrides, to completion.
@@ -68,15 +57,11 @@ impl TestDb {
         let mut spec = PipelineSpec::registry_sync();
         spec.apply(&overrides);
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        acraflow::pipeline::run(&self.dsn, &spec, "backfill", rx).await
+        acraflow::pipeline::run(&self.dsn, &spec, acraflow::pipeline::Mode::Backfill, rx).await
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client
-            .query_one(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get(0)
+        self.client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 
     /// Asserts that `companies` holds exactly what the PRD's rules give for the whole of staging, computed
@@ -85,18 +70,12 @@ impl TestDb {
         self.client.batch_execute(ORACLE).await.unwrap();
         let missing = self
             .client
-            .query(
-                "select * from pg_temp.expected except select * from pg_temp.actual limit 5",
-                &[],
-            )
+            .query("select * from pg_temp.expected except select * from pg_temp.actual limit 5", &[])
             .await
             .unwrap();
         let extra = self
             .client
-            .query(
-                "select * from pg_temp.actual except select * from pg_temp.expected limit 5",
-                &[],
-            )
+            .query("select * from pg_temp.actual except select * from pg_temp.expected limit 5", &[])
             .await
             .unwrap();
         let show = |rows: &[tokio_postgres::Row]| {
@@ -112,35 +91,19 @@ impl TestDb {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        assert!(
-            missing.is_empty(),
-            "companies lacks rows the rules give: {}",
-            show(&missing)
-        );
-        assert!(
-            extra.is_empty(),
-            "companies has rows the rules do not give: {}",
-            show(&extra)
-        );
+        assert!(missing.is_empty(), "companies lacks rows the rules give: {}", show(&missing));
+        assert!(extra.is_empty(), "companies has rows the rules do not give: {}", show(&extra));
         let expected = self.count("select count(*) from pg_temp.expected").await;
-        assert_eq!(
-            self.count("select count(*) from companies").await,
-            expected,
-            "duplicate companies"
-        );
+        assert_eq!(self.count("select count(*) from companies").await, expected, "duplicate companies");
     }
 
     pub async fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
-        cmd.args(args)
-            .env("POSTGRES_DSN", &self.dsn)
-            .env("RUST_LOG", "warn");
+        cmd.args(args).env("POSTGRES_DSN", &self.dsn).env("RUST_LOG", "warn");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
     }
 }
 
@@ -150,15 +113,10 @@ impl Drop for TestDb {
         let dsn = cluster().dsn("postgres");
         // The test's runtime may be shutting down; drop the database from a runtime of our own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 if let Ok(admin) = acraflow::db::connect(&dsn).await {
-                    let _ = admin
-                        .batch_execute(&format!("drop database if exists {name} with (force)"))
-                        .await;
+                    let _ = admin.batch_execute(&format!("drop database if exists {name} with (force)")).await;
                 }
             });
         })

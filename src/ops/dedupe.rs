@@ -61,15 +61,8 @@ pub struct InFlight {
 impl InFlight {
     /// Claims `key`, or returns `None` when another change holds it.
     pub fn try_claim(self: &Arc<Self>, key: &CompanyKey) -> Option<Claim> {
-        let fresh = self
-            .keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone());
-        fresh.then(|| Claim {
-            owner: Arc::clone(self),
-            key: key.clone(),
-        })
+        let fresh = self.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+        fresh.then(|| Claim { owner: Arc::clone(self), key: key.clone() })
     }
 
     pub fn len(&self) -> usize {
@@ -90,11 +83,7 @@ pub struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.owner
-            .keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        self.owner.keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 
@@ -120,11 +109,7 @@ pub struct Dedupe {
 
 impl Dedupe {
     pub fn new(client: Arc<Client>, policy: DedupePolicy) -> Self {
-        Dedupe {
-            client,
-            policy,
-            in_flight: Arc::default(),
-        }
+        Dedupe { client, policy, in_flight: Arc::default() }
     }
 
     async fn process(&self, mut batch: Batch) -> Result<Batch> {
@@ -212,11 +197,7 @@ mod tests {
             entity_status_description: Some(status.into()),
             ..Default::default()
         };
-        let mut e = Event::new(Change {
-            pos: Position { lsn: 1, seq: id },
-            op: Op::Insert,
-            row,
-        });
+        let mut e = Event::new(Change { pos: Position { lsn: 1, seq: id }, op: Op::Insert, row });
         e.record = Some(crate::registry::map(&e.change.row, 2026).unwrap());
         e
     }
@@ -224,33 +205,17 @@ mod tests {
     #[test]
     fn latest_eligible_change_per_key_wins() {
         let mut batch = Batch {
-            events: vec![
-                event(1, "A1", "Live"),
-                event(2, "B2", "Live"),
-                event(3, "A1", "Live"),
-                event(4, "A1", "x"),
-            ],
-            checkpoint: Checkpoint {
-                cursor: Cursor::Id { last_id: 4 },
-                lsn: 1,
-            },
+            events: vec![event(1, "A1", "Live"), event(2, "B2", "Live"), event(3, "A1", "Live"), event(4, "A1", "x")],
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 4 }, lsn: 1 },
+            ack_lsn: None,
         };
-        batch.events[3].fate = Fate::Filtered {
-            reason: "test".into(),
-        };
+        batch.events[3].fate = Fate::Filtered { reason: "test".into() };
         supersede_repeats(&mut batch);
         let fates: Vec<&Fate> = batch.events.iter().map(|e| &e.fate).collect();
         assert_eq!(fates[0], &Fate::Superseded);
         assert_eq!(fates[1], &Fate::Process);
-        assert_eq!(
-            fates[2],
-            &Fate::Process,
-            "the latest eligible repeat is the one processed"
-        );
-        assert!(
-            matches!(fates[3], Fate::Filtered { .. }),
-            "filtered changes are left alone"
-        );
+        assert_eq!(fates[2], &Fate::Process, "the latest eligible repeat is the one processed");
+        assert!(matches!(fates[3], Fate::Filtered { .. }), "filtered changes are left alone");
     }
 
     #[test]
@@ -258,21 +223,15 @@ mod tests {
         let in_flight = Arc::new(InFlight::default());
         let batch = |id| Batch {
             events: vec![event(id, "A1", "Live")],
-            checkpoint: Checkpoint {
-                cursor: Cursor::Id { last_id: id },
-                lsn: 1,
-            },
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: id }, lsn: 1 },
+            ack_lsn: None,
         };
         let mut first = batch(1);
         claim_keys(&mut first, &in_flight);
         assert_eq!(first.events[0].fate, Fate::Process);
         let mut second = batch(2);
         claim_keys(&mut second, &in_flight);
-        assert_eq!(
-            second.events[0].fate,
-            Fate::Skipped,
-            "A1 is still in flight"
-        );
+        assert_eq!(second.events[0].fate, Fate::Skipped, "A1 is still in flight");
         drop(first); // the sink committed it
         assert!(in_flight.is_empty());
         let mut third = batch(3);

@@ -41,11 +41,7 @@ impl Filter {
     /// `excluded`: status prefixes (any case); `min_age_days`: 0 disables the age rule.
     pub fn new(excluded: &[String], min_age_days: u32, today: NaiveDate) -> Self {
         Filter {
-            excluded: excluded
-                .iter()
-                .map(|s| s.trim().to_lowercase())
-                .filter(|s| !s.is_empty())
-                .collect(),
+            excluded: excluded.iter().map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty()).collect(),
             min_age_days,
             today,
         }
@@ -64,10 +60,7 @@ impl Filter {
             if let Some(date) = record.incorporation_date {
                 let age = (self.today - date).num_days();
                 if age < i64::from(self.min_age_days) {
-                    return Some(format!(
-                        "incorporated {date}, {age} days ago (minimum {} days)",
-                        self.min_age_days
-                    ));
+                    return Some(format!("incorporated {date}, {age} days ago (minimum {} days)", self.min_age_days));
                 }
             }
         }
@@ -83,10 +76,7 @@ impl Filter {
             }
             match registry::map(&event.change.row, self.today.year()) {
                 Err(rejection) => {
-                    event.dead_letter(
-                        "filter",
-                        format!("{}: {}", rejection.field, rejection.reason),
-                    );
+                    event.dead_letter("filter", format!("{}: {}", rejection.field, rejection.reason));
                 }
                 Ok(record) => {
                     if let Some(reason) = self.exclusion(&record) {
@@ -126,15 +116,8 @@ mod tests {
     }
 
     fn default_filter(min_age: u32) -> Filter {
-        let list: Vec<String> = DEFAULT_EXCLUDED_STATUSES
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        Filter::new(
-            &list,
-            min_age,
-            NaiveDate::from_ymd_opt(2026, 11, 22).unwrap(),
-        )
+        let list: Vec<String> = DEFAULT_EXCLUDED_STATUSES.iter().map(|s| s.to_string()).collect();
+        Filter::new(&list, min_age, NaiveDate::from_ymd_opt(2026, 11, 22).unwrap())
     }
 
     #[test]
@@ -149,26 +132,16 @@ mod tests {
             "In Liquidation - Compulsory Winding Up",
             "Converted to LLP",
         ] {
-            assert!(
-                f.exclusion(&record(s, "2019-01-01")).is_some(),
-                "{s} should be excluded"
-            );
+            assert!(f.exclusion(&record(s, "2019-01-01")).is_some(), "{s} should be excluded");
         }
         for s in ["Live Company", "Live", "Registered", "na"] {
-            assert!(
-                f.exclusion(&record(s, "2019-01-01")).is_none(),
-                "{s} should pass"
-            );
+            assert!(f.exclusion(&record(s, "2019-01-01")).is_none(), "{s} should pass");
         }
     }
 
     #[test]
     fn custom_list_replaces_the_default() {
-        let f = Filter::new(
-            &["live".to_string()],
-            0,
-            NaiveDate::from_ymd_opt(2026, 11, 22).unwrap(),
-        );
+        let f = Filter::new(&["live".to_string()], 0, NaiveDate::from_ymd_opt(2026, 11, 22).unwrap());
         assert!(f.exclusion(&record("Live Company", "2019-01-01")).is_some());
         assert!(f.exclusion(&record("Struck Off", "2019-01-01")).is_none());
     }
@@ -178,9 +151,6 @@ mod tests {
         let f = default_filter(30);
         assert!(f.exclusion(&record("Live", "2026-11-01")).is_some());
         assert!(f.exclusion(&record("Live", "2026-10-23")).is_none());
-        assert!(
-            f.exclusion(&record("Live", "31/12/2026")).is_none(),
-            "unknown dates are not proof of youth"
-        );
+        assert!(f.exclusion(&record("Live", "31/12/2026")).is_none(), "unknown dates are not proof of youth");
     }
 }

@@ -46,15 +46,7 @@ pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
             Fate::Ignored | Fate::DeadLetter { .. } => continue,
         };
         let slot = *index.entry(&record.key).or_insert_with(|| {
-            writes.push((
-                record.key.clone(),
-                KeyWrite {
-                    latest: i,
-                    name: None,
-                    insertable: false,
-                    processed: None,
-                },
-            ));
+            writes.push((record.key.clone(), KeyWrite { latest: i, name: None, insertable: false, processed: None }));
             writes.len() - 1
         });
         let w = &mut writes[slot].1;
@@ -79,26 +71,16 @@ pub struct Upsert {
 impl Upsert {
     pub async fn new(client: Arc<Client>, facts: SchemaFacts) -> Result<Self> {
         let (by_uen, by_name) = statements(facts.companies_has_industry);
-        let by_uen = client
-            .prepare(&by_uen)
-            .await
-            .map_err(|e| Error::db("upsert: preparing the uen upsert", e))?;
-        let by_name = client
-            .prepare(&by_name)
-            .await
-            .map_err(|e| Error::db("upsert: preparing the name/year upsert", e))?;
-        Ok(Upsert {
-            client,
-            by_uen,
-            by_name,
-        })
+        let by_uen = client.prepare(&by_uen).await.map_err(|e| Error::db("upsert: preparing the uen upsert", e))?;
+        let by_name =
+            client.prepare(&by_name).await.map_err(|e| Error::db("upsert: preparing the name/year upsert", e))?;
+        Ok(Upsert { client, by_uen, by_name })
     }
 
     async fn process(&self, mut batch: Batch) -> Result<Batch> {
         let writes = collapse(&batch);
-        let (uen_writes, name_writes): (Vec<_>, Vec<_>) = writes
-            .iter()
-            .partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
+        let (uen_writes, name_writes): (Vec<_>, Vec<_>) =
+            writes.iter().partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
         let (a, b) = futures::try_join!(
             self.execute(&self.by_uen, &batch, &uen_writes),
             self.execute(&self.by_name, &batch, &name_writes)
@@ -129,17 +111,7 @@ impl Upsert {
             return Ok(Vec::new());
         }
         let n = writes.len();
-        let (
-            mut ords,
-            mut uens,
-            mut names,
-            mut codes,
-            mut descs,
-            mut years,
-            mut statuses,
-            mut insertable,
-            mut want,
-        ) = (
+        let (mut ords, mut uens, mut names, mut codes, mut descs, mut years, mut statuses, mut insertable, mut want) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -151,10 +123,7 @@ impl Upsert {
             Vec::with_capacity(n),
         );
         for (_, w) in writes {
-            let r = batch.events[w.latest]
-                .record
-                .as_ref()
-                .expect("collapse only keeps events with a record");
+            let r = batch.events[w.latest].record.as_ref().expect("collapse only keeps events with a record");
             ords.push(w.processed.unwrap_or(w.latest) as i32);
             uens.push(r.uen.as_deref());
             names.push(w.name.as_deref());
@@ -167,20 +136,7 @@ impl Upsert {
         }
         let rows = self
             .client
-            .query(
-                stmt,
-                &[
-                    &ords,
-                    &uens,
-                    &names,
-                    &codes,
-                    &descs,
-                    &years,
-                    &statuses,
-                    &insertable,
-                    &want,
-                ],
-            )
+            .query(stmt, &[&ords, &uens, &names, &codes, &descs, &years, &statuses, &insertable, &want])
             .await
             .map_err(|e| Error::db(format!("upsert: writing {n} companies"), e))?;
         // Rows are (ord, uen, company_id): ord is set for companies that existed before the statement;
@@ -220,21 +176,13 @@ impl Operator for Upsert {
 /// The two upsert statements (by uen, by name and year), with or without the optional `industry` column.
 fn statements(with_industry: bool) -> (String, String) {
     let (ind_col, ind_val, ind_set) = if with_industry {
-        (
-            ", industry",
-            ", m.industry_norm",
-            ", industry = excluded.industry",
-        )
+        (", industry", ", m.industry_norm", ", industry = excluded.industry")
     } else {
         ("", "", "")
     };
     let ind_cmp_e = if with_industry { ", e.industry" } else { "" };
     let ind_cmp_c = if with_industry { ", c.industry" } else { "" };
-    let ind_upd = if with_industry {
-        ", industry = m.industry_norm"
-    } else {
-        ""
-    };
+    let ind_upd = if with_industry { ", industry = m.industry_norm" } else { "" };
     let input = "input as ( \
            select * from unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], \
                                 $7::text[], $8::bool[], $9::bool[]) \
@@ -323,17 +271,8 @@ mod tests {
     use crate::checkpoint::{Checkpoint, Cursor};
 
     fn event(id: i64, uen: &str, name: &str, fate: Fate) -> Event {
-        let row = StagingRow {
-            id,
-            uen: Some(uen.into()),
-            entity_name: Some(name.into()),
-            ..Default::default()
-        };
-        let mut e = Event::new(Change {
-            pos: Position { lsn: 1, seq: id },
-            op: Op::Insert,
-            row,
-        });
+        let row = StagingRow { id, uen: Some(uen.into()), entity_name: Some(name.into()), ..Default::default() };
+        let mut e = Event::new(Change { pos: Position { lsn: 1, seq: id }, op: Op::Insert, row });
         e.record = Some(crate::registry::map(&e.change.row, 2026).unwrap());
         e.fate = fate;
         e
@@ -347,10 +286,8 @@ mod tests {
                 event(2, "B2", "Beta", Fate::Filtered { reason: "x".into() }),
                 event(3, "A1", "na", Fate::Filtered { reason: "x".into() }),
             ],
-            checkpoint: Checkpoint {
-                cursor: Cursor::Id { last_id: 3 },
-                lsn: 1,
-            },
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 3 }, lsn: 1 },
+            ack_lsn: None,
         };
         let w = collapse(&batch);
         assert_eq!(w.len(), 2);
@@ -360,14 +297,6 @@ mod tests {
             KeyWrite { latest: 2, name: Some("Alpha".into()), insertable: true, processed: Some(0) },
             "the struck-off repeat's fields win, its missing name keeps the earlier one, the company may be created"
         );
-        assert_eq!(
-            w[1].1,
-            KeyWrite {
-                latest: 1,
-                name: Some("Beta".into()),
-                insertable: false,
-                processed: None
-            }
-        );
+        assert_eq!(w[1].1, KeyWrite { latest: 1, name: Some("Beta".into()), insertable: false, processed: None });
     }
 }

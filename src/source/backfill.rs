@@ -37,11 +37,7 @@ pub struct BackfillOptions {
 }
 
 /// Streams the table's rows as batches of changes. Stops early (without error) when `stop` turns true.
-pub fn stream(
-    client: Client,
-    opts: BackfillOptions,
-    mut stop: watch::Receiver<bool>,
-) -> BatchStream {
+pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<bool>) -> BatchStream {
     Box::pin(try_stream! {
         let db = |what: &'static str| move |e| Error::db(format!("backfill: {what}"), e);
         client.batch_execute("begin isolation level repeatable read read only").await.map_err(db("starting the snapshot"))?;
@@ -109,7 +105,7 @@ pub fn stream(
                 cursor = Cursor::Id { last_id: max.max(match cursor { Cursor::Id { last_id } => last_id, _ => 0 }) };
             }
             if n > 0 || exhausted {
-                yield Batch { events, checkpoint: Checkpoint { cursor: cursor.clone(), lsn } };
+                yield Batch { events, checkpoint: Checkpoint { cursor: cursor.clone(), lsn }, ack_lsn: None };
             }
             if exhausted || remaining == 0 {
                 break;

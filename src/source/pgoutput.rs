@@ -97,9 +97,7 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 fn err<T>(message: impl Into<String>) -> Result<T, DecodeError> {
-    Err(DecodeError {
-        message: message.into(),
-    })
+    Err(DecodeError { message: message.into() })
 }
 
 /// Decodes one message (the payload of an XLogData frame).
@@ -118,10 +116,7 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             end_lsn: r.u64("Commit.end_lsn")?,
             commit_time: r.i64("Commit.timestamp")?,
         },
-        b'O' => Message::Origin {
-            commit_lsn: r.u64("Origin.lsn")?,
-            name: r.cstr("Origin.name")?,
-        },
+        b'O' => Message::Origin { commit_lsn: r.u64("Origin.lsn")?, name: r.cstr("Origin.name")? },
         b'R' => {
             let id = r.u32("Relation.id")?;
             let namespace = r.cstr("Relation.namespace")?;
@@ -140,31 +135,16 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                     type_modifier: r.i32("Relation.column.typmod")?,
                 });
             }
-            Message::Relation(Relation {
-                id,
-                namespace,
-                name,
-                replica_identity,
-                columns,
-            })
+            Message::Relation(Relation { id, namespace, name, replica_identity, columns })
         }
-        b'Y' => Message::Type {
-            id: r.u32("Type.id")?,
-            namespace: r.cstr("Type.namespace")?,
-            name: r.cstr("Type.name")?,
-        },
+        b'Y' => {
+            Message::Type { id: r.u32("Type.id")?, namespace: r.cstr("Type.namespace")?, name: r.cstr("Type.name")? }
+        }
         b'I' => {
             let relation = r.u32("Insert.relation")?;
             match r.u8("Insert.tuple_kind")? {
-                b'N' => Message::Insert {
-                    relation,
-                    new: r.tuple()?,
-                },
-                k => {
-                    return err(format!(
-                        "Insert: expected 'N' before the new tuple, got {k:#04x}"
-                    ))
-                }
+                b'N' => Message::Insert { relation, new: r.tuple()? },
+                k => return err(format!("Insert: expected 'N' before the new tuple, got {k:#04x}")),
             }
         }
         b'U' => {
@@ -176,23 +156,14 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
                 kind = r.u8("Update.tuple_kind")?;
             }
             if kind != b'N' {
-                return err(format!(
-                    "Update: expected 'N' before the new tuple, got {kind:#04x}"
-                ));
+                return err(format!("Update: expected 'N' before the new tuple, got {kind:#04x}"));
             }
-            Message::Update {
-                relation,
-                old,
-                new: r.tuple()?,
-            }
+            Message::Update { relation, old, new: r.tuple()? }
         }
         b'D' => {
             let relation = r.u32("Delete.relation")?;
             match r.u8("Delete.tuple_kind")? {
-                b'K' | b'O' => Message::Delete {
-                    relation,
-                    old: r.tuple()?,
-                },
+                b'K' | b'O' => Message::Delete { relation, old: r.tuple()? },
                 k => return err(format!("Delete: expected 'K' or 'O', got {k:#04x}")),
             }
         }
@@ -216,21 +187,12 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
             if len < 0 {
                 return err(format!("Message: negative content length {len}"));
             }
-            Message::Message {
-                flags,
-                lsn,
-                prefix,
-                content: r.bytes(len as usize, "Message.content")?.to_vec(),
-            }
+            Message::Message { flags, lsn, prefix, content: r.bytes(len as usize, "Message.content")?.to_vec() }
         }
         other => return err(format!("unknown message type {other:#04x}")),
     };
     if r.remaining() != 0 {
-        return err(format!(
-            "{} trailing bytes after a {} message",
-            r.remaining(),
-            tag as char
-        ));
+        return err(format!("{} trailing bytes after a {} message", r.remaining(), tag as char));
     }
     Ok(msg)
 }
@@ -247,10 +209,7 @@ impl<'a> Reader<'a> {
 
     fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
         if n > self.remaining() {
-            return err(format!(
-                "{what}: needs {n} bytes, {} left",
-                self.remaining()
-            ));
+            return err(format!("{what}: needs {n} bytes, {} left", self.remaining()));
         }
         let out = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -288,9 +247,7 @@ impl<'a> Reader<'a> {
         let Some(end) = rest.iter().position(|b| *b == 0) else {
             return err(format!("{what}: string is not NUL-terminated"));
         };
-        let s = std::str::from_utf8(&rest[..end]).map_err(|_| DecodeError {
-            message: format!("{what}: not UTF-8"),
-        })?;
+        let s = std::str::from_utf8(&rest[..end]).map_err(|_| DecodeError { message: format!("{what}: not UTF-8") })?;
         self.pos += end + 1;
         Ok(s.to_owned())
     }
@@ -314,11 +271,7 @@ impl<'a> Reader<'a> {
                     if kind == b't' {
                         match std::str::from_utf8(raw) {
                             Ok(s) => Value::Text(s.to_owned()),
-                            Err(_) => {
-                                return err(format!(
-                                    "TupleData column {i}: text value is not UTF-8"
-                                ))
-                            }
+                            Err(_) => return err(format!("TupleData column {i}: text value is not UTF-8")),
                         }
                     } else {
                         Value::Binary(raw.to_vec())
@@ -398,87 +351,26 @@ pub mod tests {
 
     #[test]
     fn decodes_every_message_kind() {
-        let begin = Builder::default()
-            .tag(b'B')
-            .u64(0x1_0000_0010)
-            .u64(7)
-            .u32(42)
-            .0;
-        assert_eq!(
-            decode(&begin).unwrap(),
-            Message::Begin {
-                final_lsn: 0x1_0000_0010,
-                commit_time: 7,
-                xid: 42
-            }
-        );
+        let begin = Builder::default().tag(b'B').u64(0x1_0000_0010).u64(7).u32(42).0;
+        assert_eq!(decode(&begin).unwrap(), Message::Begin { final_lsn: 0x1_0000_0010, commit_time: 7, xid: 42 });
         let commit = Builder::default().tag(b'C').u8(0).u64(10).u64(20).u64(30).0;
         assert_eq!(
             decode(&commit).unwrap(),
-            Message::Commit {
-                flags: 0,
-                commit_lsn: 10,
-                end_lsn: 20,
-                commit_time: 30
-            }
+            Message::Commit { flags: 0, commit_lsn: 10, end_lsn: 20, commit_time: 30 }
         );
         let origin = Builder::default().tag(b'O').u64(5).cstr("upstream").0;
-        assert_eq!(
-            decode(&origin).unwrap(),
-            Message::Origin {
-                commit_lsn: 5,
-                name: "upstream".into()
-            }
-        );
-        let Message::Relation(rel) = decode(&relation()).unwrap() else {
-            panic!()
-        };
+        assert_eq!(decode(&origin).unwrap(), Message::Origin { commit_lsn: 5, name: "upstream".into() });
+        let Message::Relation(rel) = decode(&relation()).unwrap() else { panic!() };
         assert_eq!(rel.name, "staging_acra_companies");
-        assert_eq!(
-            rel.columns
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>(),
-            ["id", "uen"]
-        );
-        let ty = Builder::default()
-            .tag(b'Y')
-            .u32(99)
-            .cstr("public")
-            .cstr("mood")
-            .0;
-        assert_eq!(
-            decode(&ty).unwrap(),
-            Message::Type {
-                id: 99,
-                namespace: "public".into(),
-                name: "mood".into()
-            }
-        );
-        let insert = Builder::default()
-            .tag(b'I')
-            .u32(16384)
-            .u8(b'N')
-            .i16(2)
-            .text("1")
-            .text("201908808K")
-            .0;
+        assert_eq!(rel.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["id", "uen"]);
+        let ty = Builder::default().tag(b'Y').u32(99).cstr("public").cstr("mood").0;
+        assert_eq!(decode(&ty).unwrap(), Message::Type { id: 99, namespace: "public".into(), name: "mood".into() });
+        let insert = Builder::default().tag(b'I').u32(16384).u8(b'N').i16(2).text("1").text("201908808K").0;
         assert_eq!(
             decode(&insert).unwrap(),
-            Message::Insert {
-                relation: 16384,
-                new: vec![Value::Text("1".into()), Value::Text("201908808K".into())]
-            }
+            Message::Insert { relation: 16384, new: vec![Value::Text("1".into()), Value::Text("201908808K".into())] }
         );
-        let update = Builder::default()
-            .tag(b'U')
-            .u32(16384)
-            .u8(b'N')
-            .i16(3)
-            .text("1")
-            .u8(b'u')
-            .u8(b'n')
-            .0;
+        let update = Builder::default().tag(b'U').u32(16384).u8(b'N').i16(3).text("1").u8(b'u').u8(b'n').0;
         assert_eq!(
             decode(&update).unwrap(),
             Message::Update {
@@ -487,77 +379,27 @@ pub mod tests {
                 new: vec![Value::Text("1".into()), Value::Unchanged, Value::Null]
             }
         );
-        let update_k = Builder::default()
-            .tag(b'U')
-            .u32(1)
-            .u8(b'K')
-            .i16(1)
-            .text("1")
-            .u8(b'N')
-            .i16(1)
-            .text("2")
-            .0;
-        let Message::Update { old: Some(old), .. } = decode(&update_k).unwrap() else {
-            panic!()
-        };
+        let update_k = Builder::default().tag(b'U').u32(1).u8(b'K').i16(1).text("1").u8(b'N').i16(1).text("2").0;
+        let Message::Update { old: Some(old), .. } = decode(&update_k).unwrap() else { panic!() };
         assert_eq!(old, vec![Value::Text("1".into())]);
-        let delete = Builder::default()
-            .tag(b'D')
-            .u32(1)
-            .u8(b'K')
-            .i16(1)
-            .text("9")
-            .0;
-        assert_eq!(
-            decode(&delete).unwrap(),
-            Message::Delete {
-                relation: 1,
-                old: vec![Value::Text("9".into())]
-            }
-        );
+        let delete = Builder::default().tag(b'D').u32(1).u8(b'K').i16(1).text("9").0;
+        assert_eq!(decode(&delete).unwrap(), Message::Delete { relation: 1, old: vec![Value::Text("9".into())] });
         let truncate = Builder::default().tag(b'T').i32(2).u8(1).u32(1).u32(2).0;
-        assert_eq!(
-            decode(&truncate).unwrap(),
-            Message::Truncate {
-                options: 1,
-                relations: vec![1, 2]
-            }
-        );
-        let mut message = Builder::default()
-            .tag(b'M')
-            .u8(1)
-            .u64(77)
-            .cstr("acraflow")
-            .i32(2)
-            .0;
+        assert_eq!(decode(&truncate).unwrap(), Message::Truncate { options: 1, relations: vec![1, 2] });
+        let mut message = Builder::default().tag(b'M').u8(1).u64(77).cstr("acraflow").i32(2).0;
         message.extend_from_slice(b"hi");
         assert_eq!(
             decode(&message).unwrap(),
-            Message::Message {
-                flags: 1,
-                lsn: 77,
-                prefix: "acraflow".into(),
-                content: b"hi".to_vec()
-            }
+            Message::Message { flags: 1, lsn: 77, prefix: "acraflow".into(), content: b"hi".to_vec() }
         );
     }
 
     #[test]
     fn every_truncation_of_a_valid_message_is_an_error_not_a_panic() {
-        let insert = Builder::default()
-            .tag(b'I')
-            .u32(16384)
-            .u8(b'N')
-            .i16(2)
-            .text("1")
-            .text("201908808K")
-            .0;
+        let insert = Builder::default().tag(b'I').u32(16384).u8(b'N').i16(2).text("1").text("201908808K").0;
         for msg in [relation(), insert] {
             for len in 0..msg.len() {
-                assert!(
-                    decode(&msg[..len]).is_err(),
-                    "prefix of {len} bytes decoded"
-                );
+                assert!(decode(&msg[..len]).is_err(), "prefix of {len} bytes decoded");
             }
         }
     }
@@ -569,42 +411,13 @@ pub mod tests {
             vec![b'Z'],
             Builder::default().tag(b'I').u32(1).u8(b'X').0,
             Builder::default().tag(b'I').u32(1).u8(b'N').i16(-1).0,
-            Builder::default()
-                .tag(b'I')
-                .u32(1)
-                .u8(b'N')
-                .i16(1)
-                .u8(b't')
-                .i32(-5)
-                .0,
-            Builder::default()
-                .tag(b'I')
-                .u32(1)
-                .u8(b'N')
-                .i16(1)
-                .u8(b't')
-                .i32(i32::MAX)
-                .0,
+            Builder::default().tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(-5).0,
+            Builder::default().tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(i32::MAX).0,
             Builder::default().tag(b'I').u32(1).u8(b'N').i16(i16::MAX).0,
-            Builder::default()
-                .tag(b'I')
-                .u32(1)
-                .u8(b'N')
-                .i16(1)
-                .u8(b't')
-                .i32(2)
-                .u8(0xff)
-                .u8(0xfe)
-                .0,
+            Builder::default().tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(2).u8(0xff).u8(0xfe).0,
             Builder::default().tag(b'R').u32(1).cstr("public").0,
             Builder::default().tag(b'T').i32(i32::MAX).u8(0).0,
-            Builder::default()
-                .tag(b'M')
-                .u8(0)
-                .u64(1)
-                .cstr("p")
-                .i32(-1)
-                .0,
+            Builder::default().tag(b'M').u8(0).u64(1).cstr("p").i32(-1).0,
             Builder::default().tag(b'B').u64(1).u64(2).u32(3).u8(9).0,
         ];
         for case in cases {
