@@ -25,8 +25,11 @@ impl Database {
         if let Some(dsn) = cli.dsn.as_deref().filter(|d| !d.trim().is_empty()) {
             return Ok(Database { dsn: dsn.to_owned(), embedded: false, cluster: None });
         }
-        let opts =
-            ClusterOptions { home: cli.home.clone().unwrap_or_else(ClusterOptions::default_home), durable: true };
+        let opts = ClusterOptions {
+            home: cli.home.clone().unwrap_or_else(ClusterOptions::default_home),
+            durable: true,
+            port: None,
+        };
         let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts))
             .await
             .map_err(|e| Error::new(crate::ErrorKind::Embedded, format!("starting the private PostgreSQL: {e}")))??;

@@ -43,6 +43,8 @@ pub struct ClusterOptions {
     pub home: PathBuf,
     /// `fsync` and `full_page_writes` on. Tests turn it off: their clusters are disposable.
     pub durable: bool,
+    /// Listen on this port instead of a free one (to restart a server at the same address).
+    pub port: Option<u16>,
 }
 
 impl ClusterOptions {
@@ -95,7 +97,10 @@ impl Cluster {
             return Ok(Cluster { port, password, home, keeper: None });
         }
 
-        let port = free_port()?;
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let log_path = home.join("postgres.log");
         let log = fs::OpenOptions::new()
             .create(true)

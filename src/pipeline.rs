@@ -104,6 +104,7 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
     spec.validate()?;
     let control = db::connect(dsn).await?;
     let facts = db::schema_facts(&control).await?;
+    lock_checkpoint(&control, &spec.checkpoint_key).await?;
     let table = quote_table(&spec.source.table);
     let plan = match (mode, spec.source.kind) {
         (Mode::Stream, SourceKind::Replication) => plan_stream(&control, dsn, spec, &table).await?,
@@ -218,6 +219,33 @@ async fn drive(
         }
     }
     Ok((counters, last))
+}
+
+/// One engine per checkpoint: a session-level advisory lock, held by the run's control connection and
+/// released by Postgres when that connection ends (also when the process is killed). A lock still held by
+/// a connection that is closing (our own previous attempt) is waited for a few seconds.
+async fn lock_checkpoint(control: &tokio_postgres::Client, key: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let locked: bool = control
+            .query_one("select pg_try_advisory_lock(hashtextextended('acraflow.checkpoint.' || $1, 0))", &[&key])
+            .await
+            .map_err(|e| Error::db("taking the checkpoint lock", e))?
+            .get(0);
+        if locked {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(
+                crate::ErrorKind::Schema,
+                format!(
+                    "another acraflow is running with checkpoint key '{key}' on this database; stop it, or give \
+                     this one its own ACRA_DIRECT_CHECKPOINT_KEY (and ACRA_DIRECT_SLOT)"
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The backfill's start: an explicit setting, else the checkpoint, else the beginning.

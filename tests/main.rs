@@ -4,4 +4,5 @@ mod support;
 mod backfill;
 mod bad_input;
 mod cli;
+mod replication;
 mod schema;

@@ -13,9 +13,17 @@ static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
+        // Engine logs in the test output, filtered by RUST_LOG (off by default).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let home = std::env::temp_dir().join(format!("acraflow-test-{}", nix::unistd::geteuid()));
-        Cluster::start(&ClusterOptions { home, durable: false }).expect("starting the test PostgreSQL cluster")
+        Cluster::start(&ClusterOptions { home, durable: false, port: None })
+            .expect("starting the test PostgreSQL cluster")
     })
+}
+
+pub struct AttachedDb {
+    pub client: Client,
 }
 
 pub struct TestDb {
@@ -31,6 +39,11 @@ impl TestDb {
         let mut client = acraflow::db::connect(&db.dsn).await.unwrap();
         acraflow::db::migrate(&mut client).await.unwrap();
         db
+    }
+
+    /// A second connection to the same database (dropping it leaves the database alone).
+    pub async fn attach(other: &TestDb) -> AttachedDb {
+        AttachedDb { client: acraflow::db::connect(&other.dsn).await.unwrap() }
     }
 
     /// A fresh database with no tables at all.
@@ -91,7 +104,34 @@ impl TestDb {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        assert!(missing.is_empty(), "companies lacks rows the rules give: {}", show(&missing));
+        if let Some(uen) = missing.first().and_then(|r| r.get::<_, Option<String>>(0)) {
+            let staged = self
+                .client
+                .query("select id, entity_name, entity_status_description from staging_acra_companies where upper(btrim(uen)) = $1 order by id", &[&uen])
+                .await
+                .unwrap();
+            let staged: Vec<String> = staged
+                .iter()
+                .map(|r| {
+                    format!(
+                        "#{} {:?} {:?}",
+                        r.get::<_, i64>(0),
+                        r.get::<_, Option<String>>(1),
+                        r.get::<_, Option<String>>(2)
+                    )
+                })
+                .collect();
+            let company = self
+                .client
+                .query_opt("select name, status from companies where uen = $1", &[&uen])
+                .await
+                .unwrap()
+                .map(|r| format!("{:?} {:?}", r.get::<_, String>(0), r.get::<_, Option<String>>(1)));
+            panic!(
+                "companies lacks rows the rules give: {}\n  staging: {staged:?}\n  company: {company:?}",
+                show(&missing)
+            );
+        }
         assert!(extra.is_empty(), "companies has rows the rules do not give: {}", show(&extra));
         let expected = self.count("select count(*) from pg_temp.expected").await;
         assert_eq!(self.count("select count(*) from companies").await, expected, "duplicate companies");
@@ -116,6 +156,32 @@ impl Drop for TestDb {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 if let Ok(admin) = acraflow::db::connect(&dsn).await {
+                    // A database with a replication slot cannot be dropped; slots are cluster-wide.
+                    let _ = admin
+                        .execute(
+                            "select pg_terminate_backend(active_pid) from pg_replication_slots \
+                             where database = $1 and active_pid is not null",
+                            &[&name],
+                        )
+                        .await;
+                    for _ in 0..50 {
+                        let dropped = admin
+                            .execute(
+                                "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+                                 where database = $1 and not active",
+                                &[&name],
+                            )
+                            .await;
+                        let left = admin
+                            .query_one("select count(*) from pg_replication_slots where database = $1", &[&name])
+                            .await
+                            .map(|r| r.get::<_, i64>(0))
+                            .unwrap_or(0);
+                        if dropped.is_ok() && left == 0 {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
                     let _ = admin.batch_execute(&format!("drop database if exists {name} with (force)")).await;
                 }
             });
@@ -191,3 +257,101 @@ from latest l join created using (key) join named n using (key) left join ssic_r
 create or replace temp view actual as
 select uen, name, industry_code, industry_norm, incorporation_year, status from companies;
 "#;
+
+/// An engine running `acraflow run`'s pipeline in-process.
+pub struct Engine {
+    stop: tokio::sync::watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<acraflow::Result<RunSummary>>,
+}
+
+impl Engine {
+    /// SIGTERM, in effect: stop reading, commit what is in flight, acknowledge, return the summary.
+    pub async fn stop(self) -> RunSummary {
+        self.stop.send(true).unwrap();
+        self.handle.await.unwrap().expect("the engine failed")
+    }
+
+    pub async fn join(self) -> acraflow::Result<RunSummary> {
+        self.handle.await.unwrap()
+    }
+}
+
+impl TestDb {
+    /// Stream settings for this database: its own slot (slots are cluster-wide).
+    pub fn stream_overrides(&self) -> Overrides {
+        Overrides { slot: Some(self.name.clone()), ..Default::default() }
+    }
+
+    pub fn start_engine(&self, overrides: Overrides) -> Engine {
+        let mut spec = PipelineSpec::registry_sync();
+        spec.apply(&overrides);
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let dsn = self.dsn.clone();
+        let handle = tokio::spawn(async move {
+            acraflow::commands::supervise(&dsn, &spec, acraflow::pipeline::Mode::Stream, rx).await
+        });
+        Engine { stop, handle }
+    }
+
+    /// Waits until the slot has acknowledged all WAL written so far: every change is processed and committed.
+    pub async fn wait_caught_up(&self, timeout: Duration) {
+        let target: String = self.client.query_one("select pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+        let ok = wait_until(timeout, || async {
+            self.client
+                .query_opt(
+                    "select 1 from pg_replication_slots where slot_name = $1 and confirmed_flush_lsn >= $2::text::pg_lsn",
+                    &[&self.name, &target],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        })
+        .await;
+        let state: Option<String> = self
+            .client
+            .query_opt("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1", &[&self.name])
+            .await
+            .unwrap()
+            .and_then(|r| r.get(0));
+        assert!(ok, "slot {} did not catch up with {target} (confirmed {state:?})", self.name);
+    }
+
+    /// Waits until the engine streams (its slot is active).
+    pub async fn wait_streaming(&self, timeout: Duration) {
+        let ok = wait_until(timeout, || async {
+            self.count_opt(
+                "select count(*) from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
+                 where s.slot_name = current_database() and a.application_name = 'acraflow-replication'",
+            )
+            .await
+                == 1
+        })
+        .await;
+        assert!(ok, "the engine never started streaming");
+    }
+
+    async fn count_opt(&self, sql: &str) -> i64 {
+        self.client.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(0)
+    }
+
+    /// `acraflow run` as a separate process (for crash tests), with its own slot.
+    pub fn spawn_cli_run(&self, env: &[(&str, &str)]) -> std::process::Child {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
+        cmd.arg("run")
+            .env("POSTGRES_DSN", &self.dsn)
+            .env("ACRA_DIRECT_SLOT", &self.name)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    /// One history row per company, none for a company twice.
+    pub async fn assert_one_history_row_per_company(&self) {
+        let history = self.count("select count(*) from company_enrichment_runs").await;
+        assert_eq!(self.count("select count(distinct company_id) from company_enrichment_runs").await, history);
+        assert_eq!(self.count("select count(*) from companies").await, history, "a company without history");
+    }
+}

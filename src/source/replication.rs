@@ -472,7 +472,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> 
 /// Like [`slot_info`], but waits a few seconds for a slot that is still held by a session that is ending
 /// (our own, after a restart) to be released.
 pub async fn slot_info_when_free(client: &Client, slot: &str) -> Result<Option<SlotInfo>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let info = slot_info(client, slot).await?;
         match &info {
@@ -577,8 +577,8 @@ pub async fn create_slot(dsn: &str, slot: &str, publication: &str) -> Result<New
         status_interval: Duration::from_secs(1),
         resume_after: Position::default(),
     };
-    let mut session =
-        ReplicationClient::connect_gated(replication_config(&opts)?).await.map_err(wire("opening a session"))?;
+    let cfg = replication_config(&opts)?.with_application_name("acraflow-slot-setup");
+    let mut session = ReplicationClient::connect_gated(cfg).await.map_err(wire("opening a session"))?;
     let rows = session
         .simple_query(&format!("CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'export')"))
         .await
