@@ -7,7 +7,7 @@
 //! Both sides start from empty target tables, alternate `--repeat` times, and must produce the same
 //! `companies` (checked by a fingerprint), or the bench fails.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::resource::{getrusage, UsageWho};
 
@@ -167,4 +167,205 @@ pub fn ceiling_sql() -> String {
         excluded = excluded.join(", "),
         max_name = crate::registry::MAX_NAME_CHARS,
     )
+}
+
+/// `acraflow bench stream`: `acraflow run` (a child process, so its RSS is its own) against live writers.
+///
+/// 1. latency: one writer at a steady `rate` rows/s for `seconds`; each row's commit-to-visible latency is
+///    `companies.created_at` (the upsert's transaction start) minus the row's commit-time stamp;
+/// 2. sustained: `writers` connections insert `rows` rows (a third eligible, as in the registry) in
+///    transactions of `txn_rows` as fast as they can; the clock stops when a sentinel row written after them
+///    is visible in `companies` (changes are applied in commit order, so everything before it is too);
+/// 3. reference: a second slot, created before phase 2, is read over the same WAL by a bare client that only
+///    receives and decodes (the same pgoutput decoder), in this same run;
+/// 4. memory: one transaction of `big_txn` rows goes through; peak RSS is the engine's maximum over the run.
+pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Result<()> {
+    const DB: &str = "acraflow_bench_stream";
+    let admin = db::connect(admin_dsn).await?;
+    let _ = admin
+        .execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = $1", &[&DB])
+        .await;
+    for sql in [format!("drop database if exists {DB} with (force)"), format!("create database {DB}")] {
+        admin.batch_execute(&sql).await.map_err(|e| Error::db(format!("recreating {DB}"), e))?;
+    }
+    let dsn = db::with_dbname(admin_dsn, DB);
+    let mut client = db::connect(&dsn).await?;
+    db::migrate(&mut client).await?;
+
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
+    let mut engine = tokio::process::Command::new(exe)
+        .arg("run")
+        .env("POSTGRES_DSN", &dsn)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::io("starting acraflow run", e))?;
+    wait_for(&client, "select count(*) from pg_stat_activity where application_name = 'acraflow-replication'", 60)
+        .await?;
+
+    // 1. Latency at a steady rate (first, so it measures a steady state, not the wake of the burst below).
+    let tick = Duration::from_millis(10);
+    let per_tick = (args.rate as f64 * tick.as_secs_f64()).round().max(1.0) as i64;
+    let ticks = args.seconds * 1000 / tick.as_millis() as u64;
+    let mut interval = tokio::time::interval(tick);
+    for i in 0..ticks as i64 {
+        interval.tick().await;
+        insert(&client, "LAT_", i * per_tick, per_tick, false).await?;
+    }
+    insert(&client, "SENTINEL_", 0, 1, false).await?;
+    wait_for(&client, "select count(*) from companies where uen = 'SENTINEL_00000000'", 600).await?;
+    let rows = client
+        .query(
+            "select (extract(epoch from c.created_at - s.ingested_at) * 1e6)::bigint \
+             from staging_acra_companies s join companies c on c.uen = s.uen where s.uen like 'LAT\\_%'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db("reading latencies", e))?;
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| Error::new(ErrorKind::Data, e.to_string()))?;
+    for r in &rows {
+        let _ = hist.record(r.get::<_, i64>(0).max(0) as u64);
+    }
+
+    // 2. Sustained throughput. The reference slot sees exactly the WAL the engine's slot sees from here on.
+    client
+        .execute("select pg_create_logical_replication_slot('bench_raw', 'pgoutput')", &[])
+        .await
+        .map_err(|e| Error::db("creating the reference slot", e))?;
+    let per_writer = args.rows / u64::from(args.writers.max(1));
+    let t = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..args.writers.max(1) {
+        let dsn = dsn.clone();
+        let txn_rows = args.txn_rows.max(1);
+        writers.push(tokio::spawn(async move {
+            let c = db::connect(&dsn).await?;
+            let mut next = 0u64;
+            while next < per_writer {
+                let n = txn_rows.min(per_writer - next);
+                insert(&c, &format!("W{w}_"), next as i64, n as i64, true).await?;
+                next += n;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for w in writers {
+        w.await.map_err(|e| Error::new(ErrorKind::Io, format!("writer task: {e}")))??;
+    }
+    let written = t.elapsed().as_secs_f64();
+    insert(&client, "SENTINEL_", 1, 1, false).await?;
+    wait_for(&client, "select count(*) from companies where uen = 'SENTINEL_00000001'", 600).await?;
+    let sustained_secs = t.elapsed().as_secs_f64();
+    let total = per_writer * u64::from(args.writers.max(1));
+
+    // 3. Reference: receive and decode the same WAL, nothing else.
+    let (raw_rows, raw_secs) = raw_decode(&dsn, total + 1).await?;
+    client
+        .execute("select pg_drop_replication_slot('bench_raw')", &[])
+        .await
+        .map_err(|e| Error::db("dropping bench_raw", e))?;
+
+    // 4. One large transaction.
+    let t = Instant::now();
+    insert(&client, "BIG_", 0, args.big_txn as i64, true).await?;
+    insert(&client, "SENTINEL_", 2, 1, false).await?;
+    wait_for(&client, "select count(*) from companies where uen = 'SENTINEL_00000002'", 1800).await?;
+    let big_secs = t.elapsed().as_secs_f64();
+
+    if let Some(pid) = engine.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    let status = engine.wait().await.map_err(|e| Error::io("waiting for acraflow run", e))?;
+    let rss_mb = getrusage(UsageWho::RUSAGE_CHILDREN).map(|u| u.max_rss()).unwrap_or(0) as f64 / 1024.0;
+    // An idle slot left behind would pin WAL on this server.
+    let _ = client
+        .execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = $1", &[&DB])
+        .await;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!("bench stream: {} writers, {} rows in transactions of {}", args.writers, total, args.txn_rows);
+    println!("  writers alone            {:>10.0} rows/s", total as f64 / written);
+    println!(
+        "  pipeline sustained       {:>10.0} rows/s   (target >= 50000; written to visible)",
+        total as f64 / sustained_secs
+    );
+    println!("  receive+decode only      {:>10.0} rows/s   (same WAL, bare client)", raw_rows as f64 / raw_secs);
+    println!("  pipeline / raw           {:>10.2}", (total as f64 / sustained_secs) / (raw_rows as f64 / raw_secs));
+    println!(
+        "  latency at {} rows/s    p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} rows; target p99 <= 100 ms)",
+        args.rate,
+        ms(0.50),
+        ms(0.95),
+        ms(0.99),
+        hist.max() as f64 / 1000.0,
+        hist.len()
+    );
+    println!(
+        "  {}-row transaction      {:>10.1} s     ({:.0} rows/s)",
+        args.big_txn,
+        big_secs,
+        args.big_txn as f64 / big_secs
+    );
+    println!("  engine peak RSS          {:>10.1} MB    (target <= 100, over the whole run)", rss_mb);
+    println!("  engine exit              {status}");
+    Ok(())
+}
+
+/// Inserts `n` staging rows `{prefix}{from..}` in one statement (one transaction), stamped at commit time.
+/// `mixed`: a third of them eligible, as in the registry (about 618k live of 1.8M); otherwise all eligible.
+async fn insert(c: &tokio_postgres::Client, prefix: &str, from: i64, n: i64, mixed: bool) -> Result<()> {
+    c.execute(
+        "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
+           registration_incorporation_date, primary_ssic_code, primary_ssic_description, ingested_at) \
+         select $1 || lpad(g::text, 8, '0'), 'BENCH CO ' || g || ' PTE. LTD.', \
+           case when not $4 or g % 3 = 0 then 'Live Company' else 'Struck Off' end, '2016-05-17', '62011', 'na', \
+           clock_timestamp() \
+         from generate_series($2::bigint, $2 + $3 - 1) g",
+        &[&prefix, &from, &n, &mixed],
+    )
+    .await
+    .map_err(|e| Error::db("bench writer", e))?;
+    Ok(())
+}
+
+async fn wait_for(c: &tokio_postgres::Client, count_sql: &str, seconds: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let n: i64 = c.query_one(count_sql, &[]).await.map_err(|e| Error::db("bench poll", e))?.get(0);
+        if n > 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(ErrorKind::Io, format!("timed out after {seconds}s waiting for: {count_sql}")));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads slot `bench_raw`, decoding every message, until `expected` inserts were seen; returns (rows, seconds).
+async fn raw_decode(dsn: &str, expected: u64) -> Result<(u64, f64)> {
+    use pgwire_replication::{ReplicationClient, ReplicationEvent};
+    let cfg = crate::source::replication::connection_config(
+        dsn,
+        "bench_raw",
+        crate::config::DEFAULT_PUBLICATION,
+        Duration::from_secs(1),
+    )?;
+    let t = Instant::now();
+    let mut client = ReplicationClient::connect(cfg)
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Connect, "bench: reference replication client", e))?;
+    let mut rows = 0u64;
+    while rows < expected {
+        let event = client.recv().await.map_err(|e| Error::with_source(ErrorKind::Connect, "bench: receiving", e))?;
+        let Some(event) = event else { break };
+        if let ReplicationEvent::XLogData { data, .. } = event {
+            if let Ok(crate::source::pgoutput::Message::Insert { .. }) = crate::source::pgoutput::decode(&data) {
+                rows += 1;
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = client.shutdown().await;
+    Ok((rows, secs))
 }

@@ -166,6 +166,31 @@ pub struct StatusArgs {
 pub enum BenchCommand {
     /// Registry pipeline throughput vs. the set-based ceiling (one INSERT ... SELECT ... ON CONFLICT).
     Backfill(BenchBackfillArgs),
+    /// `acraflow run` under concurrent writers: sustained rows/s, commit-to-visible latency, RSS through a
+    /// large transaction, against the raw receive-and-decode rate of the same WAL.
+    Stream(BenchStreamArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchStreamArgs {
+    /// Rows written by the concurrent writers for the sustained-throughput phase.
+    #[arg(long, default_value_t = 500_000)]
+    pub rows: u64,
+    /// Concurrent writer connections.
+    #[arg(long, default_value_t = 2)]
+    pub writers: u32,
+    /// Rows per writer transaction in the throughput phase.
+    #[arg(long, default_value_t = 1_000)]
+    pub txn_rows: u64,
+    /// Steady write rate for the latency phase (rows/s).
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u64,
+    /// Length of the latency phase, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub seconds: u64,
+    /// Rows in the one large transaction (memory phase).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub big_txn: u64,
 }
 
 #[derive(Debug, Args)]

@@ -74,6 +74,7 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         Command::Demo(args) => demo(database, args).await,
         Command::Status(args) => status(dsn, args).await,
         Command::Bench(BenchCommand::Backfill(args)) => crate::bench::backfill(dsn, args).await,
+        Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream(dsn, args).await,
     }
 }
 
@@ -229,6 +230,12 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
                   filtered, skipped, failed, dead_lettered, error from enrichment_runs order by run_id desc limit 5")
     .await?;
     let dead = q("select stage, count(*) from dead_letters group by stage order by stage").await?;
+    let slots =
+        q("select slot_name::text, active, coalesce(wal_status, ''), coalesce(confirmed_flush_lsn::text, ''), \
+                     coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, 0) \
+                   from pg_replication_slots where database = current_database() and plugin = 'pgoutput' \
+                   order by slot_name")
+        .await?;
     let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
                     (select count(*) from company_enrichment_runs)")
     .await?;
@@ -248,6 +255,10 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
                 "rows_in": r.get::<_, i64>(6), "processed": r.get::<_, i64>(7), "filtered": r.get::<_, i64>(8),
                 "skipped": r.get::<_, i64>(9), "failed": r.get::<_, i64>(10), "dead_lettered": r.get::<_, i64>(11),
                 "error": r.get::<_, Option<String>>(12),
+            })).collect::<Vec<_>>(),
+            "slots": slots.iter().map(|r| serde_json::json!({
+                "slot": r.get::<_, String>(0), "active": r.get::<_, bool>(1), "wal_status": r.get::<_, String>(2),
+                "confirmed_flush_lsn": r.get::<_, String>(3), "lag_bytes": r.get::<_, i64>(4),
             })).collect::<Vec<_>>(),
             "dead_letters": dead.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<std::collections::BTreeMap<_, _>>(),
         });
@@ -273,6 +284,20 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
             _ => format!("after id {}", r.get::<_, Option<i64>>(2).unwrap_or(0)),
         };
         println!("  {:<16} {:<36} updated {}", r.get::<_, String>(0), at, r.get::<_, String>(6));
+    }
+    println!("\nreplication slots");
+    if slots.is_empty() {
+        println!("  none (`acraflow run` creates one)");
+    }
+    for r in &slots {
+        println!(
+            "  {:<16} {:<8} confirmed {:<14} lag {:>12} bytes  wal {}",
+            r.get::<_, String>(0),
+            if r.get::<_, bool>(1) { "active" } else { "idle" },
+            r.get::<_, String>(3),
+            r.get::<_, i64>(4),
+            r.get::<_, String>(2)
+        );
     }
     println!("\nrecent runs");
     for r in &runs {

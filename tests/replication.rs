@@ -262,6 +262,12 @@ async fn heavy_writes_elsewhere_advance_an_idle_slot() {
         ))
         .await;
     assert!(lag < 1_000_000, "slot still pins {lag} bytes of WAL (confirmed was {before} before)");
+    // `acraflow status` reports the slot and its lag.
+    let out = db.cli(&["status", "--json"], &[]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["slots"][0]["slot"], db.name.as_str());
+    assert_eq!(v["slots"][0]["active"], true);
+    assert!(v["slots"][0]["lag_bytes"].as_i64().unwrap() < 1_000_000, "{v}");
     engine.stop().await;
 }
 

@@ -407,9 +407,18 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Connection settings for the replication protocol, from the same DSN the engine uses.
 fn replication_config(opts: &ReplicationOptions) -> Result<ReplicationConfig> {
-    let c: Config = opts.dsn.parse().map_err(|e| Error::with_source(ErrorKind::Config, "POSTGRES_DSN", e))?;
+    connection_config(&opts.dsn, &opts.slot, &opts.publication, opts.status_interval)
+}
+
+/// Connection settings for the replication protocol, from the same DSN the engine uses.
+pub fn connection_config(
+    dsn: &str,
+    slot: &str,
+    publication: &str,
+    status_interval: Duration,
+) -> Result<ReplicationConfig> {
+    let c: Config = dsn.parse().map_err(|e| Error::with_source(ErrorKind::Config, "POSTGRES_DSN", e))?;
     let host = match c.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -418,10 +427,10 @@ fn replication_config(opts: &ReplicationOptions) -> Result<ReplicationConfig> {
     let user = c.get_user().unwrap_or("postgres").to_owned();
     let password = c.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
     let database = c.get_dbname().unwrap_or(&user).to_owned();
-    Ok(ReplicationConfig::new(host, user, password, database, opts.slot.clone(), opts.publication.clone())
+    Ok(ReplicationConfig::new(host, user, password, database, slot.to_owned(), publication.to_owned())
         .with_port(c.get_ports().first().copied().unwrap_or(5432))
-        .with_status_interval(opts.status_interval)
-        .with_wakeup_interval(opts.status_interval)
+        .with_status_interval(status_interval)
+        .with_wakeup_interval(status_interval)
         .with_buffer_size(4096)
         .with_max_message_size(64 * 1024 * 1024)
         .with_application_name("acraflow-replication"))
