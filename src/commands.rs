@@ -93,7 +93,12 @@ async fn run_pipeline(database: &Database, args: &RunArgs, mode: Mode) -> Result
     if database.embedded {
         db::migrate(&mut db::connect(&database.dsn).await?).await?;
     }
-    let summary = supervise(&database.dsn, &spec, mode, shutdown_signal()).await?;
+    // A backfill fails fast (the connection itself retries briefly); the long-running stream rides out
+    // outages within its reconnect budget.
+    let summary = match mode {
+        Mode::Backfill => pipeline::run(&database.dsn, &spec, mode, shutdown_signal()).await?,
+        Mode::Stream => supervise(&database.dsn, &spec, mode, shutdown_signal()).await?,
+    };
     println!("{summary}");
     Ok(())
 }

@@ -47,6 +47,24 @@ fn unreachable_database_exits_non_zero_naming_it_without_the_password() {
 }
 
 #[test]
+fn run_gives_up_after_its_reconnect_budget_with_the_cause() {
+    let started = std::time::Instant::now();
+    let out = acraflow()
+        .arg("run")
+        .env("POSTGRES_DSN", "host=127.0.0.1 port=1 user=ops password=hunter2secret dbname=crm connect_timeout=1")
+        .env("ACRA_DIRECT_RECONNECT_BUDGET", "2s")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gave up after 2s of reconnecting"), "{stderr}");
+    assert!(stderr.contains("connecting to ops@127.0.0.1:1/crm"), "{stderr}");
+    assert!(!stderr.contains("hunter2secret"), "the password leaked: {stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[test]
 fn bad_settings_are_named() {
     let out = acraflow()
         .arg("backfill")

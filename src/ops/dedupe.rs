@@ -18,12 +18,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use futures::TryStreamExt;
 use tokio_postgres::Client;
 
 use crate::change::{Batch, Fate};
 use crate::error::{Error, Result};
-use crate::ops::{BatchStream, Operator};
+use crate::ops::{per_batch, BatchStream, Operator};
 use crate::registry::CompanyKey;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,11 +174,7 @@ impl Dedupe {
 
 impl Operator for Dedupe {
     fn apply(self: Box<Self>, input: BatchStream) -> BatchStream {
-        let this = Arc::new(*self);
-        Box::pin(input.and_then(move |batch| {
-            let this = Arc::clone(&this);
-            async move { this.process(batch).await }
-        }))
+        per_batch(*self, input, |op, batch| async move { op.process(batch).await })
     }
 }
 

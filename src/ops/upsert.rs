@@ -12,13 +12,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use tokio_postgres::{Client, Statement};
 
 use crate::change::{Batch, Fate};
 use crate::db::SchemaFacts;
 use crate::error::{Error, Result};
-use crate::ops::{BatchStream, Operator};
+use crate::ops::{per_batch, BatchStream, Operator};
 use crate::registry::CompanyKey;
 
 /// The write for one company key, collapsed from every change to it in the batch.
@@ -165,11 +164,7 @@ impl Upsert {
 
 impl Operator for Upsert {
     fn apply(self: Box<Self>, input: BatchStream) -> BatchStream {
-        let this = Arc::new(*self);
-        Box::pin(input.and_then(move |batch| {
-            let this = Arc::clone(&this);
-            async move { this.process(batch).await }
-        }))
+        per_batch(*self, input, |op, batch| async move { op.process(batch).await })
     }
 }
 
