@@ -164,3 +164,22 @@ async fn bench_pipeline_and_set_based_ceiling_agree() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ratio") && stdout.contains("peak RSS"), "{stdout}");
 }
+
+/// The PRD's environment names reach the engine: start after an id, stop after a number of rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_and_limit_environment_variables_drive_the_backfill() {
+    let db = TestDb::new().await;
+    db.seed(300, 6).await;
+    let out = db.cli(&["backfill"], &[("ACRA_DIRECT_START_AFTER_ID", "200"), ("ACRA_DIRECT_BATCH_LIMIT", "50")]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows_in: i64 = db.client.query_one("select rows_in from enrichment_runs", &[]).await.unwrap().get(0);
+    assert_eq!(rows_in, 50);
+    assert_eq!(db.count("select last_id from service_progress where key = 'acra_direct'").await, 250);
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where staging_id <= 200 or staging_id > 250").await,
+        0
+    );
+    let out = db.cli(&["backfill"], &[("ACRA_DIRECT_FORCE", "true"), ("ENRICH_RECHECK_DAYS", "abc")]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("abc"), "the bad value is named");
+}
