@@ -3,16 +3,17 @@
 //!
 //! - [`change`]: the one event type every operator sees (staging row + source position) and its batches
 //! - [`registry`]: PRD 20's mapping rules, staging row -> company record (pure)
-//! - [`source`]: where changes come from ([`source::backfill`]: the table replayed in one snapshot)
+//! - [`source`]: where changes come from: [`source::backfill`] (the table replayed in one snapshot),
+//!   [`source::replication`] (the slot's stream, acknowledged only after commit), [`source::pgoutput`] (its decoder)
 //! - [`ops`]: the operators (filter, dedupe, upsert), each a `Stream` adapter over batches
 //! - [`sink`]: the transactional Postgres sink (history, dead letters and checkpoint in one transaction)
 //! - [`checkpoint`]: where the engine's position lives and how it advances
-//! - [`pipeline`]: pipeline file -> stream graph; run to the end or to a shutdown
+//! - [`pipeline`]: pipeline file -> stream graph; backfill, or hand-over to the stream; run to the end or a shutdown
 //! - [`config`]: pipeline files, the env overlay and validation
 //! - [`db`]: connections, migrations, schema facts
 //! - [`embedded`]: the private PostgreSQL used when `POSTGRES_DSN` is unset
 //! - [`seed`]: ACRA-shaped sample rows from real reference data
-//! - [`bench`]: throughput benchmarks with a same-run reference
+//! - [`mod@bench`]: throughput benchmarks with a same-run reference
 //! - [`commands`]: what each CLI command does; [`cli`]: its flags; [`telemetry`]: logging
 //! - [`error`]: the one error type
 
