@@ -92,11 +92,15 @@ enum SourcePlan {
         start: Cursor,
         lsn: Option<u64>,
         new_slot: Option<NewSlot>,
-        resume_after: Position,
+        stream: StreamFrom,
     },
-    Stream {
-        resume_after: Position,
-    },
+    Stream(StreamFrom),
+}
+
+/// Where a stream starts, and the staging table's unquoted (schema, name) to recognise its Relation messages.
+struct StreamFrom {
+    resume_after: Position,
+    relation: (String, String),
 }
 
 /// Runs `spec` against the database at `dsn` until the source ends or `stop` turns true.
@@ -275,9 +279,9 @@ async fn plan_stream(
     spec: &PipelineSpec,
     table: &str,
 ) -> Result<SourcePlan> {
-    let (schema, name) = split_table(control, &spec.source.table).await?;
+    let relation = split_table(control, &spec.source.table).await?;
     let src = &spec.source;
-    replication::ensure_publication(control, &src.publication, table, &schema, &name).await?;
+    replication::ensure_publication(control, &src.publication, table, &relation.0, &relation.1).await?;
     let slot = replication::slot_info_when_free(control, &src.slot).await?;
     let checkpoint = checkpoint::load(control, &spec.checkpoint_key).await?;
     Ok(match (slot, checkpoint) {
@@ -286,7 +290,7 @@ async fn plan_stream(
             if src.start_after_id.is_some() || src.start_from_uen.is_some() {
                 tracing::warn!("ACRA_DIRECT_START_AFTER_ID/START_FROM_UEN apply to backfills; the stream resumes from its checkpoint");
             }
-            SourcePlan::Stream { resume_after: Position { lsn, seq } }
+            SourcePlan::Stream(StreamFrom { resume_after: Position { lsn, seq }, relation })
         }
         (Some(info), checkpoint) => {
             // The slot exists but the initial backfill did not finish: finish it (in a fresh snapshot), then
@@ -297,7 +301,12 @@ async fn plan_stream(
                 Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
                 None => backfill_start(control, spec).await?,
             };
-            SourcePlan::Handover { start, lsn, new_slot: None, resume_after: Position::default() }
+            SourcePlan::Handover {
+                start,
+                lsn,
+                new_slot: None,
+                stream: StreamFrom { resume_after: Position::default(), relation },
+            }
         }
         (None, Some(Checkpoint { cursor: Cursor::Lsn { lsn, .. }, .. })) => {
             return Err(Error::new(
@@ -322,7 +331,7 @@ async fn plan_stream(
             };
             let lsn = Some(new_slot.consistent_point);
             let resume_after = Position { lsn: new_slot.consistent_point, seq: 0 };
-            SourcePlan::Handover { start, lsn, new_slot: Some(new_slot), resume_after }
+            SourcePlan::Handover { start, lsn, new_slot: Some(new_slot), stream: StreamFrom { resume_after, relation } }
         }
     })
 }
@@ -356,47 +365,29 @@ async fn build_source(
         limit: spec.source.batch_limit,
         snapshot,
     };
-    let (schema, name) = match spec.source.table.split_once('.') {
-        Some((s, n)) => (s.to_owned(), n.to_owned()),
-        None => (String::new(), spec.source.table.clone()),
-    };
-    let stream_opts = |resume_after: Position| -> Result<replication::ReplicationOptions> {
-        Ok(replication::ReplicationOptions {
-            dsn: dsn.to_owned(),
-            slot: spec.source.slot.clone(),
-            publication: spec.source.publication.clone(),
-            schema: schema.clone(),
-            table: name.clone(),
-            quoted_table: table.to_owned(),
-            batch_size: spec.source.batch_size,
-            batch_deadline: spec.source.batch_deadline,
-            status_interval: spec.source.status_interval,
-            resume_after,
-        })
+    let stream_opts = |from: StreamFrom| replication::ReplicationOptions {
+        dsn: dsn.to_owned(),
+        slot: spec.source.slot.clone(),
+        publication: spec.source.publication.clone(),
+        schema: from.relation.0,
+        table: from.relation.1,
+        quoted_table: table.to_owned(),
+        batch_size: spec.source.batch_size,
+        batch_deadline: spec.source.batch_deadline,
+        status_interval: spec.source.status_interval,
+        resume_after: from.resume_after,
     };
     Ok(match plan {
         SourcePlan::Backfill { start, lsn } => {
             backfill::stream(db::connect(dsn).await?, backfill_opts(start, lsn, None), stop)
         }
-        SourcePlan::Stream { resume_after } => {
-            replication::stream(with_schema(stream_opts(resume_after)?, dsn).await?, progress, stop)
-        }
-        SourcePlan::Handover { start, lsn, new_slot, resume_after } => {
+        SourcePlan::Stream(from) => replication::stream(stream_opts(from), progress, stop),
+        SourcePlan::Handover { start, lsn, new_slot, stream } => {
             let snapshot = new_slot.as_ref().map(|s| s.snapshot.clone());
             let first = backfill::stream(db::connect(dsn).await?, backfill_opts(start, lsn, snapshot), stop.clone());
-            let then = with_schema(stream_opts(resume_after)?, dsn).await?;
-            handover(first, new_slot, then, progress, stop)
+            handover(first, new_slot, stream_opts(stream), progress, stop)
         }
     })
-}
-
-/// Fills in the default schema of the staging table for matching Relation messages.
-async fn with_schema(mut opts: replication::ReplicationOptions, dsn: &str) -> Result<replication::ReplicationOptions> {
-    if opts.schema.is_empty() {
-        let client = db::connect(dsn).await?;
-        opts.schema = split_table(&client, &opts.table).await?.0;
-    }
-    Ok(opts)
 }
 
 /// The backfill, then the stream. The new slot's session (whose exported snapshot the backfill reads in)
