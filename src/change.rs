@@ -9,6 +9,7 @@ use std::fmt;
 
 use crate::checkpoint::Checkpoint;
 use crate::ops::dedupe::Claim;
+use crate::ops::enrich::Enrichment;
 use crate::registry::CompanyRecord;
 
 /// Where a change came from, totally ordered.
@@ -110,6 +111,9 @@ pub enum Fate {
     Superseded,
     /// A delete or truncate on staging: counted, never applied to companies.
     Ignored,
+    /// Eligible, but not enriched now (the daily cap): registry fields refreshed, no history row, so a
+    /// later run enriches it.
+    Deferred { reason: String },
     /// Could not be processed; written to `dead_letters` with the stage and a reason naming the field.
     DeadLetter { stage: &'static str, reason: String },
 }
@@ -126,11 +130,13 @@ pub struct Event {
     /// Held from dedupe until the event is dropped after the sink's commit: no other change to the same
     /// company is processed meanwhile.
     pub claim: Option<Claim>,
+    /// What the enrich operator found (set for processed changes when the pipeline enriches).
+    pub enrichment: Option<Box<Enrichment>>,
 }
 
 impl Event {
     pub fn new(change: Change) -> Self {
-        Event { change, fate: Fate::Process, record: None, company_id: None, claim: None }
+        Event { change, fate: Fate::Process, record: None, company_id: None, claim: None, enrichment: None }
     }
 
     pub fn dead_letter(&mut self, stage: &'static str, reason: impl Into<String>) {

@@ -55,6 +55,24 @@ impl std::fmt::Display for Cursor {
 }
 
 impl Checkpoint {
+    /// The checkpoint of the same walk cut just after `change`: what an operator that completes a batch's
+    /// changes one by one (enrich) commits for a prefix of it.
+    pub fn after(&self, change: &crate::change::Change) -> Checkpoint {
+        let cursor = match &self.cursor {
+            Cursor::Id { .. } => Cursor::Id { last_id: change.row.id },
+            Cursor::Uen { .. } => {
+                Cursor::Uen { last_uen: change.row.uen.clone().unwrap_or_default(), last_id: change.row.id }
+            }
+            Cursor::Lsn { .. } => {
+                return Checkpoint {
+                    cursor: Cursor::Lsn { lsn: change.pos.lsn, seq: change.pos.seq },
+                    lsn: change.pos.lsn,
+                }
+            }
+        };
+        Checkpoint { cursor, lsn: self.lsn }
+    }
+
     fn columns(&self) -> (&'static str, Option<i64>, Option<&str>, i64) {
         match &self.cursor {
             Cursor::Id { last_id } => ("id", Some(*last_id), None, 0),

@@ -74,7 +74,7 @@ pub struct SeedArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Pipeline file [default: the built-in pipelines/registry_sync.toml]
+    /// Pipeline: a built-in name (registry_sync, acra_direct) or a pipeline file [default: registry_sync]
     #[arg(long, env = "ACRA_DIRECT_PIPELINE")]
     pub pipeline: Option<PathBuf>,
     #[command(flatten)]
@@ -125,6 +125,94 @@ pub struct OverrideArgs {
     /// Keep reconnecting this long after losing the database, then exit non-zero [default: 5m]
     #[arg(long, env = "ACRA_DIRECT_RECONNECT_BUDGET", value_name = "DURATION", value_parser = crate::config::parse_duration)]
     pub reconnect_budget: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub enrich: EnrichArgs,
+}
+
+/// The enrich operator's settings (pipelines with an `enrich` operator, e.g. `--pipeline acra_direct`).
+/// Credentials come from the environment only: LLM_API_KEY (or OPENAI_API_KEY), APIFY_TOKEN.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Enrichment")]
+pub struct EnrichArgs {
+    /// Companies enriched at once [pipeline default: 1]
+    #[arg(long, env = "ACRA_DIRECT_CONCURRENCY", value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Enrichments per UTC day, counted across runs and restarts [default: no cap]
+    #[arg(long, env = "ACRA_DIRECT_DAILY_CAP", value_name = "N")]
+    pub daily_cap: Option<u64>,
+    /// Pages fetched per company, the homepage included [default: 4]
+    #[arg(long, env = "CRAWL_MAX_PAGES", value_name = "N")]
+    pub crawl_max_pages: Option<usize>,
+    /// Per-request timeout in seconds, body included [default: 10]
+    #[arg(long, env = "CRAWLER_TIMEOUT_S", value_name = "SECONDS")]
+    pub crawler_timeout_s: Option<f64>,
+    /// User-Agent sent to websites (its first word is matched against robots.txt)
+    #[arg(long, env = "CRAWLER_USER_AGENT", value_name = "TEXT")]
+    pub crawler_user_agent: Option<String>,
+    /// At most one request per host this often [default: 500ms]
+    #[arg(long, env = "ENRICH_HOST_SPACING", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub host_spacing: Option<std::time::Duration>,
+    /// Search URL with {query}, answering in DuckDuckGo's HTML format
+    #[arg(long, env = "ENRICH_SEARCH_URL", value_name = "URL")]
+    pub search_url: Option<String>,
+    /// Reader URL with {url} (r.jina.ai style), used when a site answers 401/403
+    #[arg(long, env = "ENRICH_READER_URL", value_name = "URL")]
+    pub reader_url: Option<String>,
+    /// Let crawled URLs reach private, loopback and link-local addresses [default: false]
+    #[arg(long, env = "ENRICH_ALLOW_PRIVATE", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_private: Option<bool>,
+    /// Send every enrichment request through this HTTP proxy
+    #[arg(long, env = "ENRICH_HTTP_PROXY", value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Keep the merged page text in the history row [default: false]
+    #[arg(long, env = "PERSIST_CRAWL_CORPUS", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub persist_crawl_corpus: Option<bool>,
+    /// Characters of page text sent to the LLM at most [default: 12000]
+    #[arg(long, env = "EXTRACT_CORPUS_CHAR_LIMIT", value_name = "CHARS")]
+    pub corpus_char_limit: Option<usize>,
+    /// OpenAI-compatible base URL; turns llm_extract on
+    #[arg(long, env = "LLM_BASE_URL", value_name = "URL")]
+    pub llm_base_url: Option<String>,
+    /// Model name sent to the LLM [default: gpt-4o-mini]
+    #[arg(long, env = "LLM_MODEL", value_name = "NAME")]
+    pub llm_model: Option<String>,
+    /// Chunks of page text per LLM call at most [default: 4]
+    #[arg(long, env = "LLM_MAX_CHUNKS", value_name = "N")]
+    pub llm_max_chunks: Option<usize>,
+    /// LLM tokens per UTC day, counted across runs [default: no cap]
+    #[arg(long, env = "OPENAI_DAILY_TOKENS_CAP", value_name = "TOKENS")]
+    pub openai_daily_tokens_cap: Option<u64>,
+    /// Look up people at each company through APIFY_LINKEDIN_URL [default: false]
+    #[arg(long, env = "ENABLE_APIFY_LINKEDIN", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub enable_apify_linkedin: Option<bool>,
+    /// The contacts endpoint (POST, JSON in, a JSON array of people out)
+    #[arg(long, env = "APIFY_LINKEDIN_URL", value_name = "URL")]
+    pub apify_linkedin_url: Option<String>,
+}
+
+impl EnrichArgs {
+    pub fn to_overrides(&self) -> crate::config::EnrichOverrides {
+        crate::config::EnrichOverrides {
+            concurrency: self.concurrency,
+            daily_cap: self.daily_cap,
+            max_pages: self.crawl_max_pages,
+            timeout_s: self.crawler_timeout_s,
+            user_agent: self.crawler_user_agent.clone(),
+            host_spacing: self.host_spacing,
+            search_url: self.search_url.clone(),
+            reader_url: self.reader_url.clone(),
+            allow_private: self.allow_private,
+            proxy: self.http_proxy.clone(),
+            persist_corpus: self.persist_crawl_corpus,
+            corpus_chars: self.corpus_char_limit,
+            llm_base_url: self.llm_base_url.clone(),
+            llm_model: self.llm_model.clone(),
+            llm_max_chunks: self.llm_max_chunks,
+            llm_daily_tokens: self.openai_daily_tokens_cap,
+            contacts: self.enable_apify_linkedin,
+            contacts_url: self.apify_linkedin_url.clone(),
+        }
+    }
 }
 
 impl OverrideArgs {
@@ -144,6 +232,7 @@ impl OverrideArgs {
             publication: self.publication.clone(),
             batch_deadline: self.batch_deadline,
             reconnect_budget: self.reconnect_budget,
+            enrich: self.enrich.to_overrides(),
         }
     }
 }

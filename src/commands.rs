@@ -80,7 +80,7 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
 
 fn pipeline_spec(args: &RunArgs, overrides: &Overrides) -> Result<PipelineSpec> {
     let mut spec = match &args.pipeline {
-        Some(path) => PipelineSpec::load(path)?,
+        Some(path) => PipelineSpec::named_or_file(path)?,
         None => PipelineSpec::registry_sync(),
     };
     spec.apply(overrides);

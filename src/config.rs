@@ -28,6 +28,8 @@ pub const DEFAULT_RECONNECT_BUDGET: Duration = Duration::from_secs(300);
 
 /// The pipeline `backfill`, `run` and `demo` use when no `--pipeline` is given.
 pub const REGISTRY_SYNC: &str = include_str!("../pipelines/registry_sync.toml");
+/// The full job: registry sync plus web enrichment (`--pipeline acra_direct`).
+pub const ACRA_DIRECT: &str = include_str!("../pipelines/acra_direct.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +107,7 @@ pub enum OperatorSpec {
     Filter(FilterSpec),
     Dedupe(DedupeSpec),
     Upsert(UpsertSpec),
+    Enrich(Box<EnrichSpec>),
 }
 
 impl OperatorSpec {
@@ -113,6 +116,7 @@ impl OperatorSpec {
             OperatorSpec::Filter(_) => "filter",
             OperatorSpec::Dedupe(_) => "dedupe",
             OperatorSpec::Upsert(_) => "upsert",
+            OperatorSpec::Enrich(_) => "enrich",
         }
     }
 }
@@ -142,6 +146,218 @@ pub struct DedupeSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpsertSpec {}
+
+/// The enrich operator's settings (pipelines/acra_direct.toml documents each with its env name).
+/// Credentials are never read from a pipeline file: `LLM_API_KEY`/`OPENAI_API_KEY` and `APIFY_TOKEN` come
+/// from the environment only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichSpec {
+    #[serde(default = "one")]
+    pub concurrency: usize,
+    pub daily_cap: Option<u64>,
+    #[serde(default = "default_max_pages")]
+    pub max_pages: usize,
+    #[serde(default = "default_crawl_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_user_agent")]
+    pub user_agent: String,
+    #[serde(default = "default_host_spacing", deserialize_with = "duration")]
+    pub host_spacing: Duration,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: usize,
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    #[serde(default = "default_max_retry_after", deserialize_with = "duration")]
+    pub max_retry_after: Duration,
+    #[serde(default = "yes")]
+    pub probe: bool,
+    pub search_url: Option<String>,
+    pub reader_url: Option<String>,
+    #[serde(default)]
+    pub allow_private: bool,
+    pub proxy: Option<String>,
+    #[serde(default)]
+    pub persist_corpus: bool,
+    #[serde(default = "default_corpus_chars")]
+    pub corpus_chars: usize,
+    pub llm_base_url: Option<String>,
+    #[serde(default = "default_llm_model")]
+    pub llm_model: String,
+    #[serde(default = "default_llm_chunks")]
+    pub llm_max_chunks: usize,
+    pub llm_daily_tokens: Option<u64>,
+    #[serde(default)]
+    pub contacts: bool,
+    pub contacts_url: Option<String>,
+}
+
+impl Default for EnrichSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("every enrich setting has a default")
+    }
+}
+
+pub const DEFAULT_MAX_PAGES: usize = 4;
+pub const DEFAULT_CRAWL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_USER_AGENT: &str =
+    concat!("acraflow/", env!("CARGO_PKG_VERSION"), " (company enrichment; polite crawler)");
+pub const DEFAULT_HOST_SPACING: Duration = Duration::from_millis(500);
+pub const DEFAULT_MAX_BYTES: usize = 2 * 1024 * 1024;
+pub const DEFAULT_MAX_REDIRECTS: usize = 5;
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+pub const DEFAULT_CORPUS_CHARS: usize = 12_000;
+pub const DEFAULT_LLM_MODEL: &str = "gpt-4o-mini";
+pub const DEFAULT_LLM_CHUNKS: usize = 4;
+pub const MAX_CONCURRENCY: usize = 1_024;
+
+/// The enrich settings from the environment (or flags), over the pipeline file's.
+#[derive(Debug, Clone, Default)]
+pub struct EnrichOverrides {
+    pub concurrency: Option<usize>,
+    pub daily_cap: Option<u64>,
+    pub max_pages: Option<usize>,
+    pub timeout_s: Option<f64>,
+    pub user_agent: Option<String>,
+    pub host_spacing: Option<Duration>,
+    pub search_url: Option<String>,
+    pub reader_url: Option<String>,
+    pub allow_private: Option<bool>,
+    pub proxy: Option<String>,
+    pub persist_corpus: Option<bool>,
+    pub corpus_chars: Option<usize>,
+    pub llm_base_url: Option<String>,
+    pub llm_model: Option<String>,
+    pub llm_max_chunks: Option<usize>,
+    pub llm_daily_tokens: Option<u64>,
+    pub contacts: Option<bool>,
+    pub contacts_url: Option<String>,
+}
+
+impl EnrichSpec {
+    fn apply(&mut self, o: &EnrichOverrides) {
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        fn set_opt<T: Clone>(dst: &mut Option<T>, v: &Option<T>) {
+            if v.is_some() {
+                dst.clone_from(v);
+            }
+        }
+        set(&mut self.concurrency, &o.concurrency);
+        set_opt(&mut self.daily_cap, &o.daily_cap);
+        set(&mut self.max_pages, &o.max_pages);
+        if let Some(s) = o.timeout_s.filter(|s| s.is_finite() && *s > 0.0) {
+            self.timeout = Duration::from_secs_f64(s);
+        } else if o.timeout_s.is_some() {
+            self.timeout = Duration::ZERO; // rejected by validate(), which names the setting
+        }
+        set(&mut self.user_agent, &o.user_agent);
+        set(&mut self.host_spacing, &o.host_spacing);
+        set_opt(&mut self.search_url, &o.search_url);
+        set_opt(&mut self.reader_url, &o.reader_url);
+        set(&mut self.allow_private, &o.allow_private);
+        set_opt(&mut self.proxy, &o.proxy);
+        set(&mut self.persist_corpus, &o.persist_corpus);
+        set(&mut self.corpus_chars, &o.corpus_chars);
+        set_opt(&mut self.llm_base_url, &o.llm_base_url);
+        set(&mut self.llm_model, &o.llm_model);
+        set(&mut self.llm_max_chunks, &o.llm_max_chunks);
+        set_opt(&mut self.llm_daily_tokens, &o.llm_daily_tokens);
+        set(&mut self.contacts, &o.contacts);
+        set_opt(&mut self.contacts_url, &o.contacts_url);
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::config(what.to_owned()));
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return bad(&format!("ACRA_DIRECT_CONCURRENCY is {}; use 1 to {MAX_CONCURRENCY}", self.concurrency));
+        }
+        if self.max_pages == 0 || self.max_pages > 50 {
+            return bad(&format!("CRAWL_MAX_PAGES is {}; use 1 to 50", self.max_pages));
+        }
+        if self.timeout.is_zero() {
+            return bad("CRAWLER_TIMEOUT_S must be a number of seconds above 0");
+        }
+        if self.daily_cap == Some(0) {
+            return bad("ACRA_DIRECT_DAILY_CAP is 0; leave it unset for no cap");
+        }
+        if self.attempts == 0 || self.max_bytes < 1024 || self.corpus_chars == 0 || self.llm_max_chunks == 0 {
+            return bad("enrich: attempts, llm_max_chunks and corpus_chars (EXTRACT_CORPUS_CHAR_LIMIT) must be above 0, max_bytes at least 1024");
+        }
+        for (env, template, needle) in
+            [("ENRICH_SEARCH_URL", &self.search_url, "{query}"), ("ENRICH_READER_URL", &self.reader_url, "{url}")]
+        {
+            if let Some(t) = template {
+                if !t.contains(needle) || url::Url::parse(&t.replace(needle, "x")).is_err() {
+                    return bad(&format!("{env} must be an http(s) URL containing {needle}"));
+                }
+            }
+        }
+        for (env, value) in [
+            ("LLM_BASE_URL", &self.llm_base_url),
+            ("ENRICH_HTTP_PROXY", &self.proxy),
+            ("APIFY_LINKEDIN_URL", &self.contacts_url),
+        ] {
+            if let Some(v) = value {
+                if url::Url::parse(v).is_err() {
+                    return bad(&format!("{env} is not a URL"));
+                }
+            }
+        }
+        if self.contacts && self.contacts_url.is_none() {
+            return bad(
+                "ENABLE_APIFY_LINKEDIN is on but APIFY_LINKEDIN_URL (the endpoint returning people) is not set",
+            );
+        }
+        Ok(())
+    }
+}
+
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_pages() -> usize {
+    DEFAULT_MAX_PAGES
+}
+fn default_crawl_timeout() -> Duration {
+    DEFAULT_CRAWL_TIMEOUT
+}
+fn default_user_agent() -> String {
+    DEFAULT_USER_AGENT.into()
+}
+fn default_host_spacing() -> Duration {
+    DEFAULT_HOST_SPACING
+}
+fn default_max_bytes() -> usize {
+    DEFAULT_MAX_BYTES
+}
+fn default_max_redirects() -> usize {
+    DEFAULT_MAX_REDIRECTS
+}
+fn default_attempts() -> u32 {
+    DEFAULT_ATTEMPTS
+}
+fn default_max_retry_after() -> Duration {
+    DEFAULT_MAX_RETRY_AFTER
+}
+fn default_corpus_chars() -> usize {
+    DEFAULT_CORPUS_CHARS
+}
+fn default_llm_model() -> String {
+    DEFAULT_LLM_MODEL.into()
+}
+fn default_llm_chunks() -> usize {
+    DEFAULT_LLM_CHUNKS
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,6 +390,7 @@ pub struct Overrides {
     pub publication: Option<String>,
     pub batch_deadline: Option<Duration>,
     pub reconnect_budget: Option<Duration>,
+    pub enrich: EnrichOverrides,
 }
 
 impl PipelineSpec {
@@ -190,6 +407,26 @@ impl PipelineSpec {
 
     pub fn registry_sync() -> Self {
         Self::parse(REGISTRY_SYNC, "registry_sync.toml (built in)").expect("the built-in pipeline parses")
+    }
+
+    pub fn acra_direct() -> Self {
+        Self::parse(ACRA_DIRECT, "acra_direct.toml (built in)").expect("the built-in pipeline parses")
+    }
+
+    /// A built-in pipeline by name (`registry_sync`, `acra_direct`), or a pipeline file by path.
+    pub fn named_or_file(name: &std::path::Path) -> Result<Self> {
+        match name.to_str() {
+            Some("registry_sync") => Ok(Self::registry_sync()),
+            Some("acra_direct") => Ok(Self::acra_direct()),
+            _ => Self::load(name),
+        }
+    }
+
+    pub fn enrich(&self) -> Option<&EnrichSpec> {
+        self.operators.iter().find_map(|o| match o {
+            OperatorSpec::Enrich(e) => Some(&**e),
+            _ => None,
+        })
     }
 
     pub fn apply(&mut self, o: &Overrides) {
@@ -244,6 +481,7 @@ impl PipelineSpec {
                     }
                 }
                 OperatorSpec::Upsert(_) => {}
+                OperatorSpec::Enrich(e) => e.apply(&o.enrich),
             }
         }
     }
@@ -295,7 +533,20 @@ impl PipelineSpec {
                 return Err(Error::config(format!("pipeline {}: operator '{kind}' appears more than once", self.name)));
             }
         }
+        if self.operators.iter().filter(|o| o.kind() == "enrich").count() > 1 {
+            return Err(Error::config(format!("pipeline {}: operator 'enrich' appears more than once", self.name)));
+        }
         let (filter, dedupe, upsert) = (position("filter"), position("dedupe"), position("upsert"));
+        if let Some(enrich) = position("enrich") {
+            if upsert.is_some_and(|u| enrich < u) {
+                return Err(Error::config(format!("pipeline {}: 'enrich' must come after 'upsert'", self.name)));
+            }
+            for op in &self.operators {
+                if let OperatorSpec::Enrich(e) = op {
+                    e.validate()?;
+                }
+            }
+        }
         let Some(filter) = filter else {
             return Err(Error::config(format!(
                 "pipeline {}: the first operator must be 'filter' (it maps staging rows to company records); \

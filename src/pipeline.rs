@@ -21,6 +21,7 @@ use crate::config::{OperatorSpec, PipelineSpec, SourceKind};
 use crate::db;
 use crate::error::{Error, Result};
 use crate::ops::dedupe::{Dedupe, DedupePolicy};
+use crate::ops::enrich::{Enrich, EnrichSettings};
 use crate::ops::filter::Filter;
 use crate::ops::upsert::Upsert;
 use crate::ops::{BatchStream, Operator};
@@ -130,7 +131,7 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
     tracing::info!(run_id, pipeline = %spec.name, mode = mode_label, "run started");
 
     let started = Instant::now();
-    let result = drive(dsn, spec, &table, facts, plan, run_id, stop.clone(), started).await;
+    let result = drive(dsn, spec, mode, &table, facts, plan, run_id, stop.clone(), started).await;
     let seconds = started.elapsed().as_secs_f64();
     let (status, counters, last, error) = match &result {
         Ok((counters, last)) => {
@@ -180,6 +181,7 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
 async fn drive(
     dsn: &str,
     spec: &PipelineSpec,
+    mode: Mode,
     table: &str,
     facts: db::SchemaFacts,
     plan: SourcePlan,
@@ -195,7 +197,7 @@ async fn drive(
             PostgresSink::new(db::connect(dsn).await?, spec.checkpoint_key.clone(), run_id, Arc::clone(&progress));
         let source = build_source(dsn, spec, table, plan, progress, stop).await?;
         let mut stream = spawn_stage(source);
-        for op in build_operators(spec, &ops_client, facts).await? {
+        for op in build_operators(spec, &ops_client, facts, mode).await? {
             stream = op.apply(stream);
         }
         Ok::<_, Error>((spawn_stage(stream), sink))
@@ -425,6 +427,7 @@ async fn build_operators(
     spec: &PipelineSpec,
     client: &Arc<tokio_postgres::Client>,
     facts: db::SchemaFacts,
+    mode: Mode,
 ) -> Result<Vec<Box<dyn Operator>>> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
     for op in &spec.operators {
@@ -441,6 +444,9 @@ async fn build_operators(
                 },
             )),
             OperatorSpec::Upsert(_) => Box::new(Upsert::new(Arc::clone(client), facts).await?),
+            OperatorSpec::Enrich(e) => {
+                Box::new(Enrich::new(Arc::clone(client), EnrichSettings::from_spec(e)?, mode == Mode::Backfill).await?)
+            }
         });
     }
     Ok(ops)

@@ -13,6 +13,7 @@ use crate::change::Batch;
 use crate::error::Result;
 
 pub mod dedupe;
+pub mod enrich;
 pub mod filter;
 pub mod upsert;
 

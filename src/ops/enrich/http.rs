@@ -1,0 +1,486 @@
+//! The crawler's HTTP: politeness, robots.txt, the SSRF guard, retries, and bounded bodies.
+//!
+//! - **Politeness**: every request to a crawled host (robots.txt, pages, retries, redirects) first takes a
+//!   slot from a keyed GCRA limiter: at most one request per host per `host_spacing`, whatever the
+//!   concurrency. Configured endpoints (search, LLM, reader, contacts) are services with their own quotas:
+//!   they are not spaced, but their 429s are honoured.
+//! - **robots.txt** is fetched once per origin per company and obeyed for every page and redirect target.
+//!   Unreachable (5xx, timeout) counts as a failure of the site, as RFC 9309 says to assume full disallow.
+//! - **SSRF**: crawled URLs come from data (search results, links, redirects), so they may not reach
+//!   private, loopback or link-local addresses: IP literals are checked before each hop, and names are
+//!   checked after DNS resolution by the client's own resolver, so a name cannot resolve to a public
+//!   address for a check and a private one for the connection. With `ENRICH_HTTP_PROXY`, the proxy
+//!   resolves names (IP literals and `localhost` are still refused here).
+//! - **Retries**: timeouts, connection errors, 408, 429 (honouring Retry-After) and 5xx, at most
+//!   `attempts` tries with exponential backoff and jitter. Anything else fails at once.
+//! - **Bounds**: redirects are followed by hand (each hop guarded and robots-checked) up to a limit; bodies
+//!   are read up to `max_bytes` and cut there; only HTML is read; a whole request (body included) has a
+//!   deadline.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use reqwest::header::{CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use url::{Host, Url};
+
+/// What a fetch can end in. Messages name the cause, never a credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("refused to fetch {0}")]
+    Refused(String),
+    #[error("robots.txt disallows {0}")]
+    Robots(String),
+    #[error("HTTP {status} from {url}")]
+    Status { status: u16, url: String },
+    #[error("timed out fetching {0}")]
+    Timeout(String),
+    #[error("could not connect to {0}")]
+    Connect(String),
+    #[error("more than {0} redirects")]
+    Redirects(usize),
+    #[error("not HTML ({content_type}) at {url}")]
+    NotHtml { content_type: String, url: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl FetchError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Timeout(_) | FetchError::Connect(_) => true,
+            FetchError::Status { status, .. } => *status == 408 || *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub user_agent: String,
+    pub timeout: Duration,
+    pub host_spacing: Duration,
+    pub max_bytes: usize,
+    pub max_redirects: usize,
+    pub attempts: u32,
+    pub allow_private: bool,
+    pub proxy: Option<String>,
+    /// A Retry-After longer than this fails the request instead of stalling a worker.
+    pub max_retry_after: Duration,
+    /// The first backoff delay (doubling, with jitter).
+    pub backoff: Duration,
+}
+
+/// A fetched page.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The final URL, after redirects.
+    pub url: Url,
+    pub body: String,
+    /// Cut at `max_bytes`.
+    pub truncated: bool,
+}
+
+pub struct Http {
+    /// For crawled sites: guarded resolver, no automatic redirects.
+    site: Client,
+    /// For configured endpoints.
+    api: Client,
+    spacing: DefaultKeyedRateLimiter<String>,
+    acquired: AtomicU64,
+    settings: HttpSettings,
+    robots_agent: String,
+}
+
+/// Origins' robots.txt rules, kept for one company's crawl (a few hosts at most).
+#[derive(Default)]
+pub struct RobotsCache {
+    rules: HashMap<String, Option<Arc<texting_robots::Robot>>>,
+}
+
+impl Http {
+    pub fn new(settings: HttpSettings) -> crate::Result<Http> {
+        let err = |what: &str, e: reqwest::Error| crate::Error::config(format!("{what}: {}", e.without_url()));
+        let builder = || {
+            let mut b = Client::builder()
+                .user_agent(settings.user_agent.clone())
+                .timeout(settings.timeout)
+                .connect_timeout(settings.timeout)
+                .pool_idle_timeout(Duration::from_secs(15))
+                .redirect(reqwest::redirect::Policy::none());
+            if let Some(p) = &settings.proxy {
+                let proxy = reqwest::Proxy::all(p)
+                    .map_err(|e| crate::Error::config(format!("ENRICH_HTTP_PROXY is not a proxy URL ({e})")))?
+                    .no_proxy(reqwest::NoProxy::from_env());
+                b = b.proxy(proxy);
+            } else {
+                b = b.no_proxy();
+            }
+            Ok::<_, crate::Error>(b)
+        };
+        let mut site = builder()?;
+        if !settings.allow_private && settings.proxy.is_none() {
+            site = site.dns_resolver(Arc::new(PublicOnly));
+        }
+        let period = settings.host_spacing.max(Duration::from_millis(1));
+        Ok(Http {
+            site: site.build().map_err(|e| err("building the HTTP client", e))?,
+            api: builder()?.build().map_err(|e| err("building the HTTP client", e))?,
+            spacing: RateLimiter::keyed(Quota::with_period(period).expect("a non-zero period")),
+            acquired: AtomicU64::new(0),
+            robots_agent: settings.user_agent.split(['/', ' ']).next().unwrap_or("acraflow").to_owned(),
+            settings,
+        })
+    }
+
+    pub fn settings(&self) -> &HttpSettings {
+        &self.settings
+    }
+
+    /// Fetches an HTML page of a crawled site: guarded, robots-checked, spaced, retried, redirects followed.
+    pub async fn page(&self, url: &Url, robots: &mut RobotsCache) -> Result<Page, FetchError> {
+        let mut url = url.clone();
+        for _ in 0..=self.settings.max_redirects {
+            self.guard(&url)?;
+            self.check_robots(&url, robots).await?;
+            let resp = self.send(&url, true, || self.site.get(url.clone())).await?;
+            if let Some(next) = redirect_target(&url, &resp)? {
+                url = next;
+                continue;
+            }
+            let content_type = header(&resp, CONTENT_TYPE);
+            let html = content_type.is_empty() || content_type.contains("html");
+            if !html {
+                return Err(FetchError::NotHtml { content_type, url: url.to_string() });
+            }
+            let (body, truncated) = self.read_capped(&url, resp).await?;
+            return Ok(Page { url, body: String::from_utf8_lossy(&body).into_owned(), truncated });
+        }
+        Err(FetchError::Redirects(self.settings.max_redirects))
+    }
+
+    /// GETs a configured endpoint (search, reader): retried, capped, redirects followed by the client rules.
+    pub async fn get_text(&self, url: &Url) -> Result<String, FetchError> {
+        let resp = self.send(url, false, || self.api.get(url.clone())).await?;
+        let (body, _) = self.read_capped(url, resp).await?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// POSTs JSON to a configured endpoint (LLM, contacts) with an optional bearer token; returns the JSON.
+    pub async fn post_json(
+        &self,
+        url: &Url,
+        bearer: Option<&str>,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, FetchError> {
+        let resp = self
+            .send(url, false, || {
+                let r = self.api.post(url.clone()).json(body);
+                match bearer {
+                    Some(token) => r.bearer_auth(token),
+                    None => r,
+                }
+            })
+            .await?;
+        let (bytes, truncated) = self.read_capped(url, resp).await?;
+        if truncated {
+            return Err(FetchError::Other(format!("response from {} is larger than the body cap", strip(url))));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| FetchError::Other(format!("response from {} is not JSON ({e})", strip(url))))
+    }
+
+    /// Sends with retries. `spaced`: take a politeness slot for the host before every attempt.
+    async fn send(
+        &self,
+        url: &Url,
+        spaced: bool,
+        request: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, FetchError> {
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(self.settings.backoff)
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(self.settings.attempts.saturating_sub(1) as usize)
+            .with_jitter()
+            .build();
+        loop {
+            if spaced {
+                self.space(url).await;
+            }
+            let (error, retry_after) = match request().send().await {
+                Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => return Ok(resp),
+                Ok(resp) => (status_error(url, resp.status()), retry_after(&resp)),
+                Err(e) => (transport_error(url, &e), None),
+            };
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            let Some(backoff) = delays.next() else { return Err(error) };
+            let wait = match retry_after {
+                Some(ra) if ra > self.settings.max_retry_after => return Err(error),
+                Some(ra) => ra.max(backoff),
+                None => backoff,
+            };
+            tracing::debug!(url = %strip(url), error = %error, wait_ms = wait.as_millis() as u64, "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn space(&self, url: &Url) {
+        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+        self.spacing.until_key_ready(&host).await;
+        // Keep the limiter's memory to recently seen hosts.
+        if self.acquired.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.spacing.retain_recent();
+        }
+    }
+
+    async fn read_capped(&self, url: &Url, mut resp: Response) -> Result<(Vec<u8>, bool), FetchError> {
+        let max = self.settings.max_bytes;
+        let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0).min(max as u64) as usize);
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let take = chunk.len().min(max - body.len());
+                    body.extend_from_slice(&chunk[..take]);
+                    if body.len() >= max {
+                        return Ok((body, true));
+                    }
+                }
+                Ok(None) => return Ok((body, false)),
+                Err(e) => return Err(transport_error(url, &e)),
+            }
+        }
+    }
+
+    /// Refuses URLs that are not http(s), IP literals that are not public, and `localhost`.
+    pub fn guard(&self, url: &Url) -> Result<(), FetchError> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(FetchError::Refused(format!("{} (only http and https)", strip(url))));
+        }
+        if self.settings.allow_private {
+            return Ok(());
+        }
+        let private = match url.host() {
+            Some(Host::Ipv4(ip)) => !is_public(IpAddr::V4(ip)),
+            Some(Host::Ipv6(ip)) => !is_public(IpAddr::V6(ip)),
+            Some(Host::Domain(d)) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                d == "localhost" || d.ends_with(".localhost")
+            }
+            None => true,
+        };
+        if private {
+            return Err(FetchError::Refused(format!(
+                "{} (a private, loopback or link-local address; set ENRICH_ALLOW_PRIVATE=true to allow)",
+                strip(url)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn check_robots(&self, url: &Url, cache: &mut RobotsCache) -> Result<(), FetchError> {
+        let origin = url.origin().ascii_serialization();
+        if !cache.rules.contains_key(&origin) {
+            let rules = self.fetch_robots(url).await?;
+            cache.rules.insert(origin.clone(), rules.map(Arc::new));
+        }
+        match &cache.rules[&origin] {
+            Some(robot) if !robot.allowed(url.as_str()) => Err(FetchError::Robots(url.path().to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// `None`: no rules (404 and other 4xx, or an unparsable file) - everything is allowed.
+    async fn fetch_robots(&self, page: &Url) -> Result<Option<texting_robots::Robot>, FetchError> {
+        let mut url = page.join("/robots.txt").map_err(|e| FetchError::Other(e.to_string()))?;
+        for _ in 0..=self.settings.max_redirects {
+            self.guard(&url)?;
+            let resp = match self.send(&url, true, || self.site.get(url.clone())).await {
+                Ok(resp) => resp,
+                Err(FetchError::Status { status, .. }) if (400..500).contains(&status) && status != 429 => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(next) = redirect_target(&url, &resp)? {
+                url = next;
+                continue;
+            }
+            let (body, _) = self.read_capped(&url, resp).await?;
+            return Ok(texting_robots::Robot::new(&self.robots_agent, &body).ok());
+        }
+        Ok(None)
+    }
+}
+
+fn redirect_target(from: &Url, resp: &Response) -> Result<Option<Url>, FetchError> {
+    if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+        return Ok(None);
+    }
+    let location = header(resp, LOCATION);
+    from.join(&location)
+        .map(Some)
+        .map_err(|_| FetchError::Other(format!("redirect from {} to an invalid location '{location}'", strip(from))))
+}
+
+fn header(resp: &Response, name: reqwest::header::HeaderName) -> String {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_ascii_lowercase()
+}
+
+fn retry_after(resp: &Response) -> Option<Duration> {
+    header(resp, RETRY_AFTER).parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn status_error(url: &Url, status: StatusCode) -> FetchError {
+    FetchError::Status { status: status.as_u16(), url: strip(url) }
+}
+
+fn transport_error(url: &Url, e: &reqwest::Error) -> FetchError {
+    if let Some(refusal) = find_source::<PrivateAddress>(e) {
+        return FetchError::Refused(format!("{} ({refusal})", strip(url)));
+    }
+    if e.is_timeout() {
+        FetchError::Timeout(strip(url))
+    } else if e.is_connect() || e.is_request() || e.is_body() {
+        FetchError::Connect(strip(url))
+    } else {
+        FetchError::Other(format!("fetching {}: {}", strip(url), e.without_url_ref()))
+    }
+}
+
+/// A URL for messages: no userinfo, no query (either may hold a credential).
+pub fn strip(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.to_string()
+}
+
+fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+trait WithoutUrlRef {
+    fn without_url_ref(&self) -> String;
+}
+impl WithoutUrlRef for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let mut s = String::new();
+        let mut cur = std::error::Error::source(self);
+        while let Some(c) = cur {
+            if !s.is_empty() {
+                s.push_str(": ");
+            }
+            s.push_str(&c.to_string());
+            cur = c.source();
+        }
+        if s.is_empty() {
+            "request failed".into()
+        } else {
+            s
+        }
+    }
+}
+
+/// Whether an address is publicly routable (not private, loopback, link-local, CGNAT, multicast, ...).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 198 && (18..20).contains(&o[1]))
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{host} resolves to the non-public address {addr}; set ENRICH_ALLOW_PRIVATE=true to allow")]
+struct PrivateAddress {
+    host: String,
+    addr: IpAddr,
+}
+
+/// The crawler's DNS resolver: the system's, refusing any name that resolves to a non-public address.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+                return Err(
+                    Box::new(PrivateAddress { host, addr: bad.ip() }) as Box<dyn std::error::Error + Send + Sync>
+                );
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_addresses() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["8.8.8.8", "203.116.1.1", "2001:4860:4860::8888"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn urls_in_messages_lose_credentials() {
+        let u = Url::parse("https://user:secret@api.example.com/v1/x?key=sk-123").unwrap();
+        assert_eq!(strip(&u), "https://api.example.com/v1/x");
+    }
+}
