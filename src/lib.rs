@@ -5,7 +5,8 @@
 //! - [`registry`]: PRD 20's mapping rules, staging row -> company record (pure)
 //! - [`source`]: where changes come from: [`source::backfill`] (the table replayed in one snapshot),
 //!   [`source::replication`] (the slot's stream, acknowledged only after commit), [`source::pgoutput`] (its decoder)
-//! - [`ops`]: the operators (filter, dedupe, upsert), each a `Stream` adapter over batches
+//! - [`ops`]: the operators (filter, dedupe, upsert, enrich), each a `Stream` adapter over batches
+//! - [`fixture_web`]: a local web (sites, search, LLM, faults) for tests, benchmarks and the demo
 //! - [`sink`]: the transactional Postgres sink (history, dead letters and checkpoint in one transaction)
 //! - [`checkpoint`]: where the engine's position lives and how it advances
 //! - [`pipeline`]: pipeline file -> stream graph; backfill, or hand-over to the stream; run to the end or a shutdown
@@ -26,6 +27,7 @@ pub mod config;
 pub mod db;
 pub mod embedded;
 pub mod error;
+pub mod fixture_web;
 pub mod ops;
 pub mod pipeline;
 pub mod registry;

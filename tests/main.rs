@@ -4,5 +4,6 @@ mod support;
 mod backfill;
 mod bad_input;
 mod cli;
+mod enrich;
 mod replication;
 mod schema;

@@ -109,14 +109,20 @@ pub fn is_directory(host: &str) -> bool {
 }
 
 /// How well a host matches the name: the share of name tokens found in the host's registrable label,
-/// 0.0 to 1.0, with a small bonus for Singapore domains.
+/// 0.0 to 1.0, with a small bonus for Singapore domains. 0 when the matched tokens cover less than 60% of
+/// the label: `straitstimes.com` is not the site of STRAITS ELECTRICAL.
 pub fn score(host: &str, tokens: &[String]) -> f64 {
     if tokens.is_empty() {
         return 0.0;
     }
     let site = registrable(host);
     let label: String = site.split('.').next().unwrap_or("").chars().filter(|c| c.is_alphanumeric()).collect();
-    let hit = tokens.iter().filter(|t| t.len() >= 2 && label.contains(t.as_str())).count();
+    let matched: Vec<&String> = tokens.iter().filter(|t| t.len() >= 2 && label.contains(t.as_str())).collect();
+    let hit = matched.len();
+    let covered: usize = matched.iter().map(|t| t.len()).sum();
+    if hit > 0 && covered * 10 < label.len() * 6 {
+        return 0.0;
+    }
     // Abbreviations: "asia pacific trading" -> "apt".
     let initials: String = tokens.iter().filter_map(|t| t.chars().next()).collect();
     let share = if hit == 0 && initials.len() >= 3 && label.starts_with(&initials) {
@@ -197,6 +203,8 @@ mod tests {
         assert_eq!(best.as_str(), "http://www.acmelogistics.com.sg/");
         assert_eq!(best_result(&results[..2], "ACME LOGISTICS PTE. LTD."), None, "directories only");
         assert_eq!(best_result(&results, "ZENITH BAKERY PTE LTD"), None, "nothing matches the name");
+        assert_eq!(score("www.straitstimes.com", &name_tokens("STRAITS ELECTRICAL PTE. LTD.")), 0.0);
+        assert!(score("acme.com.sg", &name_tokens("ACME LOGISTICS PTE LTD")) >= 0.5);
         assert!(parse_search("<html><a class='result__a' href='javascript:alert(1)'>x</a>").is_empty());
     }
 

@@ -130,8 +130,8 @@ const TECH: &[(&str, &str)] = &[
 /// Extracts what one page says. `base` is the page's final URL (after redirects).
 pub fn page(html: &str, base: &Url, kind: PageKind) -> Extracted {
     let doc = Html::parse_document(html);
-    let mut out = Extracted::default();
-    out.title = doc.select(&TITLE).next().map(|t| squash(&t.text().collect::<String>())).filter(|t| !t.is_empty());
+    let title = doc.select(&TITLE).next().map(|t| squash(&t.text().collect::<String>())).filter(|t| !t.is_empty());
+    let mut out = Extracted { title, ..Default::default() };
     for m in doc.select(&META) {
         let attr = |n: &str| m.value().attr(n).map(str::trim);
         let key = attr("name").or_else(|| attr("property")).unwrap_or("").to_ascii_lowercase();

@@ -1,0 +1,681 @@
+//! A local web to enrich against: tests, `acraflow bench enrich` and `acraflow demo` use it, since our
+//! machines have no internet.
+//!
+//! One server on 127.0.0.1 plays every part:
+//! - an HTTP proxy (`ENRICH_HTTP_PROXY`) in front of deterministic synthetic company websites, one per
+//!   [`SiteSpec`] (homepage, about, contact, careers, robots.txt), addressed by hostname;
+//! - a search engine answering in DuckDuckGo's HTML format (`/search?q=`), listing directory sites first;
+//! - an OpenAI-compatible `/v1/chat/completions`, a reader (`/reader/<url>`) and a contacts endpoint;
+//! - per-site latency and faults ([`Fault`]): slow bodies, hangs, 500, 429 with Retry-After, 50 MB pages,
+//!   redirect loops, redirects to private addresses, 403, non-HTML, invalid UTF-8; robots.txt disallow.
+//!
+//! Every request is logged ([`Hit`]) so tests can check robots and per-host spacing from the server's side.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::ops::enrich::discover::{candidate_domains, name_tokens};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The homepage body arrives in 10 pieces, this far apart.
+    SlowBody(Duration),
+    /// Connections are accepted and never answered.
+    Hang,
+    /// Every request answers 500.
+    ServerError,
+    /// The first `n` requests for each path answer 429 with `Retry-After: 1`.
+    RateLimited(u32),
+    /// The homepage is 50 MB of HTML.
+    Huge,
+    /// `/` redirects to `/a`, which redirects to `/`.
+    RedirectLoop,
+    /// The homepage redirects to the cloud metadata address.
+    RedirectToPrivate,
+    /// Every page answers 403 (the reader endpoint still reads it).
+    Forbidden,
+    /// The homepage is a PDF.
+    NotHtml,
+    /// The homepage is HTML in Latin-1 bytes with stray 0xFF bytes: not UTF-8.
+    InvalidUtf8,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 10] = [
+        Fault::SlowBody(Duration::from_millis(50)),
+        Fault::Hang,
+        Fault::ServerError,
+        Fault::RateLimited(1),
+        Fault::Huge,
+        Fault::RedirectLoop,
+        Fault::RedirectToPrivate,
+        Fault::Forbidden,
+        Fault::NotHtml,
+        Fault::InvalidUtf8,
+    ];
+}
+
+/// One company's website.
+#[derive(Debug, Clone)]
+pub struct SiteSpec {
+    pub host: String,
+    pub company: String,
+    pub uen: Option<String>,
+    /// Listed by the search endpoint; otherwise only the heuristic probe finds it.
+    pub in_search: bool,
+    pub robots_disallow: bool,
+    pub fault: Option<Fault>,
+}
+
+impl SiteSpec {
+    pub fn new(host: &str, company: &str, uen: Option<&str>) -> Self {
+        SiteSpec {
+            host: host.to_ascii_lowercase(),
+            company: company.to_owned(),
+            uen: uen.map(str::to_owned),
+            in_search: true,
+            robots_disallow: false,
+            fault: None,
+        }
+    }
+
+    fn seed(&self) -> u64 {
+        hash(&self.host)
+    }
+
+    /// The registrable domain acraflow should store (the host without `www.`).
+    pub fn domain(&self) -> String {
+        self.host.trim_start_matches("www.").to_owned()
+    }
+
+    /// What the site says, for tests to compare with what was persisted.
+    pub fn expected(&self) -> Expected {
+        let s = self.seed();
+        let slug = self.domain().split('.').next().unwrap_or("x").to_owned();
+        Expected {
+            emails: vec![format!("hello@{}", self.domain()), format!("sales@{}", self.domain())],
+            phone: format!("+65 6{:03} {:04}", s % 1000, (s / 1000) % 10_000),
+            linkedin_url: format!("https://www.linkedin.com/company/{slug}"),
+            jobs: (s % 6) as i32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub emails: Vec<String>,
+    pub phone: String,
+    pub linkedin_url: String,
+    pub jobs: i32,
+}
+
+/// A request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub at: Instant,
+    pub host: String,
+    pub path: String,
+    pub status: u16,
+}
+
+struct State {
+    sites: HashMap<String, SiteSpec>,
+    /// Search index: a name's tokens joined by spaces -> hosts.
+    by_tokens: HashMap<String, Vec<String>>,
+    latency: Duration,
+    own: String,
+    hits: Mutex<Vec<Hit>>,
+    seen: Mutex<HashMap<(String, String), u32>>,
+    llm_fail: AtomicBool,
+    llm_calls: AtomicU64,
+    log_hits: bool,
+}
+
+pub struct FixtureWeb {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FixtureWeb {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FixtureWeb {
+    /// Serves `sites` on 127.0.0.1 (an ephemeral port); every site request waits `latency` first.
+    pub async fn start(sites: Vec<SiteSpec>, latency: Duration) -> std::io::Result<FixtureWeb> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut by_tokens: HashMap<String, Vec<String>> = HashMap::new();
+        for s in &sites {
+            by_tokens.entry(name_tokens(&s.company).join(" ")).or_default().push(s.host.clone());
+        }
+        let state = Arc::new(State {
+            sites: sites.into_iter().map(|s| (s.host.clone(), s)).collect(),
+            by_tokens,
+            latency,
+            own: addr.to_string(),
+            hits: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
+            llm_fail: AtomicBool::new(false),
+            llm_calls: AtomicU64::new(0),
+            log_hits: true,
+        });
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let _ = serve(&state, stream).await;
+                });
+            }
+        });
+        Ok(FixtureWeb { addr, state, task })
+    }
+
+    /// The proxy to give acraflow (`ENRICH_HTTP_PROXY`).
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn search_url(&self) -> String {
+        format!("http://{}/search?q={{query}}", self.addr)
+    }
+
+    pub fn llm_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn reader_url(&self) -> String {
+        format!("http://{}/reader/{{url}}", self.addr)
+    }
+
+    pub fn contacts_url(&self) -> String {
+        format!("http://{}/contacts", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.state.hits.lock().unwrap().clone()
+    }
+
+    pub fn set_llm_failing(&self, failing: bool) {
+        self.state.llm_fail.store(failing, Ordering::SeqCst);
+    }
+
+    pub fn llm_calls(&self) -> u64 {
+        self.state.llm_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn site(&self, host: &str) -> Option<&SiteSpec> {
+        self.state.sites.get(host)
+    }
+}
+
+/// A realistic mix for a list of companies `(name, uen)`: about 12% have no website, 4% disallow all
+/// robots, 2% answer 500, 2% are slow; two thirds of the rest are found by search, the others only by
+/// the probe (their host is the probe's first candidate). Deterministic for the same companies.
+pub fn realistic_sites(companies: &[(String, Option<String>)]) -> Vec<SiteSpec> {
+    let mut taken = std::collections::HashSet::new();
+    let mut sites = Vec::new();
+    for (name, uen) in companies {
+        let h = hash(&(name, uen));
+        let candidates = candidate_domains(name);
+        let Some(first) = candidates.first() else { continue };
+        if h % 100 < 12 {
+            continue;
+        }
+        let joined = first.trim_end_matches(".com.sg").to_owned();
+        let (host, in_search) = match h % 3 {
+            0 => (first.clone(), false),
+            1 => (format!("www.{joined}.sg"), true),
+            _ => (format!("{}.com", name_tokens(name).join("-")), true),
+        };
+        let mut spec = SiteSpec::new(&host, name, uen.as_deref());
+        spec.in_search = in_search;
+        match h % 100 {
+            12..=15 => spec.robots_disallow = true,
+            16..=17 => spec.fault = Some(Fault::ServerError),
+            18..=19 => spec.fault = Some(Fault::SlowBody(Duration::from_millis(50))),
+            _ => {}
+        }
+        if spec.robots_disallow || spec.fault.is_some() {
+            spec.in_search = true;
+        }
+        // One site per name: two companies that search alike would make "the right domain" ambiguous.
+        if !taken.insert(spec.host.clone()) || !taken.insert(name_tokens(name).join(" ")) {
+            continue;
+        }
+        sites.push(spec);
+    }
+    sites
+}
+
+fn hash<T: Hash>(t: &T) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+enum Body {
+    Bytes(Vec<u8>),
+    Slow(Vec<u8>, Duration),
+    Huge(usize),
+    Hang,
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Body,
+}
+
+impl Response {
+    fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
+        Response { status, content_type, headers: Vec::new(), body: Body::Bytes(body.into()) }
+    }
+    fn html(body: String) -> Self {
+        Self::new(200, "text/html; charset=utf-8", body)
+    }
+    fn redirect(status: u16, to: String) -> Self {
+        let mut r = Self::new(status, "text/html", "");
+        r.headers.push(("Location", to));
+        r
+    }
+    fn not_found() -> Self {
+        Self::new(404, "text/html", "<html><body><h1>Not found</h1></body></html>")
+    }
+}
+
+async fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return Ok(());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut chunk)).await??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let (method, target) = (first.next().unwrap_or("").to_owned(), first.next().unwrap_or("/").to_owned());
+    let mut host_header = String::new();
+    let mut length = 0usize;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "host" => host_header = v.trim().to_ascii_lowercase(),
+                "content-length" => length = v.trim().parse().unwrap_or(0).min(4 * 1024 * 1024),
+                _ => {}
+            }
+        }
+    }
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; 16 * 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    if method == "CONNECT" {
+        return write(&mut stream, Response::new(501, "text/plain", "no TLS here")).await;
+    }
+    // A proxied request names its target in full; a direct one has a path and a Host header.
+    let (authority, path) = match target.strip_prefix("http://") {
+        Some(rest) => match rest.find('/') {
+            Some(i) => (rest[..i].to_ascii_lowercase(), rest[i..].to_owned()),
+            None => (rest.to_ascii_lowercase(), "/".to_owned()),
+        },
+        None => (host_header, target),
+    };
+    let host = authority.split(':').next().unwrap_or("").to_owned();
+    let at = Instant::now();
+    let response = if authority == state.own || host == "localhost" {
+        endpoint(state, &method, &path, &body)
+    } else {
+        match state.sites.get(&host) {
+            Some(site) => {
+                tokio::time::sleep(state.latency).await;
+                site_response(state, site, &path)
+            }
+            None if host == "127.0.0.1" || host == "169.254.169.254" => {
+                Response::html("<html><body>internal secrets</body></html>".into())
+            }
+            None => Response::new(502, "text/plain", format!("proxy: cannot resolve {host}")),
+        }
+    };
+    if state.log_hits {
+        state.hits.lock().unwrap().push(Hit { at, host, path, status: response.status });
+    }
+    write(&mut stream, response).await
+}
+
+async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
+    let reason = match r.status {
+        200 => "OK",
+        301 => "Moved Permanently",
+        302 => "Found",
+        403 => "Forbidden",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        _ => "Status",
+    };
+    let len = match &r.body {
+        Body::Bytes(b) | Body::Slow(b, _) => b.len(),
+        Body::Huge(n) => *n,
+        Body::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return Ok(());
+        }
+    };
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {len}\r\nConnection: close\r\n",
+        r.status, r.content_type
+    );
+    for (k, v) in &r.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    match r.body {
+        Body::Bytes(b) => stream.write_all(&b).await?,
+        Body::Slow(b, delay) => {
+            for piece in b.chunks(b.len().div_ceil(10).max(1)) {
+                stream.write_all(piece).await?;
+                stream.flush().await?;
+                tokio::time::sleep(delay).await;
+            }
+        }
+        Body::Huge(n) => {
+            let filler = "<p>filler text that goes on and on for the whole page</p>\n".repeat(1024);
+            let mut sent = 0;
+            stream.write_all(b"<html><body>").await?;
+            sent += 12;
+            while sent < n {
+                let take = filler.len().min(n - sent);
+                stream.write_all(&filler.as_bytes()[..take]).await?;
+                sent += take;
+            }
+        }
+        Body::Hang => {}
+    }
+    stream.shutdown().await
+}
+
+fn site_response(state: &State, site: &SiteSpec, path: &str) -> Response {
+    let path = path.split('?').next().unwrap_or("/");
+    let count = {
+        let mut seen = state.seen.lock().unwrap();
+        let c = seen.entry((site.host.clone(), path.to_owned())).or_insert(0);
+        *c += 1;
+        *c
+    };
+    match site.fault {
+        Some(Fault::Hang) => return Response { body: Body::Hang, ..Response::not_found() },
+        Some(Fault::ServerError) => return Response::new(500, "text/html", "<h1>Internal Server Error</h1>"),
+        Some(Fault::RateLimited(n)) if count <= n => {
+            let mut r = Response::new(429, "text/plain", "slow down");
+            r.headers.push(("Retry-After", "1".into()));
+            return r;
+        }
+        Some(Fault::Forbidden) if path != "/robots.txt" => {
+            return Response::new(403, "text/html", "<h1>Forbidden</h1>")
+        }
+        _ => {}
+    }
+    if path == "/robots.txt" {
+        return if site.robots_disallow {
+            Response::new(200, "text/plain", "User-agent: *\nDisallow: /\n")
+        } else if site.seed().is_multiple_of(2) {
+            Response::new(200, "text/plain", "User-agent: *\nDisallow: /private/\n\nUser-agent: BadBot\nDisallow: /\n")
+        } else {
+            Response::not_found()
+        };
+    }
+    let home = path == "/" || path.is_empty();
+    match (site.fault, home) {
+        (Some(Fault::RedirectLoop), _) if home => return Response::redirect(302, "/a".into()),
+        (Some(Fault::RedirectLoop), _) if path == "/a" => return Response::redirect(302, "/".into()),
+        (Some(Fault::RedirectToPrivate), true) => {
+            return Response::redirect(302, "http://169.254.169.254/latest/meta-data/".into())
+        }
+        (Some(Fault::Huge), true) => {
+            return Response { body: Body::Huge(50 * 1024 * 1024), ..Response::html(String::new()) }
+        }
+        (Some(Fault::NotHtml), true) => return Response::new(200, "application/pdf", b"%PDF-1.4 fake".to_vec()),
+        (Some(Fault::InvalidUtf8), true) => {
+            let mut page = pages::home(site).into_bytes();
+            page.extend_from_slice(b"<p>Caf\xe9 \xff\xfe menu</p></body></html>");
+            return Response::new(200, "text/html", page);
+        }
+        (Some(Fault::SlowBody(d)), true) => {
+            return Response { body: Body::Slow(pages::home(site).into_bytes(), d), ..Response::html(String::new()) }
+        }
+        _ => {}
+    }
+    match path.trim_end_matches('/') {
+        "" => Response::html(pages::home(site)),
+        p if p == pages::about_path(site) => Response::html(pages::about(site)),
+        "/contact" | "/contact-us" => Response::html(pages::contact(site)),
+        "/careers" => Response::html(pages::careers(site)),
+        _ => Response::not_found(),
+    }
+}
+
+fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    match (method, route) {
+        ("GET", "/search") => {
+            let q = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "q")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let key = q.split_whitespace().filter(|w| *w != "singapore").collect::<Vec<_>>().join(" ");
+            let hosts: Vec<&SiteSpec> = state
+                .by_tokens
+                .get(&key)
+                .map(|hs| hs.iter().filter_map(|h| state.sites.get(h)).filter(|s| s.in_search).collect())
+                .unwrap_or_default();
+            Response::html(pages::search(&key, &hosts))
+        }
+        ("POST", "/v1/chat/completions") => {
+            state.llm_calls.fetch_add(1, Ordering::SeqCst);
+            if state.llm_fail.load(Ordering::SeqCst) {
+                return Response::new(500, "application/json", r#"{"error": {"message": "model overloaded"}}"#);
+            }
+            let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let text = req.pointer("/messages/1/content").and_then(|c| c.as_str()).unwrap_or("");
+            let company = text.lines().next().unwrap_or("").trim_start_matches("Company: ").to_owned();
+            let h = hash(&company);
+            let bucket = ["<1M", "1M-10M", "10M-50M"][(h % 3) as usize];
+            let content = serde_json::json!({
+                "employees_est": 5 + h % 300,
+                "revenue_bucket": bucket,
+                "about": format!("{company} is a Singapore company described by its website."),
+            });
+            let answer = serde_json::json!({
+                "id": "chatcmpl-fixture", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content.to_string()}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": text.len() / 4, "completion_tokens": 40, "total_tokens": text.len() / 4 + 40},
+            });
+            Response::new(200, "application/json", answer.to_string())
+        }
+        ("POST", "/contacts") => {
+            let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let company = req.get("companyName").and_then(|c| c.as_str()).unwrap_or("");
+            let people = serde_json::json!([
+                {"fullName": "Tan Mei Ling", "headline": format!("Director at {company}"), "profileUrl": "https://www.linkedin.com/in/tan-mei-ling"},
+                {"fullName": "Rajesh Kumar", "headline": "Head of Sales", "profileUrl": "https://www.linkedin.com/in/rajesh-kumar"},
+            ]);
+            Response::new(200, "application/json", people.to_string())
+        }
+        ("GET", r) if r.starts_with("/reader/") => {
+            let target = url::Url::parse(&path["/reader/".len()..]).ok();
+            match target.as_ref().and_then(|u| u.host_str()).and_then(|h| state.sites.get(h)) {
+                Some(site) => Response::new(
+                    200,
+                    "text/plain",
+                    format!(
+                        "Title: {}\n\n{} provides services to customers across Singapore and the region.",
+                        site.company, site.company
+                    ),
+                ),
+                None => Response::not_found(),
+            }
+        }
+        _ => Response::not_found(),
+    }
+}
+
+mod pages {
+    use super::SiteSpec;
+
+    pub fn about_path(site: &SiteSpec) -> &'static str {
+        ["/about-us", "/about", "/company"][(site.seed() % 3) as usize]
+    }
+
+    fn nav(site: &SiteSpec) -> String {
+        format!(
+            r#"<nav><a href="/">Home</a> <a href="{}">About us</a> <a href="/services">Services</a> <a href="/contact">Contact</a> <a href="/careers">Careers</a> <a href="https://www.facebook.com/x">Facebook</a></nav>"#,
+            about_path(site)
+        )
+    }
+
+    fn footer(site: &SiteSpec) -> String {
+        let e = site.expected();
+        let s = site.seed();
+        let domain = site.domain();
+        let (local, rest) = e.phone[4..].split_at(4);
+        let phone = match s % 3 {
+            0 => e.phone.clone(),
+            1 => format!("(65) {local}-{}", rest.trim()),
+            _ => format!("+65{local}{}", rest.trim()),
+        };
+        let sales = match s % 2 {
+            0 => {
+                format!("sales [at] {} [dot] {}", domain.split_once('.').unwrap().0, domain.split_once('.').unwrap().1)
+            }
+            _ => format!("sales(at){domain}"),
+        };
+        format!(
+            r#"<footer><p>{} {} Road, #{:02}-{:02}, Singapore {:06}</p><p>Tel: {phone} | Email: {sales}</p>
+            <a href="mailto:hello@{domain}">hello@{domain}</a> <a href="{}">LinkedIn</a>
+            <p>&copy; 2024 {}. UEN {}</p></footer>"#,
+            1 + s % 200,
+            ["Anson", "Ubi", "Kallang", "Jurong East", "Tampines"][(s % 5) as usize],
+            s % 30,
+            s % 90,
+            10_000 + s % 800_000,
+            e.linkedin_url,
+            site.company,
+            site.uen.as_deref().unwrap_or("-"),
+        )
+    }
+
+    fn head(site: &SiteSpec, title: &str) -> String {
+        let s = site.seed();
+        let generator = match s % 4 {
+            0 => {
+                r#"<meta name="generator" content="WordPress 6.4.2"><link rel="stylesheet" href="/wp-content/themes/x/style.css">"#
+            }
+            1 => r#"<script src="https://static.wixstatic.com/x.js"></script>"#,
+            2 => r#"<script src="https://cdn.shopify.com/s/x.js"></script>"#,
+            _ => "",
+        };
+        format!(
+            r#"<!doctype html><html><head><meta charset="utf-8"><title>{title} | {}</title>
+            <meta name="description" content="{} provides trusted services to businesses in Singapore and across Asia.">
+            {generator}<script async src="https://www.googletagmanager.com/gtag/js?id=G-{s}"></script></head>"#,
+            site.company, site.company
+        )
+    }
+
+    pub fn home(site: &SiteSpec) -> String {
+        format!(
+            "{}<body>{}<h1>Welcome to {}</h1><p>{} has served customers in Singapore for many years with a team that cares about quality.</p>{}</body></html>",
+            head(site, "Home"),
+            nav(site),
+            site.company,
+            site.company,
+            footer(site)
+        )
+    }
+
+    pub fn about(site: &SiteSpec) -> String {
+        format!(
+            "{}<body>{}<h1>About us</h1><p>Founded in {}, {} (UEN {}) is a Singapore company serving clients across the region.</p><p>Our people are our strength.</p>{}</body></html>",
+            head(site, "About"),
+            nav(site),
+            1980 + site.seed() % 40,
+            site.company,
+            site.uen.as_deref().unwrap_or("-"),
+            footer(site)
+        )
+    }
+
+    pub fn contact(site: &SiteSpec) -> String {
+        format!(
+            "{}<body>{}<h1>Contact</h1><p>Write to <a href=\"mailto:sales@{}\">our sales team</a> or call us on weekdays between 9am and 6pm.</p>{}</body></html>",
+            head(site, "Contact"),
+            nav(site),
+            site.domain(),
+            footer(site)
+        )
+    }
+
+    pub fn careers(site: &SiteSpec) -> String {
+        let jobs: String = (0..site.expected().jobs)
+            .map(|i| format!(r#"<li class="job-opening"><a href="/careers/role-{i}">Role {i}</a></li>"#))
+            .collect();
+        format!(
+            "{}<body>{}<h1>Careers</h1><p>Join a growing team in Singapore; we hire for attitude and train for skill.</p><ul class=\"openings\">{jobs}</ul>{}</body></html>",
+            head(site, "Careers"),
+            nav(site),
+            footer(site)
+        )
+    }
+
+    pub fn search(query: &str, sites: &[&SiteSpec]) -> String {
+        let result = |url: &str, title: &str| {
+            let enc: String = url::form_urlencoded::byte_serialize(url.as_bytes()).collect();
+            format!(
+                r#"<div class="result results_links results_links_deep web-result"><div class="links_main links_deep result__body"><h2 class="result__title"><a rel="nofollow" class="result__a" href="//duckduckgo.com/l/?uddg={enc}&amp;rut=f">{title}</a></h2><a class="result__snippet" href="x">{title}</a></div></div>"#
+            )
+        };
+        let slug = query.replace(' ', "-");
+        let mut out = String::from(r#"<html><body><div class="serp__results"><div id="links" class="results">"#);
+        out.push_str(&result(&format!("https://www.sgpbusiness.com/company/{slug}"), "SGPBusiness"));
+        out.push_str(&result(&format!("https://sg.linkedin.com/company/{slug}"), "LinkedIn"));
+        for s in sites {
+            out.push_str(&result(&format!("http://{}/", s.host), &s.company));
+        }
+        out.push_str(&result("https://www.straitstimes.com/business/economy", "Business news"));
+        out.push_str("</div></div></body></html>");
+        out
+    }
+}

@@ -1,0 +1,411 @@
+//! The full pipeline (acra_direct: filter -> dedupe -> upsert -> enrich -> sink) against the fixture web,
+//! checked from the tables a user reads and from the web server's own request log.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use acraflow::config::{EnrichOverrides, Overrides, PipelineSpec};
+use acraflow::fixture_web::{realistic_sites, Fault, FixtureWeb, SiteSpec};
+use acraflow::ops::enrich::discover::name_tokens;
+use acraflow::ops::enrich::http::{FetchError, Http, HttpSettings, RobotsCache};
+use acraflow::pipeline::{Mode, RunSummary};
+
+use crate::support::{wait_until, TestDb};
+
+/// Settings pointing the enricher at the fixture web, with test-sized timeouts and spacing.
+fn web_overrides(web: &FixtureWeb, concurrency: usize) -> EnrichOverrides {
+    EnrichOverrides {
+        concurrency: Some(concurrency),
+        proxy: Some(web.proxy_url()),
+        search_url: Some(web.search_url()),
+        reader_url: Some(web.reader_url()),
+        llm_base_url: Some(web.llm_url()),
+        host_spacing: Some(Duration::from_millis(200)),
+        timeout_s: Some(1.0),
+        ..Default::default()
+    }
+}
+
+async fn run_acra_direct(db: &TestDb, overrides: Overrides) -> acraflow::Result<RunSummary> {
+    let mut spec = PipelineSpec::acra_direct();
+    spec.apply(&overrides);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    acraflow::pipeline::run(&db.dsn, &spec, Mode::Backfill, rx).await
+}
+
+/// Staging rows all live (so every company is eligible), and the companies as (name, uen).
+async fn live_companies(db: &TestDb, rows: u64) -> Vec<(String, Option<String>)> {
+    db.seed(rows, 11).await;
+    db.client
+        .batch_execute(
+            "update staging_acra_companies set entity_status_description = 'Live Company', \
+             registration_incorporation_date = '2015-06-01'",
+        )
+        .await
+        .unwrap();
+    db.client
+        .query("select distinct on (upper(btrim(uen))) btrim(entity_name), upper(btrim(uen)) from staging_acra_companies order by upper(btrim(uen)), id desc", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+struct Row {
+    status: String,
+    error: Option<String>,
+    domain: Option<String>,
+    emails: Vec<String>,
+    phones: Vec<String>,
+    jobs: Option<i32>,
+    linkedin: Option<String>,
+    employees: Option<i32>,
+    hq_city: Option<String>,
+}
+
+/// The latest enrichment per company name, as stored.
+async fn enrichments(db: &TestDb) -> HashMap<String, Row> {
+    let rows = db
+        .client
+        .query(
+            "select c.name, h.status, h.error, c.website_domain, h.public_emails, h.phones, h.jobs_count, \
+               c.linkedin_url, c.employees_est, c.hq_city \
+             from company_enrichment_runs h join companies c using (company_id) where h.enriched",
+            &[],
+        )
+        .await
+        .unwrap();
+    let list = |v: Option<serde_json::Value>| -> Vec<String> {
+        v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default()
+    };
+    rows.iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                Row {
+                    status: r.get(1),
+                    error: r.get(2),
+                    domain: r.get(3),
+                    emails: list(r.get(4)),
+                    phones: list(r.get(5)),
+                    jobs: r.get(6),
+                    linkedin: r.get(7),
+                    employees: r.get(8),
+                    hq_city: r.get(9),
+                },
+            )
+        })
+        .collect()
+}
+
+fn site_for<'a>(sites: &'a [SiteSpec], name: &str) -> Option<&'a SiteSpec> {
+    let tokens = name_tokens(name);
+    sites.iter().find(|s| name_tokens(&s.company) == tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acra_direct_enriches_200_companies_politely_and_once() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 240).await;
+    let sites = realistic_sites(&companies);
+    let web = FixtureWeb::start(sites.clone(), Duration::ZERO).await.unwrap();
+    let overrides = Overrides { enrich: web_overrides(&web, 24), ..Default::default() };
+
+    let s = run_acra_direct(&db, overrides.clone()).await.unwrap();
+    assert!(s.counters.processed >= 200, "{:?}", s.counters);
+
+    let stored = enrichments(&db).await;
+    // Exactly one history row per enrichment, one enrichment per processed company. (`stored` is keyed by
+    // name, and a few distinct companies share a name.)
+    assert!(stored.len() >= 200);
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where enriched").await as u64,
+        s.counters.processed
+    );
+    assert_eq!(
+        db.count("select count(distinct company_id) from company_enrichment_runs").await as u64,
+        s.counters.processed
+    );
+
+    // Domains: found for at least 90% of the companies that have a site.
+    let with_site: Vec<(&String, &SiteSpec)> =
+        stored.keys().filter_map(|name| site_for(&sites, name).map(|s| (name, s))).collect();
+    let found = with_site.iter().filter(|(n, s)| stored[*n].domain.as_deref() == Some(&s.domain())).count();
+    assert!(with_site.len() >= 150, "{} companies with sites", with_site.len());
+    assert!(found * 10 >= with_site.len() * 9, "domain found for {found} of {}", with_site.len());
+    // No site: degraded, no domain invented.
+    for (name, row) in &stored {
+        if site_for(&sites, name).is_none() {
+            assert_eq!((row.status.as_str(), row.domain.as_deref()), ("degraded", None), "{name}");
+            assert_eq!(row.error.as_deref(), Some("no website found"), "{name}");
+        }
+    }
+
+    // Fields persisted for healthy sites match what the site says.
+    let healthy: Vec<&(&String, &SiteSpec)> =
+        with_site.iter().filter(|(_, s)| s.fault.is_none() && !s.robots_disallow).collect();
+    for (name, site) in &healthy {
+        let row = &stored[*name];
+        let want = site.expected();
+        assert_eq!(row.status, "ok", "{name}: {:?}", row.error);
+        for e in &want.emails {
+            assert!(row.emails.contains(e), "{name}: {e} not in {:?}", row.emails);
+        }
+        assert!(row.phones.contains(&want.phone), "{name}: {} not in {:?}", want.phone, row.phones);
+        assert_eq!(row.jobs, Some(want.jobs), "{name}");
+        assert_eq!(row.linkedin.as_deref(), Some(want.linkedin_url.as_str()), "{name}");
+        assert_eq!(row.hq_city.as_deref(), Some("Singapore"), "{name}");
+        assert!(row.employees.is_some(), "{name}: the LLM's estimate is stored");
+    }
+
+    // robots.txt: a disallowing site is asked for robots.txt and nothing else.
+    let hits = web.hits();
+    let disallowed: Vec<&SiteSpec> = sites.iter().filter(|s| s.robots_disallow).collect();
+    assert!(!disallowed.is_empty());
+    for site in &disallowed {
+        let paths: Vec<&str> = hits.iter().filter(|h| h.host == site.host).map(|h| h.path.as_str()).collect();
+        assert!(paths.iter().all(|p| *p == "/robots.txt"), "{}: {paths:?}", site.host);
+        if let Some(row) = stored.get(&site.company) {
+            assert_eq!(row.status, "degraded");
+            assert!(row.error.as_deref().unwrap_or("").contains("robots.txt disallows"), "{:?}", row.error);
+        }
+    }
+    // Spacing: consecutive requests to one host are 200 ms apart as the client sends them. The server sees
+    // them through connection set-up jitter on a busy 2-core machine, hence the margin; without spacing
+    // they would arrive within a few milliseconds of each other.
+    let mut gaps = Vec::new();
+    let mut by_host: HashMap<&str, Vec<Instant>> = HashMap::new();
+    for h in &hits {
+        by_host.entry(h.host.as_str()).or_default().push(h.at);
+    }
+    let mut pairs = 0;
+    for (host, mut times) in by_host {
+        if host.starts_with("127.0.0.1") {
+            continue;
+        }
+        times.sort();
+        for w in times.windows(2) {
+            pairs += 1;
+            gaps.push(w[1] - w[0]);
+            assert!(w[1] - w[0] >= Duration::from_millis(150), "{host}: requests {:?} apart", w[1] - w[0]);
+        }
+    }
+    assert!(pairs > 500, "only {pairs} same-host request pairs");
+    gaps.sort();
+    assert!(gaps[gaps.len() / 2] >= Duration::from_millis(200), "median gap {:?}", gaps[gaps.len() / 2]);
+    // A site answering 500 fails its company, with the cause; the run goes on.
+    for site in sites.iter().filter(|s| s.fault == Some(Fault::ServerError)) {
+        if let Some(row) = stored.get(&site.company) {
+            assert_eq!(row.status, "failed");
+            assert!(row.error.as_deref().unwrap_or("").contains("HTTP 500"), "{:?}", row.error);
+        }
+    }
+    assert_eq!(
+        s.counters.failed as i64,
+        db.count("select count(*) from company_enrichment_runs where status = 'failed'").await
+    );
+
+    // A second pass over the same rows skips the recently enriched companies: no new requests, no new rows.
+    let before = web.hits().len();
+    let again = run_acra_direct(
+        &db,
+        Overrides { start_after_id: Some(0), checkpoint_key: Some("again".into()), ..overrides.clone() },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.counters.processed, 0, "{:?}", again.counters);
+    assert_eq!(again.counters.skipped, s.counters.processed);
+    assert_eq!(web.hits().len(), before, "the second pass fetched nothing");
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where enriched").await as u64,
+        s.counters.processed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_ends_in_bounded_time_with_the_right_status() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 40).await;
+    // One site per fault, then healthy ones.
+    let mut faults: Vec<Option<Fault>> = Fault::ALL.iter().copied().map(Some).collect();
+    faults.push(Some(Fault::SlowBody(Duration::from_millis(300)))); // 3 s body, 1 s timeout
+    let mut sites = Vec::new();
+    let mut expect: HashMap<String, (Option<Fault>, &str, &str)> = HashMap::new();
+    for ((name, uen), fault) in companies.iter().zip(faults.iter().chain(std::iter::repeat(&None))) {
+        let host = format!("{}.com.sg", name_tokens(name).join("-"));
+        if name_tokens(name).is_empty() || sites.iter().any(|s: &SiteSpec| s.host == host) {
+            continue;
+        }
+        let mut site = SiteSpec::new(&host, name, uen.as_deref());
+        site.fault = *fault;
+        let too_slow = Some(Fault::SlowBody(Duration::from_millis(300)));
+        let (status, error) = match fault {
+            f if *f == too_slow => ("failed", "timed out"),
+            None | Some(Fault::SlowBody(_)) => ("ok", ""),
+            Some(Fault::Hang) => ("failed", "timed out"),
+            Some(Fault::ServerError) => ("failed", "HTTP 500"),
+            Some(Fault::RateLimited(_)) | Some(Fault::Huge) | Some(Fault::InvalidUtf8) => ("ok", ""),
+            Some(Fault::RedirectLoop) => ("failed", "more than 5 redirects"),
+            Some(Fault::RedirectToPrivate) => ("failed", "refused to fetch http://169.254.169.254/"),
+            Some(Fault::Forbidden) => ("degraded", "read through ENRICH_READER_URL"),
+            Some(Fault::NotHtml) => ("failed", "not HTML (application/pdf)"),
+        };
+        expect.insert(name.clone(), (*fault, status, error));
+        sites.push(site);
+    }
+    let web = FixtureWeb::start(sites.clone(), Duration::ZERO).await.unwrap();
+    web.set_llm_failing(true);
+    let mut enrich = web_overrides(&web, 16);
+    enrich.host_spacing = Some(Duration::from_millis(50));
+
+    let started = Instant::now();
+    let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    // Worst case per company: robots.txt and a page, each 3 attempts of 1 s plus backoff.
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+
+    let stored = enrichments(&db).await;
+    for (name, (fault, status, error)) in &expect {
+        let row = stored.get(name).unwrap_or_else(|| panic!("{name} ({fault:?}) has no history row"));
+        // The LLM is failing throughout: healthy sites are degraded by it, never failed.
+        let want = if *status == "ok" { "degraded" } else { status };
+        assert_eq!(row.status, want, "{name} ({fault:?}): {:?}", row.error);
+        let got = row.error.as_deref().unwrap_or("");
+        assert!(got.contains(error), "{name} ({fault:?}): error {got:?} lacks {error:?}");
+        if *status == "ok" {
+            assert!(got.contains("llm: HTTP 500"), "{name}: {got:?}");
+            assert!(!row.emails.is_empty(), "{name} ({fault:?}): emails still extracted");
+        }
+    }
+    assert_eq!(s.counters.failed, expect.values().filter(|e| e.1 == "failed").count() as u64);
+
+    // 429 with Retry-After: 1 was waited out, then the same path succeeded.
+    let limited = sites.iter().find(|s| s.fault == Some(Fault::RateLimited(1))).unwrap();
+    let hits: Vec<_> = web.hits().into_iter().filter(|h| h.host == limited.host && h.path == "/robots.txt").collect();
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    assert_eq!(hits[0].status, 429);
+    assert_ne!(hits[1].status, 429);
+    assert!(hits[1].at - hits[0].at >= Duration::from_millis(950), "Retry-After honoured");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crawler_refuses_private_addresses_unless_allowed() {
+    let web = FixtureWeb::start(Vec::new(), Duration::ZERO).await.unwrap();
+    let settings = |allow_private: bool| HttpSettings {
+        user_agent: "acraflow-test".into(),
+        timeout: Duration::from_secs(2),
+        host_spacing: Duration::from_millis(1),
+        max_bytes: 1 << 20,
+        max_redirects: 5,
+        attempts: 1,
+        allow_private,
+        proxy: None,
+        max_retry_after: Duration::from_secs(1),
+        backoff: Duration::from_millis(10),
+    };
+    let guarded = Http::new(settings(false)).unwrap();
+    let port = web.addr().port();
+    for url in [
+        format!("http://127.0.0.1:{port}/search?q=x"),
+        format!("http://localhost:{port}/"),
+        "http://169.254.169.254/latest/meta-data/".into(),
+        "http://10.0.0.1/".into(),
+        "http://[::1]/".into(),
+        "file:///etc/passwd".into(),
+    ] {
+        let got = guarded.page(&url.parse().unwrap(), &mut RobotsCache::default()).await;
+        assert!(matches!(got, Err(FetchError::Refused(_))), "{url}: {got:?}");
+    }
+    assert!(web.hits().is_empty(), "nothing reached the server");
+    // The same fetch is allowed with ENRICH_ALLOW_PRIVATE: the guard, not the network, refused it.
+    let open = Http::new(settings(true)).unwrap();
+    let page =
+        open.page(&format!("http://127.0.0.1:{port}/search?q=x").parse().unwrap(), &mut RobotsCache::default()).await;
+    assert!(page.unwrap().body.contains("result__a"));
+
+    // End to end: a company whose known website is a loopback address fails with the refusal, and the
+    // pipeline goes on.
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 1).await;
+    let (name, uen) = companies.iter().find(|c| c.1.is_some()).expect("a company with a uen");
+    db.client
+        .execute(
+            "insert into companies (uen, name, website_domain) values ($1, $2, $3)",
+            &[uen, name, &format!("http://127.0.0.1:{port}/")],
+        )
+        .await
+        .unwrap();
+    let enrich = EnrichOverrides { search_url: Some(web.search_url()), timeout_s: Some(1.0), ..Default::default() };
+    let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    assert!(s.counters.processed >= 1);
+    let stored = enrichments(&db).await;
+    let row = &stored[name];
+    assert_eq!(row.status, "failed");
+    assert!(row.error.as_deref().unwrap().contains("private, loopback or link-local"), "{:?}", row.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_cap_stops_a_backfill_where_it_can_resume() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 30).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    let mut enrich = web_overrides(&web, 4);
+    enrich.daily_cap = Some(5);
+    enrich.llm_base_url = None;
+    let overrides = Overrides { batch_size: Some(7), enrich, ..Default::default() };
+    let s = run_acra_direct(&db, overrides.clone()).await.unwrap();
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, 5);
+    assert_eq!(s.counters.processed, 5, "{:?}", s.counters);
+    // The checkpoint stops just before the first company over the cap, so the next day resumes there.
+    let last_id = db.count("select last_id from service_progress where key = 'acra_direct'").await;
+    let enriched_max = db.count("select max(staging_id) from company_enrichment_runs where enriched").await;
+    assert!(last_id >= enriched_max && last_id < db.count("select max(id) from staging_acra_companies").await);
+    // Same day, across a restart: the cap still holds.
+    let again = run_acra_direct(&db, overrides).await.unwrap();
+    assert_eq!(again.counters.processed, 0);
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_enrichment_leaves_no_duplicate_history() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 120).await;
+    let sites = realistic_sites(&companies);
+    let web = FixtureWeb::start(sites, Duration::from_millis(30)).await.unwrap();
+    let proxy = web.proxy_url();
+    let search = web.search_url();
+    let env = [
+        ("ACRA_DIRECT_PIPELINE", "acra_direct"),
+        ("ACRA_DIRECT_CONCURRENCY", "8"),
+        ("ACRA_DIRECT_BATCH_SIZE", "25"),
+        ("ENRICH_HTTP_PROXY", proxy.as_str()),
+        ("ENRICH_SEARCH_URL", search.as_str()),
+        ("ENRICH_HOST_SPACING", "100ms"),
+        ("CRAWLER_TIMEOUT_S", "1"),
+    ];
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
+    cmd.arg("backfill").env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let some = wait_until(Duration::from_secs(60), || async {
+        db.count("select count(*) from company_enrichment_runs where enriched").await >= 20
+    })
+    .await;
+    assert!(some, "enrichment did not start");
+    child.kill().unwrap(); // SIGKILL: in-flight companies are lost mid-crawl
+    child.wait().unwrap();
+    let before = db.count("select count(*) from company_enrichment_runs where enriched").await;
+    assert!(before < 100, "killed too late to test anything ({before})");
+
+    let out = db.cli(&["backfill"], &env).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eligible = db.count("select count(*) from companies").await;
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, eligible);
+    assert_eq!(
+        db.count("select count(distinct company_id) from company_enrichment_runs where enriched").await,
+        eligible
+    );
+    assert_eq!(db.count("select count(*) from (select source_lsn, source_seq from company_enrichment_runs group by 1, 2 having count(*) > 1) d").await, 0);
+}
