@@ -258,6 +258,26 @@ pub enum BenchCommand {
     /// `acraflow run` under concurrent writers: sustained rows/s, commit-to-visible latency, RSS through a
     /// large transaction, against the raw receive-and-decode rate of the same WAL.
     Stream(BenchStreamArgs),
+    /// The enrich operator against the fixture web: companies/s, per-company p50/p95/p99 and peak RSS at
+    /// each concurrency, against the bound politeness allows.
+    Enrich(BenchEnrichArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEnrichArgs {
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub concurrency: Vec<usize>,
+    /// Companies per concurrency slot at each level (the run is long enough for start-up and the last
+    /// stragglers to matter little).
+    #[arg(long, default_value_t = 16)]
+    pub per_slot: u64,
+    /// Latency of every fixture page.
+    #[arg(long, default_value = "100ms", value_parser = crate::config::parse_duration)]
+    pub latency: std::time::Duration,
+    /// Politeness spacing per host (ENRICH_HOST_SPACING).
+    #[arg(long, default_value = "500ms", value_parser = crate::config::parse_duration)]
+    pub host_spacing: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

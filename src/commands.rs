@@ -75,6 +75,7 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         Command::Status(args) => status(dsn, args).await,
         Command::Bench(BenchCommand::Backfill(args)) => crate::bench::backfill(dsn, args).await,
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream(dsn, args).await,
+        Command::Bench(BenchCommand::Enrich(args)) => crate::bench::enrich(dsn, args).await,
     }
 }
 

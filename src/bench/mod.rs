@@ -17,6 +17,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::ops::filter::DEFAULT_EXCLUDED_STATUSES;
 use crate::seed;
 
+mod enrich;
+pub use enrich::enrich;
+
 const BENCH_DB: &str = "acraflow_bench";
 
 pub async fn backfill(admin_dsn: &str, args: &BenchBackfillArgs) -> Result<()> {
