@@ -240,7 +240,7 @@ impl OverrideArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Sample rows to seed when staging is empty.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub rows: u64,
 }
 
