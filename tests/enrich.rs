@@ -409,3 +409,48 @@ async fn a_crash_mid_enrichment_leaves_no_duplicate_history() {
     );
     assert_eq!(db.count("select count(*) from (select source_lsn, source_seq from company_enrichment_runs group by 1, 2 having count(*) > 1) d").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acraflow_run_enriches_new_staging_rows_as_they_stream_in() {
+    let db = TestDb::new().await;
+    let names = ["HARBOURFRONT PRECISION PTE. LTD.", "KALLANG RIVER FOODS PTE. LTD.", "ORCHID BAY STUDIO PTE. LTD."];
+    let companies: Vec<(String, Option<String>)> =
+        names.iter().enumerate().map(|(i, n)| (n.to_string(), Some(format!("20240000{i}K")))).collect();
+    let sites: Vec<SiteSpec> = companies
+        .iter()
+        .map(|(n, u)| SiteSpec::new(&format!("www.{}.com.sg", name_tokens(n).join("")), n, u.as_deref()))
+        .collect();
+    let web = FixtureWeb::start(sites.clone(), Duration::ZERO).await.unwrap();
+    let overrides = Overrides { enrich: web_overrides(&web, 4), ..db.stream_overrides() };
+    let engine = db.start_engine_with(PipelineSpec::acra_direct(), overrides);
+    db.wait_streaming(Duration::from_secs(30)).await;
+
+    for (name, uen) in &companies {
+        db.client
+            .execute(
+                "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
+                   registration_incorporation_date) values ($1, $2, 'Live Company', '2016-03-01')",
+                &[uen, name],
+            )
+            .await
+            .unwrap();
+    }
+    let all = wait_until(Duration::from_secs(30), || async {
+        db.count("select count(*) from company_enrichment_runs where enriched").await == 3
+    })
+    .await;
+    assert!(all, "the streamed companies were not enriched");
+    db.wait_caught_up(Duration::from_secs(30)).await;
+    let summary = engine.stop().await;
+    assert_eq!(summary.counters.processed, 3);
+
+    let stored = enrichments(&db).await;
+    for site in &sites {
+        let row = &stored[&site.company];
+        assert_eq!(row.status, "ok", "{:?}", row.error);
+        assert_eq!(row.domain.as_deref(), Some(site.domain().as_str()));
+        assert_eq!(row.linkedin.as_deref(), Some(site.expected().linkedin_url.as_str()));
+    }
+    // The stream's checkpoint is a position in the WAL, committed with the enrichments.
+    assert_eq!(db.count("select count(*) from service_progress where key = 'acra_direct' and cursor = 'lsn'").await, 1);
+}

@@ -283,7 +283,10 @@ impl TestDb {
     }
 
     pub fn start_engine(&self, overrides: Overrides) -> Engine {
-        let mut spec = PipelineSpec::registry_sync();
+        self.start_engine_with(PipelineSpec::registry_sync(), overrides)
+    }
+
+    pub fn start_engine_with(&self, mut spec: PipelineSpec, overrides: Overrides) -> Engine {
         spec.apply(&overrides);
         let (stop, rx) = tokio::sync::watch::channel(false);
         let dsn = self.dsn.clone();
