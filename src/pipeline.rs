@@ -441,6 +441,7 @@ async fn build_operators(
                     recheck_days: d.recheck_days,
                     skip_if_any_history: d.skip_if_any_history,
                     force: d.force,
+                    only_enrichments: spec.enrich().is_some(),
                 },
             )),
             OperatorSpec::Upsert(_) => Box::new(Upsert::new(Arc::clone(client), facts).await?),

@@ -454,3 +454,20 @@ async fn acraflow_run_enriches_new_staging_rows_as_they_stream_in() {
     // The stream's checkpoint is a position in the WAL, committed with the enrichments.
     assert_eq!(db.count("select count(*) from service_progress where key = 'acra_direct' and cursor = 'lsn'").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn companies_the_registry_pipeline_processed_are_still_enriched() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 20).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    let registry = db.run(Overrides::default()).await;
+    assert!(registry.counters.processed > 0);
+    // Registry-only history rows do not count as enrichment: a replay with acra_direct enriches them all.
+    let enrich = EnrichOverrides { llm_base_url: None, ..web_overrides(&web, 8) };
+    let s = run_acra_direct(&db, Overrides { start_after_id: Some(0), enrich, ..Default::default() }).await.unwrap();
+    assert_eq!(s.counters.processed, registry.counters.processed);
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where enriched").await as u64,
+        registry.counters.processed
+    );
+}

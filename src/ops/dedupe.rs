@@ -30,6 +30,9 @@ pub struct DedupePolicy {
     pub recheck_days: u32,
     pub skip_if_any_history: bool,
     pub force: bool,
+    /// In an enriching pipeline only enrichments count as history: a company the registry pipeline
+    /// processed (a history row without enrichment) is still enriched.
+    pub only_enrichments: bool,
 }
 
 /// Marks every eligible change that a later eligible change in the batch repeats as superseded.
@@ -148,7 +151,7 @@ impl Dedupe {
                  cross join lateral ( \
                    select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
                    where k.uen is not null and c.uen = k.uen \
-                     and ($5 or r.updated_at > now() - make_interval(days => $6)) \
+                     and ($5 or r.updated_at > now() - make_interval(days => $6)) and (r.enriched or not $7) \
                    limit 1) h \
                  union all \
                  select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
@@ -156,9 +159,17 @@ impl Dedupe {
                    select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
                    where k.uen is null and c.uen is null and md5(lower(c.name)) = md5(lower(k.name)) \
                      and coalesce(c.incorporation_year, 0) = coalesce(k.year, 0) \
-                     and ($5 or r.updated_at > now() - make_interval(days => $6)) \
+                     and ($5 or r.updated_at > now() - make_interval(days => $6)) and (r.enriched or not $7) \
                    limit 1) h",
-                &[&ords, &uens, &names, &years, &self.policy.skip_if_any_history, &recheck_days],
+                &[
+                    &ords,
+                    &uens,
+                    &names,
+                    &years,
+                    &self.policy.skip_if_any_history,
+                    &recheck_days,
+                    &self.policy.only_enrichments,
+                ],
             )
             .await
             .map_err(|e| Error::db("dedupe: looking up recent enrichment history", e))?;
