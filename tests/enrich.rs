@@ -471,3 +471,41 @@ async fn companies_the_registry_pipeline_processed_are_still_enriched() {
         registry.counters.processed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_never_reach_logs_or_stored_errors() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 15).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    web.set_llm_failing(true);
+    let (proxy, search, llm) = (web.proxy_url(), web.search_url(), format!("http://user:pw-in-url@{}", web.addr()));
+    let secret = "sk-test-5ecret-key-0042";
+    let out = db
+        .cli(
+            &["backfill", "--pipeline", "acra_direct"],
+            &[
+                ("RUST_LOG", "debug"),
+                ("ACRA_DIRECT_CONCURRENCY", "8"),
+                ("ENRICH_HTTP_PROXY", proxy.as_str()),
+                ("ENRICH_SEARCH_URL", search.as_str()),
+                ("ENRICH_HOST_SPACING", "50ms"),
+                ("LLM_BASE_URL", llm.as_str()),
+                ("LLM_API_KEY", secret),
+                ("APIFY_TOKEN", secret),
+            ],
+        )
+        .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(web.llm_calls() > 0, "the LLM was called (and failed)");
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("llm: HTTP 500"), "the failure is logged");
+    for needle in [secret, "pw-in-url"] {
+        assert!(!logs.contains(needle), "{needle} appears in the logs");
+        let stored = db
+            .count(&format!(
+                "select count(*) from company_enrichment_runs where error like '%{needle}%' or corpus like '%{needle}%'"
+            ))
+            .await;
+        assert_eq!(stored, 0, "{needle} stored in an error");
+    }
+}
