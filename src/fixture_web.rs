@@ -578,7 +578,8 @@ mod pages {
         };
         let sales = match s % 2 {
             0 => {
-                format!("sales [at] {} [dot] {}", domain.split_once('.').unwrap().0, domain.split_once('.').unwrap().1)
+                let (label, rest) = domain.split_once('.').unwrap_or((domain.as_str(), "sg"));
+                format!("sales [at] {label} [dot] {rest}")
             }
             _ => format!("sales(at){domain}"),
         };

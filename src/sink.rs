@@ -88,17 +88,17 @@ impl PostgresSink {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for e in &batch.events {
             let pos = e.change.pos;
-            match (&e.fate, e.company_id) {
-                (Fate::Process, Some(company_id)) if e.enrichment.is_some() => {
-                    enriched.push(company_id, pos, e.change.row.id, e.enrichment.as_deref().expect("checked"));
+            match (&e.fate, e.company_id, e.enrichment.as_deref()) {
+                (Fate::Process, Some(company_id), Some(enrichment)) => {
+                    enriched.push(company_id, pos, e.change.row.id, enrichment);
                 }
-                (Fate::Process, Some(company_id)) => {
+                (Fate::Process, Some(company_id), None) => {
                     h_company.push(company_id);
                     h_lsn.push(pos.lsn_text());
                     h_seq.push(pos.seq);
                     h_staging.push(e.change.row.id);
                 }
-                (Fate::DeadLetter { stage, reason }, _) => {
+                (Fate::DeadLetter { stage, reason }, _, _) => {
                     tracing::warn!(
                         staging_id = e.change.row.id, position = %pos, stage, reason = %reason,
                         "dead-lettered"

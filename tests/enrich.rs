@@ -509,3 +509,27 @@ async fn api_keys_never_reach_logs_or_stored_errors() {
         assert_eq!(stored, 0, "{needle} stored in an error");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_token_cap_holds_and_contacts_are_stored() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 12).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    let mut enrich = web_overrides(&web, 4);
+    enrich.llm_daily_tokens = Some(1); // less than any call needs
+    enrich.contacts = Some(true);
+    enrich.contacts_url = Some(web.contacts_url());
+    let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    assert!(s.counters.processed > 0);
+    assert_eq!(web.llm_calls(), 0, "no call over the daily token cap");
+    let capped = db
+        .count("select count(*) from company_enrichment_runs where error like '%OPENAI_DAILY_TOKENS_CAP reached%'")
+        .await;
+    // Every company whose site was read reached the LLM stage, and was refused by the cap.
+    let pages = db.count("select count(*) from company_enrichment_runs where pages_fetched > 0").await;
+    assert!(pages > 0);
+    assert_eq!(capped, pages);
+    // The contacts endpoint's people, once per company (two each from the fixture).
+    assert_eq!(db.count("select count(*) from contacts").await, 2 * pages);
+    assert_eq!(db.count("select count(distinct company_id) from contacts").await, pages);
+}

@@ -48,7 +48,7 @@ use extract::{Extracted, PageKind};
 use http::{FetchError, Http, HttpSettings, RobotsCache};
 
 /// Events per batch handed to the sink at most (what is ready is handed over at once).
-const OUT_CHUNK: usize = 1_000;
+const OUT_CHUNK: usize = 5_000;
 /// Pages tried at well-known paths when the homepage does not link that kind of page.
 const SEEDED_PATHS: &[(PageKind, &str)] =
     &[(PageKind::About, "/about-us"), (PageKind::Contact, "/contact-us"), (PageKind::Careers, "/careers")];
