@@ -15,7 +15,7 @@
 //! - A prefix cut inside a source batch carries the checkpoint just after its last change
 //!   ([`Checkpoint::after`]); only the unit that completes a source batch carries that batch's `ack_lsn`, so
 //!   the slot is never acknowledged past a transaction with changes still in flight.
-//! - Bounds: at most one source batch plus `window` events are held here; the channels around the
+//! - Bounds: at most one source batch plus `window` (16 x concurrency) events are held here; the channels around the
 //!   operators stage are bounded, so slow websites slow the source.
 //! - The daily cap is taken in source order when a unit is created, so a capped run stops at a clean prefix
 //!   (backfill: the run ends there and resumes from it; stream: later companies are deferred, their registry
@@ -47,6 +47,11 @@ pub mod llm;
 use extract::{Extracted, PageKind};
 use http::{FetchError, Http, HttpSettings, RobotsCache};
 
+/// Events held in source order per concurrency slot. A company slower than the rest (retries, a hanging
+/// site) holds the head of the window while the others go on completing behind it; the window is what
+/// keeps the slots busy meanwhile: with W = 16 x concurrency, a straggler stalls the run only if it takes
+/// longer than the others need to finish W companies. Waiting events are small (no page bodies).
+const WINDOW_PER_SLOT: usize = 16;
 /// Events per batch handed to the sink at most (what is ready is handed over at once).
 const OUT_CHUNK: usize = 5_000;
 /// Pages tried at well-known paths when the homepage does not link that kind of page.
@@ -290,7 +295,7 @@ type UnitFuture = BoxFuture<'static, Result<Unit>>;
 impl Operator for Enrich {
     fn apply(self: Box<Self>, input: BatchStream) -> BatchStream {
         let Enrich { client, ctx, stop_at_cap } = *self;
-        let window = ctx.settings.concurrency.saturating_mul(4).clamp(16, 4096);
+        let window = ctx.settings.concurrency.saturating_mul(WINDOW_PER_SLOT).clamp(64, 16_384);
         let units = async_stream::stream! {
             let mut input = input;
             while let Some(batch) = input.next().await {
