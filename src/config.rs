@@ -626,6 +626,25 @@ mod tests {
     }
 
     #[test]
+    fn acra_direct_enriches_after_upsert_and_names_bad_enrich_settings() {
+        let p = PipelineSpec::acra_direct();
+        p.validate().unwrap();
+        let kinds: Vec<&str> = p.operators.iter().map(|o| o.kind()).collect();
+        assert_eq!(kinds, ["filter", "dedupe", "upsert", "enrich"]);
+        assert_eq!(p.enrich().unwrap().concurrency, 1, "the PRD's default");
+        for (o, named) in [
+            (EnrichOverrides { concurrency: Some(0), ..Default::default() }, "ACRA_DIRECT_CONCURRENCY"),
+            (EnrichOverrides { search_url: Some("http://x/?q=".into()), ..Default::default() }, "ENRICH_SEARCH_URL"),
+            (EnrichOverrides { timeout_s: Some(-1.0), ..Default::default() }, "CRAWLER_TIMEOUT_S"),
+            (EnrichOverrides { contacts: Some(true), ..Default::default() }, "APIFY_LINKEDIN_URL"),
+        ] {
+            let mut p = PipelineSpec::acra_direct();
+            p.apply(&Overrides { enrich: o, ..Default::default() });
+            assert!(p.validate().unwrap_err().to_string().contains(named), "{named}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_named() {
         let err = PipelineSpec::parse("name = 'x'\n[source]\nbatch_sise = 5\n", "test.toml").unwrap_err();
         assert!(err.to_string().contains("batch_sise"), "{err}");
