@@ -533,3 +533,36 @@ async fn the_llm_token_cap_holds_and_contacts_are_stored() {
     assert_eq!(db.count("select count(*) from contacts").await, 2 * pages);
     assert_eq!(db.count("select count(distinct company_id) from contacts").await, pages);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_daily_cap_a_stream_defers_enrichment_and_keeps_the_registry_fresh() {
+    let db = TestDb::new().await;
+    let companies: Vec<(String, Option<String>)> = (0..4)
+        .map(|i| {
+            (format!("CAPPED STREAM {} PTE. LTD.", ["ONE", "TWO", "THREE", "FOUR"][i]), Some(format!("20250000{i}C")))
+        })
+        .collect();
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    let mut enrich = web_overrides(&web, 2);
+    enrich.daily_cap = Some(2);
+    let engine = db.start_engine_with(PipelineSpec::acra_direct(), Overrides { enrich, ..db.stream_overrides() });
+    db.wait_streaming(Duration::from_secs(30)).await;
+    for (name, uen) in &companies {
+        db.client
+            .execute(
+                "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
+                   registration_incorporation_date) values ($1, $2, 'Live Company', '2016-03-01')",
+                &[uen, name],
+            )
+            .await
+            .unwrap();
+    }
+    db.wait_caught_up(Duration::from_secs(60)).await;
+    let summary = engine.stop().await;
+    // Two enriched, two deferred: their companies exist and are current, with no history row, so a later
+    // run (or the next day) enriches them.
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, 2);
+    assert_eq!(db.count("select count(*) from company_enrichment_runs").await, 2);
+    assert_eq!(db.count("select count(*) from companies where status = 'Live Company'").await, 4);
+    assert_eq!((summary.counters.processed, summary.counters.skipped), (2, 2), "{:?}", summary.counters);
+}
