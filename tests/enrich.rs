@@ -52,6 +52,20 @@ async fn live_companies(db: &TestDb, rows: u64) -> Vec<(String, Option<String>)>
         .collect()
 }
 
+/// New live staging rows, as the ACRA ingester would write them (while a stream runs, they are streamed).
+async fn insert_live_rows(db: &TestDb, companies: &[(String, Option<String>)]) {
+    for (name, uen) in companies {
+        db.client
+            .execute(
+                "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
+                   registration_incorporation_date) values ($1, $2, 'Live Company', '2016-03-01')",
+                &[uen, name],
+            )
+            .await
+            .unwrap();
+    }
+}
+
 struct Row {
     status: String,
     error: Option<String>,
@@ -425,16 +439,7 @@ async fn acraflow_run_enriches_new_staging_rows_as_they_stream_in() {
     let engine = db.start_engine_with(PipelineSpec::acra_direct(), overrides);
     db.wait_streaming(Duration::from_secs(30)).await;
 
-    for (name, uen) in &companies {
-        db.client
-            .execute(
-                "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
-                   registration_incorporation_date) values ($1, $2, 'Live Company', '2016-03-01')",
-                &[uen, name],
-            )
-            .await
-            .unwrap();
-    }
+    insert_live_rows(&db, &companies).await;
     let all = wait_until(Duration::from_secs(30), || async {
         db.count("select count(*) from company_enrichment_runs where enriched").await == 3
     })
@@ -547,16 +552,7 @@ async fn at_the_daily_cap_a_stream_defers_enrichment_and_keeps_the_registry_fres
     enrich.daily_cap = Some(2);
     let engine = db.start_engine_with(PipelineSpec::acra_direct(), Overrides { enrich, ..db.stream_overrides() });
     db.wait_streaming(Duration::from_secs(30)).await;
-    for (name, uen) in &companies {
-        db.client
-            .execute(
-                "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
-                   registration_incorporation_date) values ($1, $2, 'Live Company', '2016-03-01')",
-                &[uen, name],
-            )
-            .await
-            .unwrap();
-    }
+    insert_live_rows(&db, &companies).await;
     db.wait_caught_up(Duration::from_secs(60)).await;
     let summary = engine.stop().await;
     // Two enriched, two deferred: their companies exist and are current, with no history row, so a later
