@@ -6,6 +6,7 @@
 //! what lets the sink count it and advance the checkpoint past it.
 
 use std::fmt;
+use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::ops::dedupe::Claim;
@@ -132,11 +133,21 @@ pub struct Event {
     pub claim: Option<Claim>,
     /// What the enrich operator found (set for processed changes when the pipeline enriches).
     pub enrichment: Option<Box<Enrichment>>,
+    /// When the source read the change: the start of its selection-to-persistence latency.
+    pub selected_at: Instant,
 }
 
 impl Event {
     pub fn new(change: Change) -> Self {
-        Event { change, fate: Fate::Process, record: None, company_id: None, claim: None, enrichment: None }
+        Event {
+            change,
+            fate: Fate::Process,
+            record: None,
+            company_id: None,
+            claim: None,
+            enrichment: None,
+            selected_at: Instant::now(),
+        }
     }
 
     pub fn dead_letter(&mut self, stage: &'static str, reason: impl Into<String>) {

@@ -6,6 +6,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::Overrides;
+use crate::telemetry::progress::ProgressMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,6 +80,83 @@ pub struct RunArgs {
     pub pipeline: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: OverrideArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+/// Operating the run: metrics, alerts, tenant, progress, summaries, shutdown.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Operations")]
+pub struct OpsArgs {
+    /// Serve Prometheus /metrics, /healthz and /readyz [default: false]
+    #[arg(long = "metrics", env = "METRICS_PROMETHEUS_ENABLE", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub metrics_enable: Option<bool>,
+    /// Port of the metrics endpoint (0: any free port, logged at start)
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9464, value_name = "PORT")]
+    pub metrics_port: u16,
+    /// Address the metrics endpoint listens on
+    #[arg(long, env = "METRICS_BIND", default_value = "0.0.0.0", value_name = "IP")]
+    pub metrics_bind: std::net::IpAddr,
+    /// Tenant set as request.tenant_id on every session (for RLS) and stored in the run header
+    /// [env: ACRA_DIRECT_TENANT_ID, else DEFAULT_TENANT_ID]
+    #[arg(long, env = "ACRA_DIRECT_TENANT_ID", value_name = "ID")]
+    pub tenant_id: Option<String>,
+    /// Slack incoming-webhook URL for failure alerts and pause/resume notices [default: alerts are only logged]
+    #[arg(long, env = "SLACK_WEBHOOK_URL", value_name = "URL", hide_env_values = true)]
+    pub slack_webhook_url: Option<String>,
+    /// Alert when failures exceed this percentage of outcomes over the window
+    #[arg(long, env = "ACRA_DIRECT_ERROR_ALERT_THRESHOLD", value_name = "PERCENT", default_value_t = crate::config::DEFAULT_ALERT_THRESHOLD_PCT)]
+    pub error_alert_threshold: f64,
+    /// The sliding window of the failure ratio, and the least time between two alerts
+    #[arg(long, env = "ACRA_DIRECT_ALERT_WINDOW", value_name = "DURATION", default_value = "30m", value_parser = crate::config::parse_duration)]
+    pub alert_window: std::time::Duration,
+    /// Outcomes the window must hold before its ratio counts (and how many more before a pause)
+    #[arg(long, env = "ACRA_DIRECT_ALERT_MIN_EVENTS", value_name = "N", default_value_t = crate::config::DEFAULT_ALERT_MIN_EVENTS)]
+    pub alert_min_events: u64,
+    /// Pause enrichment while the failure ratio stays above the threshold
+    #[arg(long, env = "ACRA_DIRECT_AUTO_PAUSE", value_parser = BoolishValueParser::new(), default_value = "true", value_name = "BOOL")]
+    pub auto_pause: bool,
+    /// How long a pause lasts before enrichment resumes by itself
+    #[arg(long, env = "ACRA_DIRECT_PAUSE_COOLDOWN", value_name = "DURATION", default_value = "10m", value_parser = crate::config::parse_duration)]
+    pub pause_cooldown: std::time::Duration,
+    /// Log the run summary (and update the run header) this often; 0 turns it off (exit and SIGUSR1 only)
+    #[arg(long, env = "ACRA_DIRECT_SUMMARY_EVERY", value_name = "DURATION", default_value = "10m", value_parser = crate::config::parse_duration)]
+    pub summary_every: std::time::Duration,
+    /// After SIGINT/SIGTERM, how long in-flight work may take to finish before it is left for the next run
+    #[arg(long, env = "ACRA_DIRECT_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Progress: a bar on a terminal, log lines otherwise (auto), or force one
+    #[arg(long, env = "ACRA_DIRECT_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// Interval of progress log lines
+    #[arg(long, env = "ACRA_DIRECT_PROGRESS_EVERY", value_name = "DURATION", default_value = "5s", value_parser = crate::config::parse_duration)]
+    pub progress_every: std::time::Duration,
+}
+
+impl OpsArgs {
+    pub fn to_spec(&self) -> crate::config::OpsSpec {
+        let tenant_id = self.tenant_id.clone().or_else(|| std::env::var("DEFAULT_TENANT_ID").ok());
+        crate::config::OpsSpec {
+            tenant_id,
+            alert: crate::config::AlertSpec {
+                webhook: self.slack_webhook_url.clone().filter(|u| !u.trim().is_empty()).map(crate::config::Secret::new),
+                threshold_pct: self.error_alert_threshold,
+                window: self.alert_window,
+                min_events: self.alert_min_events,
+                auto_pause: self.auto_pause,
+                cooldown: self.pause_cooldown,
+            },
+            summary_every: Some(self.summary_every).filter(|d| !d.is_zero()),
+            drain_timeout: self.drain_timeout,
+            progress: self.progress,
+            progress_every: self.progress_every,
+        }
+    }
+
+    /// The metrics endpoint's address, when turned on.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_enable.unwrap_or(false).then(|| std::net::SocketAddr::new(self.metrics_bind, self.metrics_port))
+    }
 }
 
 #[derive(Debug, Args, Default)]
@@ -242,6 +320,8 @@ pub struct DemoArgs {
     /// Sample rows to seed when staging is empty.
     #[arg(long, default_value_t = 5_000)]
     pub rows: u64,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -249,6 +329,12 @@ pub struct StatusArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+    /// The daily enrichment cap to show usage against
+    #[arg(long, env = "ACRA_DIRECT_DAILY_CAP", value_name = "N")]
+    pub daily_cap: Option<u64>,
+    /// The daily LLM token cap to show usage against
+    #[arg(long, env = "OPENAI_DAILY_TOKENS_CAP", value_name = "TOKENS")]
+    pub tokens_cap: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -85,12 +85,22 @@ fn pipeline_spec(args: &RunArgs, overrides: &Overrides) -> Result<PipelineSpec> 
         None => PipelineSpec::registry_sync(),
     };
     spec.apply(overrides);
+    spec.ops = args.ops.to_spec();
     spec.validate()?;
     Ok(spec)
 }
 
+/// Starts the metrics endpoint when `METRICS_PROMETHEUS_ENABLE` is on.
+async fn serve_metrics(ops: &crate::cli::OpsArgs) -> Result<()> {
+    if let Some(addr) = ops.metrics_addr() {
+        crate::telemetry::metrics::serve(addr).await?;
+    }
+    Ok(())
+}
+
 async fn run_pipeline(database: &Database, args: &RunArgs, mode: Mode) -> Result<()> {
     let spec = pipeline_spec(args, &args.overrides.to_overrides())?;
+    serve_metrics(&args.ops).await?;
     if database.embedded {
         db::migrate(&mut db::connect(&database.dsn).await?).await?;
     }
@@ -226,7 +236,9 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
         )
         .await;
     client.execute("delete from service_progress where key = 'demo'", &[]).await.map_err(q)?;
+    serve_metrics(&args.ops).await?;
     let mut spec = PipelineSpec::acra_direct();
+    spec.ops = args.ops.to_spec();
     spec.apply(&Overrides {
         checkpoint_key: Some("demo".into()),
         slot: Some(SLOT.into()),
@@ -404,7 +416,7 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
                          updated_at::text from service_progress order by key")
     .await?;
     let runs = q("select run_id, pipeline, mode, status, started_at::text, ended_at::text, rows_in, processed, \
-                  filtered, skipped, failed, dead_lettered, error from enrichment_runs order by run_id desc limit 5")
+                  filtered, skipped, failed, dead_lettered, error, tenant_id from enrichment_runs order by run_id desc limit 5")
     .await?;
     let dead = q("select stage, count(*) from dead_letters group by stage order by stage").await?;
     let slots =
@@ -416,6 +428,11 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
                     (select count(*) from company_enrichment_runs)")
     .await?;
+    // The same count the enrich operator starts its daily budgets from.
+    let today = q("select count(*), coalesce(sum(llm_tokens), 0)::int8 from company_enrichment_runs \
+                   where enriched and updated_at >= date_trunc('day', now() at time zone 'utc') at time zone 'utc'")
+    .await?;
+    let (enriched_today, tokens_today): (i64, i64) = (today[0].get(0), today[0].get(1));
     let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({
@@ -431,12 +448,17 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
                 "status": r.get::<_, String>(3), "started_at": r.get::<_, String>(4), "ended_at": r.get::<_, Option<String>>(5),
                 "rows_in": r.get::<_, i64>(6), "processed": r.get::<_, i64>(7), "filtered": r.get::<_, i64>(8),
                 "skipped": r.get::<_, i64>(9), "failed": r.get::<_, i64>(10), "dead_lettered": r.get::<_, i64>(11),
-                "error": r.get::<_, Option<String>>(12),
+                "error": r.get::<_, Option<String>>(12), "tenant_id": r.get::<_, Option<String>>(13),
             })).collect::<Vec<_>>(),
             "slots": slots.iter().map(|r| serde_json::json!({
                 "slot": r.get::<_, String>(0), "active": r.get::<_, bool>(1), "wal_status": r.get::<_, String>(2),
                 "confirmed_flush_lsn": r.get::<_, String>(3), "lag_bytes": r.get::<_, i64>(4),
             })).collect::<Vec<_>>(),
+            "daily_cap": {
+                "enriched_today": enriched_today, "cap": args.daily_cap,
+                "remaining": args.daily_cap.map(|c| c.saturating_sub(enriched_today as u64)),
+                "llm_tokens_today": tokens_today, "llm_tokens_cap": args.tokens_cap,
+            },
             "dead_letters": dead.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<std::collections::BTreeMap<_, _>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -495,6 +517,13 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
             println!("         error: {e}");
         }
     }
+    println!("\ndaily budget (UTC day)");
+    let cap = |used: i64, cap: Option<u64>| match cap {
+        Some(c) => format!("{used} of {c} ({} left)", c.saturating_sub(used as u64)),
+        None => format!("{used} (no cap)"),
+    };
+    println!("  enrichments     {}  ACRA_DIRECT_DAILY_CAP", cap(enriched_today, args.daily_cap));
+    println!("  llm tokens      {}  OPENAI_DAILY_TOKENS_CAP", cap(tokens_today, args.tokens_cap));
     println!("\ndead letters by stage");
     if dead.is_empty() {
         println!("  none");

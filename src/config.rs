@@ -44,6 +44,127 @@ pub struct PipelineSpec {
     pub operators: Vec<OperatorSpec>,
     #[serde(default)]
     pub sink: SinkSpec,
+    /// How the run is operated (tenant, alerts, progress, summaries, shutdown): from the environment or
+    /// flags, never from the pipeline file.
+    #[serde(skip)]
+    pub ops: OpsSpec,
+}
+
+/// A credential or a URL holding one (a Slack webhook): never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+pub const DEFAULT_ALERT_THRESHOLD_PCT: f64 = 20.0;
+pub const DEFAULT_ALERT_WINDOW: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_ALERT_MIN_EVENTS: u64 = 20;
+pub const DEFAULT_PAUSE_COOLDOWN: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub const DEFAULT_SUMMARY_EVERY: Duration = Duration::from_secs(10 * 60);
+
+/// Failure alerts and the automatic pause of enrichment (see `telemetry::alerts`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertSpec {
+    /// `SLACK_WEBHOOK_URL`: where alerts are posted (Slack incoming-webhook JSON). Unset: logged only.
+    pub webhook: Option<Secret>,
+    /// `ACRA_DIRECT_ERROR_ALERT_THRESHOLD`: failures as a percentage of outcomes over the window.
+    pub threshold_pct: f64,
+    /// `ACRA_DIRECT_ALERT_WINDOW`: the sliding window; also the least time between two alerts.
+    pub window: Duration,
+    /// `ACRA_DIRECT_ALERT_MIN_EVENTS`: outcomes the window must hold before its ratio counts; also how many
+    /// more outcomes the ratio must stay above the threshold for before enrichment pauses.
+    pub min_events: u64,
+    /// `ACRA_DIRECT_AUTO_PAUSE`: pause enrichment when the ratio stays above the threshold.
+    pub auto_pause: bool,
+    /// `ACRA_DIRECT_PAUSE_COOLDOWN`: how long a pause lasts before enrichment resumes by itself.
+    pub cooldown: Duration,
+}
+
+impl Default for AlertSpec {
+    fn default() -> Self {
+        AlertSpec {
+            webhook: None,
+            threshold_pct: DEFAULT_ALERT_THRESHOLD_PCT,
+            window: DEFAULT_ALERT_WINDOW,
+            min_events: DEFAULT_ALERT_MIN_EVENTS,
+            auto_pause: true,
+            cooldown: DEFAULT_PAUSE_COOLDOWN,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpsSpec {
+    /// `ACRA_DIRECT_TENANT_ID` (or `DEFAULT_TENANT_ID`): set as `request.tenant_id` on every session and
+    /// stored in the run header, for row level security policies.
+    pub tenant_id: Option<String>,
+    pub alert: AlertSpec,
+    /// `ACRA_DIRECT_SUMMARY_EVERY`: log the run summary (and update the run header) this often; `None`: only
+    /// at exit and on SIGUSR1.
+    pub summary_every: Option<Duration>,
+    /// `ACRA_DIRECT_DRAIN_TIMEOUT`: after SIGINT/SIGTERM, how long in-flight work may take to finish.
+    pub drain_timeout: Duration,
+    /// `ACRA_DIRECT_PROGRESS`.
+    pub progress: crate::telemetry::progress::ProgressMode,
+    /// `ACRA_DIRECT_PROGRESS_EVERY`: the interval of progress log lines.
+    pub progress_every: Duration,
+}
+
+impl Default for OpsSpec {
+    fn default() -> Self {
+        OpsSpec {
+            tenant_id: None,
+            alert: AlertSpec::default(),
+            summary_every: Some(DEFAULT_SUMMARY_EVERY),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            progress: Default::default(),
+            progress_every: DEFAULT_PROGRESS_EVERY,
+        }
+    }
+}
+
+impl OpsSpec {
+    pub fn validate(&self) -> Result<()> {
+        let a = &self.alert;
+        if !(a.threshold_pct > 0.0 && a.threshold_pct <= 100.0) {
+            return Err(Error::config(format!(
+                "ACRA_DIRECT_ERROR_ALERT_THRESHOLD is {}; it is a percentage above 0 and at most 100",
+                a.threshold_pct
+            )));
+        }
+        if a.window.is_zero() {
+            return Err(Error::config("ACRA_DIRECT_ALERT_WINDOW must be longer than 0s"));
+        }
+        if a.min_events == 0 {
+            return Err(Error::config("ACRA_DIRECT_ALERT_MIN_EVENTS must be at least 1"));
+        }
+        if let Some(w) = &a.webhook {
+            let ok = url::Url::parse(w.expose()).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                return Err(Error::config("SLACK_WEBHOOK_URL is not an http(s) URL"));
+            }
+        }
+        if self.tenant_id.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(Error::config("ACRA_DIRECT_TENANT_ID is set but empty"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -503,6 +624,7 @@ impl PipelineSpec {
         if self.source.table.trim().is_empty() {
             return Err(Error::config("source.table must not be empty"));
         }
+        self.ops.validate()?;
         // Slot and publication names reach replication commands; PostgreSQL allows only these characters
         // in slot names, and holding publications to the same keeps every name safe to send.
         for (what, env, name) in [

@@ -77,6 +77,19 @@ pub async fn connect(dsn: &str) -> Result<Client> {
 }
 
 /// Applies every migration and loads the SSIC 2020 reference into `ssic_ref`.
+/// [`connect`], then `request.tenant_id` set for the whole session when a tenant is given, so row level
+/// security policies that read `current_setting('request.tenant_id')` hold for everything it writes.
+pub async fn connect_as(dsn: &str, tenant: Option<&str>) -> Result<Client> {
+    let client = connect(dsn).await?;
+    if let Some(tenant) = tenant {
+        client
+            .execute("select set_config('request.tenant_id', $1, false)", &[&tenant])
+            .await
+            .map_err(|e| Error::db("setting request.tenant_id (ACRA_DIRECT_TENANT_ID)", e))?;
+    }
+    Ok(client)
+}
+
 pub async fn migrate(client: &mut Client) -> Result<()> {
     let tx = client.transaction().await.map_err(|e| Error::db("starting the migration transaction", e))?;
     // Two processes migrating at once would race on `create ... if not exists`.

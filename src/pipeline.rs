@@ -28,10 +28,12 @@ use crate::ops::{BatchStream, Operator};
 use crate::sink::{Counters, PostgresSink};
 use crate::source::replication::{self, NewSlot, Progress};
 use crate::source::{backfill, quote_table};
+use crate::telemetry::alerts::{Monitor, PauseGate};
+use crate::telemetry::metrics::{metrics, OperatorLabel, Running};
+use crate::telemetry::progress;
 
 /// Batches buffered between two stages.
 const STAGE_DEPTH: usize = 2;
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// What a run did, printed at exit and stored in its `enrichment_runs` header.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -43,7 +45,51 @@ pub struct RunSummary {
     pub counters: Counters,
     pub seconds: f64,
     pub rows_per_second: f64,
+    /// Selection-to-persistence latency of the processed changes.
+    pub latency: LatencySummary,
     pub checkpoint: Option<String>,
+}
+
+/// Percentiles of the per-change latency, in milliseconds (hdrhistogram, 3 significant figures).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p95_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+/// A run's latencies; memory is fixed by the histogram's range, not by the number of changes.
+pub struct Latencies(hdrhistogram::Histogram<u64>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // 1 ms to 7 days at 3 significant figures.
+        Latencies(hdrhistogram::Histogram::new_with_bounds(1, 7 * 24 * 3_600_000, 3).expect("valid bounds"))
+    }
+}
+
+impl Latencies {
+    fn record(&mut self, batch: &crate::change::Batch) {
+        for e in batch.events.iter().filter(|e| e.fate == crate::change::Fate::Process) {
+            self.0.saturating_record((e.selected_at.elapsed().as_millis() as u64).max(1));
+        }
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        let h = &self.0;
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.50),
+            p95_ms: h.value_at_quantile(0.95),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        }
+    }
 }
 
 impl std::fmt::Display for RunSummary {
@@ -60,6 +106,14 @@ impl std::fmt::Display for RunSummary {
             writeln!(f, "  ignored         {:>10}  (deletes/truncates on staging)", c.ignored)?;
         }
         writeln!(f, "  duration        {:>9.2}s  ({:.0} rows/s)", self.seconds, self.rows_per_second)?;
+        let l = &self.latency;
+        if l.count > 0 {
+            writeln!(
+                f,
+                "  latency         p50 {} ms  p95 {} ms  p99 {} ms  max {} ms  (selection to commit, {} changes)",
+                l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.count
+            )?;
+        }
         write!(f, "  checkpoint      {}", self.checkpoint.as_deref().unwrap_or("unchanged"))
     }
 }
@@ -107,7 +161,7 @@ struct StreamFrom {
 /// Runs `spec` against the database at `dsn` until the source ends or `stop` turns true.
 pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiver<bool>) -> Result<RunSummary> {
     spec.validate()?;
-    let control = db::connect(dsn).await?;
+    let control = db::connect_as(dsn, spec.ops.tenant_id.as_deref()).await?;
     let facts = db::schema_facts(&control).await?;
     lock_checkpoint(&control, &spec.checkpoint_key).await?;
     let table = quote_table(&spec.source.table);
@@ -118,12 +172,16 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
             SourcePlan::Backfill { start, lsn }
         }
     };
+    let total = match &plan {
+        SourcePlan::Backfill { start, .. } => rows_after(&control, &table, start, spec.source.batch_limit).await,
+        _ => None,
+    };
     let mode_label = mode.label();
     let run_id: i64 = control
         .query_one(
             "insert into enrichment_runs (tenant_id, mode, pipeline, checkpoint_key) values ($1, $2, $3, $4) \
              returning run_id",
-            &[&std::env::var("ACRA_DIRECT_TENANT_ID").ok(), &mode_label, &spec.name, &spec.checkpoint_key],
+            &[&spec.ops.tenant_id, &mode_label, &spec.name, &spec.checkpoint_key],
         )
         .await
         .map_err(|e| Error::db("writing the run header", e))?
@@ -131,31 +189,22 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
     tracing::info!(run_id, pipeline = %spec.name, mode = mode_label, "run started");
 
     let started = Instant::now();
-    let result = drive(dsn, spec, mode, &table, facts, plan, run_id, stop.clone(), started).await;
+    let (monitor, notifier) = Monitor::new(spec.ops.alert.clone(), &spec.name, Arc::default());
+    let run = Run { dsn, spec, mode, run_id, control: &control, monitor: &monitor, total, started };
+    let mut latencies = Latencies::default();
+    let result = drive(&run, &table, facts, plan, stop.clone(), &mut latencies).await;
     let seconds = started.elapsed().as_secs_f64();
+    drop(monitor);
+    if let Some(n) = notifier {
+        n.flush(Duration::from_secs(10)).await;
+    }
     let (status, counters, last, error) = match &result {
         Ok((counters, last)) => {
             (if *stop.borrow() { "interrupted" } else { "completed" }, *counters, last.clone(), None)
         }
         Err((counters, e)) => ("failed", *counters, None, Some(error_chain(e))),
     };
-    let header = control
-        .execute(
-            "update enrichment_runs set ended_at = now(), status = $2, rows_in = $3, processed = $4, filtered = $5, \
-               skipped = $6, failed = $7, dead_lettered = $8, error = $9 where run_id = $1",
-            &[
-                &run_id,
-                &status,
-                &(counters.rows_in as i64),
-                &(counters.processed as i64),
-                &(counters.filtered as i64),
-                &(counters.skipped as i64),
-                &(counters.failed as i64),
-                &(counters.dead_lettered as i64),
-                &error,
-            ],
-        )
-        .await;
+    let header = write_header(&control, run_id, Some(status), &counters, error.as_deref()).await;
     if let Err(e) = header {
         // The run's own error (often the same lost connection) matters more than its header.
         tracing::warn!(run_id, error = %e, "could not write the run's counters");
@@ -172,59 +221,239 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
             counters,
             seconds,
             rows_per_second: counters.rows_in as f64 / seconds.max(1e-9),
+            latency: latencies.summary(),
             checkpoint: last.map(|c| c.cursor.to_string()),
         }),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    dsn: &str,
-    spec: &PipelineSpec,
+/// Writes the run's counters into its `enrichment_runs` header; with a status, the run has ended.
+async fn write_header(
+    control: &tokio_postgres::Client,
+    run_id: i64,
+    ended: Option<&str>,
+    c: &Counters,
+    error: Option<&str>,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    control
+        .execute(
+            "update enrichment_runs set ended_at = case when $2::text is null then null else now() end, \
+               status = coalesce($2, status), rows_in = $3, processed = $4, filtered = $5, skipped = $6, failed = $7, \
+               dead_lettered = $8, error = $9 where run_id = $1",
+            &[
+                &run_id,
+                &ended,
+                &(c.rows_in as i64),
+                &(c.processed as i64),
+                &(c.filtered as i64),
+                &(c.skipped as i64),
+                &(c.failed as i64),
+                &(c.dead_lettered as i64),
+                &error,
+            ],
+        )
+        .await
+}
+
+/// The rows a backfill from `start` will read (for its progress bar); `None` if counting fails.
+async fn rows_after(control: &tokio_postgres::Client, table: &str, start: &Cursor, limit: Option<u64>) -> Option<u64> {
+    let n: i64 = match start {
+        Cursor::Id { last_id } => {
+            control.query_one(&format!("select count(*) from {table} where id > $1"), &[last_id]).await
+        }
+        Cursor::Uen { last_uen, last_id } => {
+            control
+                .query_one(
+                    &format!("select count(*) from {table} where (coalesce(uen, ''), id) > ($1, $2)"),
+                    &[last_uen, last_id],
+                )
+                .await
+        }
+        Cursor::Lsn { .. } => return None,
+    }
+    .ok()?
+    .get(0);
+    Some(limit.map_or(n as u64, |l| l.min(n as u64)))
+}
+
+/// What `drive` needs of its run.
+struct Run<'a> {
+    dsn: &'a str,
+    spec: &'a PipelineSpec,
     mode: Mode,
+    run_id: i64,
+    control: &'a tokio_postgres::Client,
+    monitor: &'a Arc<Monitor>,
+    /// Rows a backfill expects to read.
+    total: Option<u64>,
+    started: Instant,
+}
+
+impl Run<'_> {
+    fn summary(&self, counters: &Counters, latencies: &Latencies, status: &'static str) -> RunSummary {
+        let seconds = self.started.elapsed().as_secs_f64();
+        RunSummary {
+            run_id: self.run_id,
+            pipeline: self.spec.name.clone(),
+            status,
+            counters: *counters,
+            seconds,
+            rows_per_second: counters.rows_in as f64 / seconds.max(1e-9),
+            latency: latencies.summary(),
+            checkpoint: None,
+        }
+    }
+
+    /// The summary so far, logged (SIGUSR1, ACRA_DIRECT_SUMMARY_EVERY), and the header's counters updated.
+    async fn report(&self, counters: &Counters, latencies: &Latencies) {
+        let s = self.summary(counters, latencies, "running");
+        let c = &s.counters;
+        tracing::info!(
+            run_id = s.run_id, pipeline = %s.pipeline, rows_in = c.rows_in, processed = c.processed,
+            filtered = c.filtered, skipped = c.skipped, failed = c.failed, dead_lettered = c.dead_lettered,
+            seconds = s.seconds as u64, rows_per_second = s.rows_per_second as u64, p50_ms = s.latency.p50_ms,
+            p95_ms = s.latency.p95_ms, p99_ms = s.latency.p99_ms, "run summary"
+        );
+        if let Err(e) = write_header(self.control, self.run_id, None, counters, None).await {
+            tracing::warn!(run_id = self.run_id, error = %e, "could not update the run's counters");
+        }
+    }
+}
+
+async fn drive(
+    run: &Run<'_>,
     table: &str,
     facts: db::SchemaFacts,
     plan: SourcePlan,
-    run_id: i64,
     stop: watch::Receiver<bool>,
-    started: Instant,
+    latencies: &mut Latencies,
 ) -> std::result::Result<(Counters, Option<Checkpoint>), (Counters, Error)> {
+    let (dsn, spec, tenant) = (run.dsn, run.spec, run.spec.ops.tenant_id.as_deref());
     let mut counters = Counters::default();
+    let streaming = !matches!(plan, SourcePlan::Backfill { .. });
     let setup = async {
-        let ops_client = Arc::new(db::connect(dsn).await?);
+        let ops_client = Arc::new(db::connect_as(dsn, tenant).await?);
         let progress = Arc::new(Progress::default());
-        let sink =
-            PostgresSink::new(db::connect(dsn).await?, spec.checkpoint_key.clone(), run_id, Arc::clone(&progress));
-        let source = build_source(dsn, spec, table, plan, progress, stop).await?;
+        let sink = PostgresSink::new(
+            db::connect_as(dsn, tenant).await?,
+            spec.checkpoint_key.clone(),
+            run.run_id,
+            Arc::clone(&progress),
+        );
+        let source = build_source(dsn, spec, table, plan, progress, stop.clone()).await?;
         let mut stream = spawn_stage(source);
-        for op in build_operators(spec, &ops_client, facts, mode).await? {
-            stream = op.apply(stream);
+        let ops = build_operators(spec, &ops_client, facts, run.mode, run.monitor.gate()).await?;
+        for (op, kind) in ops.into_iter().zip(spec.operators.iter().map(|o| o.kind())) {
+            stream = metered(kind, op, stream);
         }
         Ok::<_, Error>((spawn_stage(stream), sink))
     };
     let (mut stream, mut sink) = setup.await.map_err(|e| (counters, e))?;
+    let _running = Running::start();
+    let _ticker = AbortOnDrop(run.monitor.spawn_ticker());
+    let _lag = streaming.then(|| AbortOnDrop(spawn_lag_poller(dsn.to_owned(), spec.source.slot.clone())));
+    let mut reporter = progress::Reporter::new(spec.ops.progress, run.total, spec.ops.progress_every);
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+    let mut summary_every = tokio::time::interval(spec.ops.summary_every.unwrap_or(Duration::from_secs(86_400 * 365)));
+    summary_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    summary_every.reset();
+    let mut stopping = stop.clone();
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut last = None;
-    let mut last_log = Instant::now();
-    while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(|e| (counters, e))?;
-        let c = sink.write(&batch).await.map_err(|e| (counters, e))?;
-        counters.add(&c);
-        last = Some(batch.checkpoint);
-        if last_log.elapsed() >= PROGRESS_EVERY {
-            last_log = Instant::now();
-            let rate = counters.rows_in as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(
-                rows_in = counters.rows_in,
-                processed = counters.processed,
-                filtered = counters.filtered,
-                skipped = counters.skipped,
-                dead_lettered = counters.dead_lettered,
-                rows_per_second = rate as u64,
-                "progress"
-            );
+    loop {
+        let deadline = async {
+            match drain_deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let usr1_recv = async {
+            match usr1.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            item = stream.next() => {
+                let Some(batch) = item else { break };
+                let batch = batch.map_err(|e| (counters, e))?;
+                let c = sink.write(&batch).await.map_err(|e| (counters, e))?;
+                counters.add(&c);
+                latencies.record(&batch);
+                run.monitor.observe(c.processed + c.dead_lettered, c.failed + c.dead_lettered);
+                reporter.update(&counters);
+                last = Some(batch.checkpoint);
+            }
+            _ = stopping.changed(), if drain_deadline.is_none() => {
+                if *stopping.borrow() {
+                    // The source stops reading; what is in flight drains, up to the timeout.
+                    drain_deadline = Some(tokio::time::Instant::now() + spec.ops.drain_timeout);
+                }
+            }
+            _ = deadline => {
+                tracing::warn!(
+                    in_flight = metrics().in_flight.get(),
+                    "ACRA_DIRECT_DRAIN_TIMEOUT passed: leaving the work still in flight to the next run (it resumes \
+                     from the checkpoint committed last)"
+                );
+                break;
+            }
+            Some(()) = usr1_recv => run.report(&counters, latencies).await,
+            _ = summary_every.tick() => run.report(&counters, latencies).await,
         }
     }
     Ok((counters, last))
+}
+
+/// Polls the slot's lag (`acra_direct_slot_lag_bytes`) every 5 s on a connection of its own.
+fn spawn_lag_poller(dsn: String, slot: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(client) = db::connect(&dsn).await else { return };
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            let lag = client
+                .query_opt(
+                    "select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 \
+                     from pg_replication_slots where slot_name = $1",
+                    &[&slot],
+                )
+                .await;
+            match lag {
+                Ok(Some(row)) => {
+                    metrics().slot_lag_bytes.set(row.get(0));
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+/// Counts the eligible changes entering and leaving an operator (`acra_direct_operator_rows_{in,out}`).
+fn metered(operator: &'static str, op: Box<dyn Operator>, input: BatchStream) -> BatchStream {
+    let label = OperatorLabel { operator };
+    let eligible = |b: &Result<crate::change::Batch>| match b {
+        Ok(b) => b.events.iter().filter(|e| e.fate == crate::change::Fate::Process).count() as u64,
+        Err(_) => 0,
+    };
+    let (l_in, l_out) = (label.clone(), label);
+    let input = Box::pin(input.inspect(move |b| {
+        metrics().operator_in.get_or_create(&l_in).inc_by(eligible(b));
+    }));
+    Box::pin(op.apply(input).inspect(move |b| {
+        metrics().operator_out.get_or_create(&l_out).inc_by(eligible(b));
+    }))
+}
+
+/// Aborts a helper task when the run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One engine per checkpoint: a session-level advisory lock, held by the run's control connection and
@@ -359,6 +588,7 @@ async fn build_source(
     progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Result<BatchStream> {
+    let tenant = spec.ops.tenant_id.as_deref();
     let backfill_opts = |start: Cursor, lsn: Option<u64>, snapshot: Option<String>| backfill::BackfillOptions {
         table: table.to_owned(),
         page_size: spec.source.batch_size,
@@ -381,12 +611,13 @@ async fn build_source(
     };
     Ok(match plan {
         SourcePlan::Backfill { start, lsn } => {
-            backfill::stream(db::connect(dsn).await?, backfill_opts(start, lsn, None), stop)
+            backfill::stream(db::connect_as(dsn, tenant).await?, backfill_opts(start, lsn, None), stop)
         }
         SourcePlan::Stream(from) => replication::stream(stream_opts(from), progress, stop),
         SourcePlan::Handover { start, lsn, new_slot, stream } => {
             let snapshot = new_slot.as_ref().map(|s| s.snapshot.clone());
-            let first = backfill::stream(db::connect(dsn).await?, backfill_opts(start, lsn, snapshot), stop.clone());
+            let reader = db::connect_as(dsn, tenant).await?;
+            let first = backfill::stream(reader, backfill_opts(start, lsn, snapshot), stop.clone());
             handover(first, new_slot, stream_opts(stream), progress, stop)
         }
     })
@@ -428,6 +659,7 @@ async fn build_operators(
     client: &Arc<tokio_postgres::Client>,
     facts: db::SchemaFacts,
     mode: Mode,
+    pause: Arc<PauseGate>,
 ) -> Result<Vec<Box<dyn Operator>>> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
     for op in &spec.operators {
@@ -446,7 +678,8 @@ async fn build_operators(
             )),
             OperatorSpec::Upsert(_) => Box::new(Upsert::new(Arc::clone(client), facts).await?),
             OperatorSpec::Enrich(e) => {
-                Box::new(Enrich::new(Arc::clone(client), EnrichSettings::from_spec(e)?, mode == Mode::Backfill).await?)
+                let settings = EnrichSettings::from_spec(e)?;
+                Box::new(Enrich::new(Arc::clone(client), settings, mode == Mode::Backfill, Arc::clone(&pause)).await?)
             }
         });
     }

@@ -13,6 +13,7 @@ use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::ops::enrich::{Enrichment, Status};
 use crate::source::replication::Progress;
+use crate::telemetry::metrics::{metrics, FateLabel, StageLabel, StatusLabel};
 
 /// Counts of what the pipeline did, per run (also the `enrichment_runs` header's counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -151,11 +152,62 @@ impl PostgresSink {
         if let Some(lsn) = batch.ack_lsn {
             self.progress.record(lsn);
         }
+        record_committed(batch, &counters);
         Ok(counters)
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+}
+
+/// After the commit: the metrics of what the batch did, and each enriched company's `persist` and `summary`
+/// stages, logged in its `company` span.
+fn record_committed(batch: &Batch, counters: &Counters) {
+    let m = metrics();
+    for (fate, n) in [
+        ("processed", counters.processed),
+        ("filtered", counters.filtered),
+        ("skipped", counters.skipped),
+        ("ignored", counters.ignored),
+        ("dead_lettered", counters.dead_lettered),
+    ] {
+        if n > 0 {
+            m.rows.get_or_create(&FateLabel { fate }).inc_by(n);
+        }
+    }
+    m.processed.inc_by(counters.processed);
+    m.failures.inc_by(counters.failed + counters.dead_lettered);
+    m.checkpoint_lsn.set(batch.checkpoint.lsn.min(i64::MAX as u64) as i64);
+    for e in &batch.events {
+        match &e.fate {
+            Fate::Process => {
+                m.latency.observe(e.selected_at.elapsed().as_secs_f64());
+                if let (Some(x), Some(company_id)) = (e.enrichment.as_deref(), e.company_id) {
+                    m.enrichments.get_or_create(&StatusLabel { status: x.status.as_str() }).inc();
+                    let uen = e.change.row.uen.as_deref().unwrap_or("");
+                    let _span = tracing::info_span!("company", company_id, uen).entered();
+                    tracing::info!(stage = "persist", position = %e.change.pos, "history row and companies fields committed");
+                    tracing::info!(
+                        stage = "summary",
+                        status = x.status.as_str(),
+                        domain = x.website_domain.as_deref().unwrap_or(""),
+                        pages = x.pages_fetched,
+                        emails = x.public_emails.len(),
+                        phones = x.phones.len(),
+                        llm_tokens = x.llm_tokens,
+                        error = x.error.as_deref().unwrap_or(""),
+                        enrich_ms = x.duration.as_millis() as u64,
+                        latency_ms = e.selected_at.elapsed().as_millis() as u64,
+                        "enriched"
+                    );
+                }
+            }
+            Fate::DeadLetter { stage, .. } => {
+                m.dead_letters.get_or_create(&StageLabel { stage }).inc();
+            }
+            _ => {}
+        }
     }
 }
 

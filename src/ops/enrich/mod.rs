@@ -37,6 +37,8 @@ use crate::change::{Batch, Event, Fate};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::ops::{BatchStream, Operator};
+use crate::telemetry::alerts::PauseGate;
+use crate::telemetry::metrics::metrics;
 
 pub mod contacts;
 pub mod discover;
@@ -243,6 +245,8 @@ impl DailyBudget {
 
 struct Ctx {
     settings: EnrichSettings,
+    /// Closed by the failure monitor (`telemetry::alerts`): companies are deferred while it is.
+    pause: Arc<PauseGate>,
     http: Http,
     permits: Semaphore,
     enrichments: DailyBudget,
@@ -256,8 +260,16 @@ pub struct Enrich {
     stop_at_cap: bool,
 }
 
+/// Why a unit was deferred: the daily cap ends a backfill there; a pause lets the run go on.
+const PAUSED: &str = "enrichment paused by the failure monitor (ACRA_DIRECT_ERROR_ALERT_THRESHOLD)";
+
 impl Enrich {
-    pub async fn new(client: Arc<Client>, settings: EnrichSettings, stop_at_cap: bool) -> Result<Self> {
+    pub async fn new(
+        client: Arc<Client>,
+        settings: EnrichSettings,
+        stop_at_cap: bool,
+        pause: Arc<PauseGate>,
+    ) -> Result<Self> {
         let http = Http::new(settings.http.clone())?;
         let today = client
             .query_one(
@@ -273,6 +285,7 @@ impl Enrich {
             llm = settings.llm.is_some(), "enrichment ready"
         );
         let ctx = Ctx {
+            pause,
             permits: Semaphore::new(settings.concurrency.max(1)),
             enrichments: DailyBudget::new(settings.daily_cap, done as u64),
             tokens: DailyBudget::new(settings.llm_daily_tokens, tokens as u64),
@@ -286,6 +299,8 @@ impl Enrich {
 /// One event on its way through the window, and the checkpoint/ack that hold once it and all before it are done.
 struct Unit {
     event: Option<Event>,
+    /// Deferred because the daily cap is reached.
+    at_cap: bool,
     checkpoint: Checkpoint,
     ack_lsn: Option<u64>,
 }
@@ -318,7 +333,7 @@ impl Operator for Enrich {
                 let (mut events, mut checkpoint, mut ack_lsn, mut capped) = (Vec::with_capacity(items.len()), None, None, false);
                 for item in items {
                     let unit = item?;
-                    if stop_at_cap && unit.event.as_ref().is_some_and(|e| matches!(e.fate, Fate::Deferred { .. })) {
+                    if stop_at_cap && unit.at_cap {
                         capped = true;
                         break;
                     }
@@ -354,7 +369,7 @@ async fn prepare(client: Arc<Client>, ctx: Arc<Ctx>, batch: Batch) -> Result<Vec
     }
     let Batch { events, checkpoint, ack_lsn } = batch;
     if events.is_empty() {
-        return Ok(vec![futures::future::ready(Ok(Unit { event: None, checkpoint, ack_lsn })).boxed()]);
+        return Ok(vec![ready(Unit { event: None, at_cap: false, checkpoint, ack_lsn })]);
     }
     let n = events.len();
     let mut units = Vec::with_capacity(n);
@@ -366,18 +381,24 @@ async fn prepare(client: Arc<Client>, ctx: Arc<Ctx>, batch: Batch) -> Result<Vec
             Some(Company { id, name, uen, known_domain: domain })
         });
         let Some(company) = company else {
-            units.push(futures::future::ready(Ok(Unit { event: Some(event), checkpoint: cp, ack_lsn: ack })).boxed());
+            units.push(ready(Unit { event: Some(event), at_cap: false, checkpoint: cp, ack_lsn: ack }));
             continue;
         };
+        if ctx.pause.is_paused() {
+            event.fate = Fate::Deferred { reason: PAUSED.into() };
+            units.push(ready(Unit { event: Some(event), at_cap: false, checkpoint: cp, ack_lsn: ack }));
+            continue;
+        }
         if !ctx.enrichments.try_take(1) {
             event.fate = Fate::Deferred { reason: "ACRA_DIRECT_DAILY_CAP reached".into() };
-            units.push(futures::future::ready(Ok(Unit { event: Some(event), checkpoint: cp, ack_lsn: ack })).boxed());
+            units.push(ready(Unit { event: Some(event), at_cap: true, checkpoint: cp, ack_lsn: ack }));
             continue;
         }
         let ctx = Arc::clone(&ctx);
+        let selected = Selected { staging_id: event.change.row.id, position: event.change.pos.to_string(), claimed: event.claim.is_some() };
         units.push(
             async move {
-                let work = AbortOnDrop(tokio::spawn(enrich_company(ctx, company)));
+                let work = AbortOnDrop(tokio::spawn(enrich_company(ctx, company, selected)));
                 let enrichment = match work.await {
                     Ok(e) => e,
                     Err(_) => Enrichment {
@@ -387,12 +408,23 @@ async fn prepare(client: Arc<Client>, ctx: Arc<Ctx>, batch: Batch) -> Result<Vec
                     },
                 };
                 event.enrichment = Some(Box::new(enrichment));
-                Ok(Unit { event: Some(event), checkpoint: cp, ack_lsn: ack })
+                Ok(Unit { event: Some(event), at_cap: false, checkpoint: cp, ack_lsn: ack })
             }
             .boxed(),
         );
     }
     Ok(units)
+}
+
+fn ready(unit: Unit) -> UnitFuture {
+    futures::future::ready(Ok(unit)).boxed()
+}
+
+/// What the earlier operators did for a company, for its log span.
+struct Selected {
+    staging_id: i64,
+    position: String,
+    claimed: bool,
 }
 
 /// Aborts the company's task if the pipeline is dropped (shutdown, a fatal error) before it finishes.
@@ -419,29 +451,47 @@ pub struct Company {
     pub known_domain: Option<String>,
 }
 
-async fn enrich_company(ctx: Arc<Ctx>, company: Company) -> Enrichment {
+/// One company's enrichment, in its `company` span. The span's stage events follow PRD 20: `select` and
+/// `upsert` (what the batch operators before this one decided), then `find_domain`, `crawl`, `extract`,
+/// `chunks`, `llm_extract`, `contacts`; the sink adds `persist` and `summary` after its commit.
+async fn enrich_company(ctx: Arc<Ctx>, company: Company, selected: Selected) -> Enrichment {
     let span = tracing::info_span!("company", company_id = company.id, uen = company.uen.as_deref().unwrap_or(""));
     async move {
+        tracing::info!(stage = "select", staging_id = selected.staging_id, position = %selected.position, name = %company.name, "selected");
+        tracing::info!(stage = "upsert", company_id = company.id, claimed = selected.claimed, "registry fields upserted");
         let _permit = ctx.permits.acquire().await.expect("the semaphore is never closed");
+        let _in_flight = InFlight::start();
         let started = Instant::now();
         let mut out = Enrichment::default();
         run_stages(&ctx, &company, &mut out).await;
         out.duration = started.elapsed();
         tracing::info!(
-            stage = "summary",
+            stage = "enriched",
             status = out.status.as_str(),
-            domain = out.website_domain.as_deref().unwrap_or(""),
             pages = out.pages_fetched,
-            emails = out.public_emails.len(),
-            phones = out.phones.len(),
-            error = out.error.as_deref().unwrap_or(""),
             duration_ms = out.duration.as_millis() as u64,
-            "enriched"
+            "done"
         );
         out
     }
     .instrument(span)
     .await
+}
+
+/// Counts an enrichment in `acra_direct_enrichments_in_flight` while it lives (also when it is aborted).
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics().in_flight.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics().in_flight.dec();
+    }
 }
 
 async fn run_stages(ctx: &Ctx, company: &Company, out: &mut Enrichment) {
@@ -524,6 +574,8 @@ async fn run_stages(ctx: &Ctx, company: &Company, out: &mut Enrichment) {
     );
 
     if let Some(settings) = &ctx.settings.llm {
+        let pieces = llm::chunks(&corpus, settings.max_chunks, settings.corpus_chars);
+        tracing::info!(stage = "chunks", chunks = pieces.len(), chars = corpus.len(), "corpus chunked");
         match llm::extract(&ctx.http, settings, &ctx.tokens, &company.name, &corpus).await {
             Ok(answer) => {
                 tracing::info!(stage = "llm_extract", chunks = answer.chunks, tokens = answer.tokens, "answered");

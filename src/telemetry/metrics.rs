@@ -1,0 +1,190 @@
+//! Prometheus metrics (`METRICS_PROMETHEUS_ENABLE`) and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//!
+//! The metrics are process-wide, as Prometheus expects: a run that restarts after a lost connection keeps
+//! adding to the same counters. They are always recorded (an atomic add per batch or company); the HTTP
+//! endpoint is what the setting turns on. Names follow PRD 20 (`acra_direct_...`).
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperatorLabel {
+    pub operator: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FateLabel {
+    pub fate: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Companies processed (upserted, history row written), enriched or not.
+    pub processed: Counter,
+    /// Failed enrichments plus dead-lettered rows.
+    pub failures: Counter,
+    /// From the moment the source read a processed change to the sink's commit of it, in seconds.
+    pub latency: Histogram,
+    /// Every change the sink committed, by what happened to it.
+    pub rows: Family<FateLabel, Counter>,
+    /// Changes entering an operator still eligible (fate `process`).
+    pub operator_in: Family<OperatorLabel, Counter>,
+    /// Changes leaving an operator still eligible: in minus what it filtered, skipped or dead-lettered.
+    pub operator_out: Family<OperatorLabel, Counter>,
+    pub dead_letters: Family<StageLabel, Counter>,
+    pub enrichments: Family<StatusLabel, Counter>,
+    /// Companies whose enrichment has started and not yet finished.
+    pub in_flight: Gauge,
+    /// The last committed checkpoint's LSN (the stream's position, or the backfill's snapshot).
+    pub checkpoint_lsn: Gauge,
+    /// WAL bytes the slot holds back: `pg_current_wal_lsn() - confirmed_flush_lsn`.
+    pub slot_lag_bytes: Gauge,
+    /// 1 while enrichment is paused by the failure monitor.
+    pub paused: Gauge,
+    /// Runs connected to the database and working (`/readyz`).
+    pub running: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("acra_direct");
+        let m = Metrics {
+            processed: Counter::default(),
+            failures: Counter::default(),
+            // 1 ms .. about 2.3 h: a registry row takes milliseconds, an enrichment seconds to minutes.
+            latency: Histogram::new(exponential_buckets(0.001, 2.0, 24)),
+            rows: Family::default(),
+            operator_in: Family::default(),
+            operator_out: Family::default(),
+            dead_letters: Family::default(),
+            enrichments: Family::default(),
+            in_flight: Gauge::default(),
+            checkpoint_lsn: Gauge::default(),
+            slot_lag_bytes: Gauge::default(),
+            paused: Gauge::default(),
+            running: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("companies_processed", "Companies processed (upserted with a history row)", m.processed.clone());
+        r.register("failures", "Failed enrichments plus dead-lettered rows", m.failures.clone());
+        r.register(
+            "latency_seconds",
+            "Seconds from reading a processed change to committing it (enrichment included)",
+            m.latency.clone(),
+        );
+        r.register("rows", "Changes committed by the sink, by fate", m.rows.clone());
+        r.register("operator_rows_in", "Eligible changes entering each operator", m.operator_in.clone());
+        r.register("operator_rows_out", "Changes each operator passed on still eligible", m.operator_out.clone());
+        r.register("dead_letters", "Rows written to dead_letters, by stage", m.dead_letters.clone());
+        r.register("enrichments", "Finished enrichments, by status", m.enrichments.clone());
+        r.register("enrichments_in_flight", "Enrichments started and not finished", m.in_flight.clone());
+        r.register("checkpoint_lsn", "LSN of the last committed checkpoint", m.checkpoint_lsn.clone());
+        r.register("slot_lag_bytes", "WAL bytes retained for the replication slot", m.slot_lag_bytes.clone());
+        r.register("enrichment_paused", "1 while enrichment is paused by the failure monitor", m.paused.clone());
+        r.register("runs_active", "Pipeline runs connected and working", m.running.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Ready: at least one run is connected and enrichment is not paused.
+    pub fn ready(&self) -> bool {
+        self.running.get() > 0 && self.paused.get() == 0
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Counts a run as active (`/readyz`) while it lives.
+pub struct Running;
+
+impl Running {
+    pub fn start() -> Self {
+        metrics().running.inc();
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        metrics().running.dec();
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends. Binding happens before
+/// this returns, so a port in use is an error at start-up, naming the setting.
+pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("cannot serve metrics on {addr} (METRICS_PORT, METRICS_BIND): pick a free port"),
+            e,
+        )
+    })?;
+    let bound = listener.local_addr().map_err(|e| Error::io("reading the metrics address", e))?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(respond)).await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+async fn respond(req: Request<Incoming>) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let m = metrics();
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", m.encode()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if m.ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/readyz" if m.paused.get() > 0 => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: enrichment paused\n".to_owned())
+        }
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: no run connected\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /readyz\n".to_owned()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    Ok(resp)
+}
