@@ -139,7 +139,11 @@ impl OpsArgs {
         crate::config::OpsSpec {
             tenant_id,
             alert: crate::config::AlertSpec {
-                webhook: self.slack_webhook_url.clone().filter(|u| !u.trim().is_empty()).map(crate::config::Secret::new),
+                webhook: self
+                    .slack_webhook_url
+                    .clone()
+                    .filter(|u| !u.trim().is_empty())
+                    .map(crate::config::Secret::new),
                 threshold_pct: self.error_alert_threshold,
                 window: self.alert_window,
                 min_events: self.alert_min_events,

@@ -70,7 +70,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-pub const DEFAULT_ALERT_THRESHOLD_PCT: f64 = 20.0;
+pub const DEFAULT_ALERT_THRESHOLD_PCT: f64 = 50.0;
 pub const DEFAULT_ALERT_WINDOW: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_ALERT_MIN_EVENTS: u64 = 20;
 pub const DEFAULT_PAUSE_COOLDOWN: Duration = Duration::from_secs(10 * 60);

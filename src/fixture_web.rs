@@ -135,6 +135,10 @@ struct State {
     seen: Mutex<HashMap<(String, String), u32>>,
     llm_fail: AtomicBool,
     llm_calls: AtomicU64,
+    /// Every site answers 500 (an outage on our side of the network, as far as acraflow can tell).
+    sites_fail: AtomicBool,
+    /// Bodies posted to `/webhook` (a Slack incoming webhook).
+    webhooks: Mutex<Vec<serde_json::Value>>,
     log_hits: bool,
 }
 
@@ -168,6 +172,8 @@ impl FixtureWeb {
             seen: Mutex::new(HashMap::new()),
             llm_fail: AtomicBool::new(false),
             llm_calls: AtomicU64::new(0),
+            sites_fail: AtomicBool::new(false),
+            webhooks: Mutex::new(Vec::new()),
             log_hits: true,
         });
         let shared = Arc::clone(&state);
@@ -214,6 +220,21 @@ impl FixtureWeb {
 
     pub fn set_llm_failing(&self, failing: bool) {
         self.state.llm_fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes every site answer 500 (robots.txt included), or stops it.
+    pub fn set_sites_failing(&self, failing: bool) {
+        self.state.sites_fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// A Slack-style incoming webhook (`SLACK_WEBHOOK_URL`); see [`FixtureWeb::webhooks`].
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}/webhook", self.addr)
+    }
+
+    /// The JSON bodies posted to the webhook, in order.
+    pub fn webhooks(&self) -> Vec<serde_json::Value> {
+        self.state.webhooks.lock().unwrap().clone()
     }
 
     pub fn llm_calls(&self) -> u64 {
@@ -435,6 +456,9 @@ fn site_response(state: &State, site: &SiteSpec, path: &str) -> Response {
         *c += 1;
         *c
     };
+    if state.sites_fail.load(Ordering::SeqCst) {
+        return Response::new(500, "text/html", "<h1>Internal Server Error</h1>");
+    }
     match site.fault {
         Some(Fault::Hang) => return Response { body: Body::Hang, ..Response::not_found() },
         Some(Fault::ServerError) => return Response::new(500, "text/html", "<h1>Internal Server Error</h1>"),
@@ -525,6 +549,13 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
             });
             Response::new(200, "application/json", answer.to_string())
         }
+        ("POST", "/webhook") => match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v) if v.get("text").is_some_and(|t| t.is_string()) => {
+                state.webhooks.lock().unwrap().push(v);
+                Response::new(200, "text/plain", "ok")
+            }
+            _ => Response::new(400, "text/plain", "invalid_payload"),
+        },
         ("POST", "/contacts") => {
             let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
             let company = req.get("companyName").and_then(|c| c.as_str()).unwrap_or("");

@@ -13,7 +13,7 @@ use acraflow::pipeline::{Mode, RunSummary};
 use crate::support::{wait_until, TestDb};
 
 /// Settings pointing the enricher at the fixture web, with test-sized timeouts and spacing.
-fn web_overrides(web: &FixtureWeb, concurrency: usize) -> EnrichOverrides {
+pub(crate) fn web_overrides(web: &FixtureWeb, concurrency: usize) -> EnrichOverrides {
     EnrichOverrides {
         concurrency: Some(concurrency),
         proxy: Some(web.proxy_url()),
@@ -34,7 +34,7 @@ async fn run_acra_direct(db: &TestDb, overrides: Overrides) -> acraflow::Result<
 }
 
 /// Staging rows all live (so every company is eligible), and the companies as (name, uen).
-async fn live_companies(db: &TestDb, rows: u64) -> Vec<(String, Option<String>)> {
+pub(crate) async fn live_companies(db: &TestDb, rows: u64) -> Vec<(String, Option<String>)> {
     db.seed(rows, 11).await;
     db.client
         .batch_execute(
@@ -53,7 +53,7 @@ async fn live_companies(db: &TestDb, rows: u64) -> Vec<(String, Option<String>)>
 }
 
 /// New live staging rows, as the ACRA ingester would write them (while a stream runs, they are streamed).
-async fn insert_live_rows(db: &TestDb, companies: &[(String, Option<String>)]) {
+pub(crate) async fn insert_live_rows(db: &TestDb, companies: &[(String, Option<String>)]) {
     for (name, uen) in companies {
         db.client
             .execute(

@@ -5,5 +5,6 @@ mod backfill;
 mod bad_input;
 mod cli;
 mod enrich;
+mod ops;
 mod replication;
 mod schema;

@@ -395,7 +395,11 @@ async fn prepare(client: Arc<Client>, ctx: Arc<Ctx>, batch: Batch) -> Result<Vec
             continue;
         }
         let ctx = Arc::clone(&ctx);
-        let selected = Selected { staging_id: event.change.row.id, position: event.change.pos.to_string(), claimed: event.claim.is_some() };
+        let selected = Selected {
+            staging_id: event.change.row.id,
+            position: event.change.pos.to_string(),
+            claimed: event.claim.is_some(),
+        };
         units.push(
             async move {
                 let work = AbortOnDrop(tokio::spawn(enrich_company(ctx, company, selected)));

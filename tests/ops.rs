@@ -1,0 +1,535 @@
+//! Operating the engine: metrics, JSON logs, run summaries, alerts with auto-pause, progress, tenant
+//! isolation, graceful shutdown, status. Each test checks what an operator would look at.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use acraflow::config::{AlertSpec, Overrides, PipelineSpec, Secret};
+use acraflow::fixture_web::{realistic_sites, FixtureWeb, SiteSpec};
+use acraflow::ops::enrich::discover::name_tokens;
+use acraflow::pipeline::Mode;
+
+use crate::enrich::{insert_live_rows, live_companies, web_overrides};
+use crate::support::{wait_until, TestDb};
+
+/// The environment that points a CLI acra_direct run at the fixture web.
+fn web_env(web: &FixtureWeb) -> Vec<(&'static str, String)> {
+    vec![
+        ("ACRA_DIRECT_PIPELINE", "acra_direct".into()),
+        ("ENRICH_HTTP_PROXY", web.proxy_url()),
+        ("ENRICH_SEARCH_URL", web.search_url()),
+        ("ENRICH_READER_URL", web.reader_url()),
+        ("ENRICH_HOST_SPACING", "50ms".into()),
+        ("CRAWLER_TIMEOUT_S", "1".into()),
+    ]
+}
+
+fn command(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
+    cmd.args(args).env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(url).await.ok()?;
+    let status = resp.status().as_u16();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// Samples of one metric name, label sets rendered as `k=v,...` (sorted), to values.
+fn samples(scrape: &prometheus_parse::Scrape, name: &str) -> HashMap<String, f64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| {
+            let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            let value = match &s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => *v,
+                prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            };
+            (labels.join(","), value)
+        })
+        .collect()
+}
+
+fn one(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    let s = samples(scrape, name);
+    assert_eq!(s.len(), 1, "{name}: {s:?}");
+    s.into_values().next().unwrap()
+}
+
+async fn scrape(port: u16) -> prometheus_parse::Scrape {
+    let (status, body) = get(&format!("http://127.0.0.1:{port}/metrics")).await.expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"), "an OpenMetrics exposition ends with # EOF");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the exposition parses")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_serves_what_the_run_did_with_health_and_readiness() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 30).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    let port = free_port();
+    let mut env = web_env(&web);
+    env.extend([
+        ("METRICS_PROMETHEUS_ENABLE", "true".into()),
+        ("METRICS_PORT", port.to_string()),
+        ("METRICS_BIND", "127.0.0.1".into()),
+        ("ACRA_DIRECT_SLOT", db.name.clone()),
+        ("ACRA_DIRECT_CONCURRENCY", "8".into()),
+        ("RUST_LOG", "warn".into()),
+    ]);
+    let mut child = command(&db, &["run"], &env).stdout(std::process::Stdio::null()).spawn().unwrap();
+
+    let staged = db.count("select count(*) from staging_acra_companies").await;
+    let ready = wait_until(Duration::from_secs(60), || async {
+        matches!(get(&format!("http://127.0.0.1:{port}/readyz")).await, Some((200, _)))
+    })
+    .await;
+    assert!(ready, "/readyz never became ready");
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/healthz")).await.map(|r| r.0), Some(200));
+    db.wait_streaming(Duration::from_secs(60)).await;
+    // A row the filter cannot map: a dead letter, streamed.
+    db.client.batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')").await.unwrap();
+    db.wait_caught_up(Duration::from_secs(60)).await;
+
+    let processed = db.count("select count(*) from company_enrichment_runs").await;
+    let lag_seen = wait_until(Duration::from_secs(15), || async {
+        samples(&scrape(port).await, "acra_direct_slot_lag_bytes").len() == 1
+    })
+    .await;
+    assert!(lag_seen, "the slot lag gauge was never set");
+    let s = scrape(port).await;
+    assert_eq!(one(&s, "acra_direct_companies_processed_total"), processed as f64);
+    assert_eq!(one(&s, "acra_direct_latency_seconds_count"), processed as f64);
+    assert!(one(&s, "acra_direct_latency_seconds_sum") > 0.0);
+    let rows_in = samples(&s, "acra_direct_operator_rows_in_total");
+    let rows_out = samples(&s, "acra_direct_operator_rows_out_total");
+    assert_eq!(rows_in["operator=filter"], (staged + 1) as f64, "every staging row entered the filter");
+    assert_eq!(rows_out["operator=filter"], staged as f64, "the bad row did not leave it eligible");
+    assert_eq!(rows_in["operator=enrich"], processed as f64);
+    assert_eq!(samples(&s, "acra_direct_dead_letters_total")["stage=filter"], 1.0);
+    let failed = db.count("select count(*) from company_enrichment_runs where status = 'failed'").await;
+    assert_eq!(one(&s, "acra_direct_failures_total"), (failed + 1) as f64, "failed enrichments plus the dead letter");
+    let by_status = samples(&s, "acra_direct_enrichments_total");
+    assert_eq!(by_status.values().sum::<f64>(), processed as f64);
+    assert_eq!(one(&s, "acra_direct_enrichments_in_flight"), 0.0);
+    assert_eq!(one(&s, "acra_direct_enrichment_paused"), 0.0);
+    let confirmed: i64 = db
+        .client
+        .query_one("select (last_lsn - '0/0'::pg_lsn)::int8 from service_progress where key = 'acra_direct'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(one(&s, "acra_direct_checkpoint_lsn"), confirmed as f64);
+    assert!(one(&s, "acra_direct_slot_lag_bytes") >= 0.0);
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/nope")).await.map(|r| r.0), Some(404));
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+}
+
+/// The per-company JSON log: every line parses; each enriched company's span carries the PRD's stages in
+/// order; no secret appears; the exit summary has latency percentiles; status shows today's budget use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_each_company_through_its_stages_without_secrets() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 12).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
+    let mut env = web_env(&web);
+    let hook = format!("{}?token=xoxb-hook-secret-77", web.webhook_url());
+    env.extend([
+        ("LLM_BASE_URL", web.llm_url()),
+        ("LLM_API_KEY", "sk-live-llm-secret-42".into()),
+        ("ENABLE_APIFY_LINKEDIN", "true".into()),
+        ("APIFY_LINKEDIN_URL", web.contacts_url()),
+        ("APIFY_TOKEN", "apify_api_secret_99".into()),
+        ("SLACK_WEBHOOK_URL", hook),
+        ("ACRA_DIRECT_CONCURRENCY", "4".into()),
+        ("ACRA_DIRECT_LOG_FORMAT", "json".into()),
+    ]);
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = command(&db, &["backfill"], &env);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stderr}");
+
+    let password = db.dsn.split_whitespace().find_map(|kv| kv.strip_prefix("password=")).unwrap().to_owned();
+    for secret in ["sk-live-llm-secret-42", "apify_api_secret_99", "xoxb-hook-secret-77", password.as_str()] {
+        assert!(!stderr.contains(secret) && !stdout.contains(secret), "{secret} leaked into the output");
+    }
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let mut stages: HashMap<String, Vec<String>> = HashMap::new();
+    for l in &lines {
+        if let (Some(uen), Some(stage)) = (l.pointer("/span/uen").and_then(|v| v.as_str()), l["stage"].as_str()) {
+            stages.entry(uen.to_owned()).or_default().push(stage.to_owned());
+        }
+    }
+    let ok: Vec<String> = db
+        .client
+        .query(
+            "select c.uen from company_enrichment_runs h join companies c using (company_id) \
+             where h.enriched and h.status = 'ok'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ok.len() >= 5, "too few companies enriched ok to check: {}", ok.len());
+    let want = [
+        "select",
+        "upsert",
+        "find_domain",
+        "crawl",
+        "extract",
+        "chunks",
+        "llm_extract",
+        "contacts",
+        "persist",
+        "summary",
+    ];
+    for uen in &ok {
+        let got = &stages[uen];
+        let mut at = 0;
+        for stage in want {
+            match got[at..].iter().position(|s| s == stage) {
+                Some(i) => at += i + 1,
+                None => panic!("company {uen}: stage {stage} missing or out of order in {got:?}"),
+            }
+        }
+        let summary = lines
+            .iter()
+            .find(|l| l.pointer("/span/uen").and_then(|v| v.as_str()) == Some(uen) && l["stage"] == "summary")
+            .unwrap();
+        assert_eq!(summary["status"], "ok");
+        assert!(summary["pages"].as_i64().unwrap() >= 1 && summary.get("latency_ms").is_some(), "{summary}");
+    }
+    assert!(stdout.contains("p50") && stdout.contains("p95") && stdout.contains("p99"), "{stdout}");
+    let header =
+        db.client.query_one("select status, ended_at is not null, processed from enrichment_runs", &[]).await.unwrap();
+    assert_eq!((header.get::<_, String>(0).as_str(), header.get::<_, bool>(1)), ("completed", true));
+
+    // status: today's use of the daily caps, and the run's counters.
+    let enriched = db.count("select count(*) from company_enrichment_runs where enriched").await;
+    let out = db.cli(&["status", "--json"], &[("ACRA_DIRECT_DAILY_CAP", "100")]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daily_cap"]["enriched_today"], enriched);
+    assert_eq!(v["daily_cap"]["cap"], 100);
+    assert_eq!(v["daily_cap"]["remaining"], 100 - enriched);
+    assert!(v["daily_cap"]["llm_tokens_today"].as_i64().unwrap() > 0);
+    assert_eq!(v["runs"][0]["processed"], header.get::<_, i64>(2));
+}
+
+/// Sites start failing: one alert for the window, then a pause (companies deferred, registry fields and the
+/// checkpoint still moving), then an automatic resume after the cool-down, each posted to the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_alert_once_per_window_pause_enrichment_and_resume_it() {
+    let db = TestDb::new().await;
+    let words = ["ALPHA", "BRAVO", "CEDAR", "DELTA", "EMBER", "FALCON", "GROVE", "HARBOR"];
+    let names: Vec<(String, Option<String>)> = (0..64)
+        .map(|i| (format!("{} {} TRADING PTE. LTD.", words[i / 8], words[i % 8]), Some(format!("2019{i:05}W"))))
+        .collect();
+    // Every company has a site that search finds, so while sites fail, every enrichment fails.
+    let sites: Vec<SiteSpec> = names
+        .iter()
+        .map(|(n, u)| SiteSpec::new(&format!("www.{}.com.sg", name_tokens(n).join("")), n, u.as_deref()))
+        .collect();
+    let web = FixtureWeb::start(sites, Duration::ZERO).await.unwrap();
+    web.set_sites_failing(true);
+    let mut spec = PipelineSpec::acra_direct();
+    spec.ops.alert = AlertSpec {
+        webhook: Some(Secret::new(web.webhook_url())),
+        threshold_pct: 50.0,
+        window: Duration::from_secs(600),
+        min_events: 8,
+        auto_pause: true,
+        cooldown: Duration::from_secs(10),
+    };
+    let overrides = Overrides { enrich: web_overrides(&web, 8), ..db.stream_overrides() };
+    let engine = db.start_engine_with(spec, overrides);
+    db.wait_streaming(Duration::from_secs(30)).await;
+
+    // Wave 1: every site fails.
+    insert_live_rows(&db, &names[..30]).await;
+    let paused = wait_until(Duration::from_secs(60), || async { web.webhooks().len() >= 2 }).await;
+    assert!(paused, "no alert and pause: {:?}", web.webhooks());
+    db.wait_caught_up(Duration::from_secs(60)).await;
+    // Wave 2, while paused: registry fields applied, no enrichment, the checkpoint moves past them.
+    let history_before = db.count("select count(*) from company_enrichment_runs").await;
+    insert_live_rows(&db, &names[30..40]).await;
+    db.wait_caught_up(Duration::from_secs(30)).await;
+    let wave2: Vec<String> = names[30..40].iter().filter_map(|(_, u)| u.clone()).collect();
+    let upserted: i64 =
+        db.client.query_one("select count(*) from companies where uen = any($1)", &[&wave2]).await.unwrap().get(0);
+    assert_eq!(upserted, 10, "the registry path keeps moving while enrichment is paused");
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs").await,
+        history_before,
+        "nothing enriched while paused"
+    );
+
+    // The sites recover; after the cool-down enrichment resumes by itself.
+    web.set_sites_failing(false);
+    let resumed = wait_until(Duration::from_secs(30), || async { web.webhooks().len() >= 3 }).await;
+    assert!(resumed, "never resumed: {:?}", web.webhooks());
+    insert_live_rows(&db, &names[40..50]).await;
+    let wave3: Vec<String> = names[40..50].iter().filter_map(|(_, u)| u.clone()).collect();
+    let enriched = wait_until(Duration::from_secs(60), || async {
+        db.client
+            .query_one(
+                "select count(*) from company_enrichment_runs h join companies c using (company_id) \
+                 where c.uen = any($1) and h.enriched and h.status <> 'failed'",
+                &[&wave3],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 10
+    })
+    .await;
+    assert!(enriched, "companies streamed after the resume were not enriched");
+    db.wait_caught_up(Duration::from_secs(30)).await;
+    engine.stop().await;
+
+    let texts: Vec<String> = web.webhooks().iter().map(|v| v["text"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(texts.len(), 3, "one alert per window, one pause, one resume: {texts:#?}");
+    assert!(
+        texts[0].contains("failure rate") && texts[0].contains("ACRA_DIRECT_ERROR_ALERT_THRESHOLD=50%"),
+        "{}",
+        texts[0]
+    );
+    assert!(texts[1].contains("enrichment paused for 10s"), "{}", texts[1]);
+    assert!(texts[2].contains("enrichment resumed"), "{}", texts[2]);
+}
+
+/// With ACRA_DIRECT_TENANT_ID every session carries request.tenant_id, so a real RLS policy holds: the
+/// tenant's rows are its own, and a run as another tenant can neither see nor overwrite them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_holds_for_the_tenant_and_blocks_another() {
+    let db = TestDb::new().await;
+    db.seed(200, 4).await;
+    let role = format!("w_{}", db.name);
+    db.client
+        .batch_execute(&format!(
+            "create role {role} login password 'tenant-pw-1';
+             grant usage on schema public to {role};
+             grant select, insert, update, delete on all tables in schema public to {role};
+             grant usage, select on all sequences in schema public to {role};
+             alter table companies add column tenant_id text not null default current_setting('request.tenant_id', true);
+             alter table companies enable row level security;
+             alter table companies force row level security;
+             create policy tenant_rows on companies
+               using (tenant_id = current_setting('request.tenant_id', true))
+               with check (tenant_id = current_setting('request.tenant_id', true));
+             alter table enrichment_runs enable row level security;
+             create policy tenant_runs on enrichment_runs
+               using (tenant_id = current_setting('request.tenant_id', true))
+               with check (tenant_id = current_setting('request.tenant_id', true));"
+        ))
+        .await
+        .unwrap();
+    let dsn = format!("{} user={role} password=tenant-pw-1", db.dsn);
+    let run_as = |tenant: &'static str| {
+        let dsn = dsn.clone();
+        async move {
+            let mut spec = PipelineSpec::registry_sync();
+            spec.apply(&Overrides { force: Some(true), start_after_id: Some(0), ..Default::default() });
+            spec.ops.tenant_id = Some(tenant.to_owned());
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            acraflow::pipeline::run(&dsn, &spec, Mode::Backfill, rx).await
+        }
+    };
+
+    let acme = run_as("acme").await.expect("the tenant's own run");
+    assert!(acme.counters.processed > 30, "{:?}", acme.counters);
+    db.assert_companies_match_rules().await;
+    assert_eq!(db.count("select count(*) from companies where tenant_id <> 'acme'").await, 0);
+    assert_eq!(db.count("select count(*) from enrichment_runs where tenant_id = 'acme'").await, 1);
+
+    // Another tenant's session sees none of it and changes none of it.
+    let globex = acraflow::db::connect_as(&dsn, Some("globex")).await.unwrap();
+    let seen: i64 = globex.query_one("select count(*) from companies", &[]).await.unwrap().get(0);
+    assert_eq!(seen, 0);
+    assert_eq!(globex.execute("update companies set name = 'HIJACKED'", &[]).await.unwrap(), 0);
+    let runs: i64 = globex.query_one("select count(*) from enrichment_runs", &[]).await.unwrap().get(0);
+    assert_eq!(runs, 0, "another tenant's run headers are hidden");
+
+    // A run as the wrong tenant over the same companies fails loudly and leaves them as they were.
+    let before: Vec<(String, String)> = db
+        .client
+        .query("select uen, name from companies order by company_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let err = run_as("globex").await.expect_err("RLS must refuse another tenant's writes");
+    let msg = acraflow::pipeline::error_chain(&err);
+    assert!(msg.contains("row-level security"), "{msg}");
+    let after: Vec<(String, String)> = db
+        .client
+        .query("select uen, name from companies order by company_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(db.count("select count(*) from companies where tenant_id <> 'acme'").await, 0);
+}
+
+/// SIGTERM mid-enrichment: the run drains, commits, exits 0 and is marked interrupted; SIGUSR1 logs a
+/// summary and updates the header; a second signal exits at once; the next run finishes the job with
+/// exactly one enrichment per company.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_drains_and_loses_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 300).await;
+    let web = FixtureWeb::start(realistic_sites(&companies), Duration::from_millis(30)).await.unwrap();
+    let mut env = web_env(&web);
+    env.extend([
+        ("ACRA_DIRECT_CONCURRENCY", "8".into()),
+        ("ACRA_DIRECT_DRAIN_TIMEOUT", "5s".into()),
+        ("ACRA_DIRECT_BATCH_SIZE", "20".into()),
+        ("ACRA_DIRECT_LOG_FORMAT", "json".into()),
+    ]);
+    let enriched = || async { db.count("select count(*) from company_enrichment_runs where enriched").await };
+
+    // Output to files: a pipe nobody reads would fill and stall the child.
+    let dir = std::env::temp_dir().join(format!("acraflow-sigterm-{}", db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let child = command(&db, &["backfill"], &env)
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    assert!(wait_until(Duration::from_secs(60), || async { enriched().await >= 10 }).await, "enrichment did not start");
+    kill(pid, Signal::SIGUSR1).unwrap();
+    let counted = wait_until(Duration::from_secs(10), || async {
+        db.count("select count(*) from enrichment_runs where status = 'running' and rows_in > 0").await == 1
+    })
+    .await;
+    assert!(counted, "SIGUSR1 did not update the run header");
+    kill(pid, Signal::SIGTERM).unwrap();
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap().status).await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "stopped within the drain timeout");
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert!(stderr.contains("\"run summary\"") && stderr.contains("p99_ms"), "SIGUSR1 logged a summary: {stderr}");
+    assert!(std::fs::read_to_string(&out_path).unwrap().contains("interrupted"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let header =
+        db.client.query_one("select status, ended_at is not null, processed from enrichment_runs", &[]).await.unwrap();
+    assert_eq!((header.get::<_, String>(0).as_str(), header.get::<_, bool>(1)), ("interrupted", true));
+    let done = enriched().await;
+    assert_eq!(header.get::<_, i64>(2), done, "the header counts what was committed");
+    assert!(done < companies.len() as i64, "stopped too late to test anything");
+    // The checkpoint covers exactly the committed companies: nothing after it is enriched.
+    let last_id = db.count("select last_id from service_progress where key = 'acra_direct'").await;
+    assert_eq!(
+        db.count(&format!("select count(*) from company_enrichment_runs where staging_id > {last_id}")).await,
+        0
+    );
+
+    // A second signal exits at once.
+    let mut child = command(&db, &["backfill"], &env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    assert!(wait_until(Duration::from_secs(60), || async { enriched().await >= done + 5 }).await);
+    kill(pid, Signal::SIGTERM).unwrap();
+    // (Two signals in the same instant arrive as one.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(130));
+
+    // The next run finishes: every company enriched exactly once.
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = command(&db, &["backfill"], &env);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eligible = db.count("select count(*) from companies").await;
+    assert_eq!(enriched().await, eligible);
+    assert_eq!(
+        db.count("select count(distinct company_id) from company_enrichment_runs where enriched").await,
+        eligible
+    );
+    db.assert_companies_match_rules().await;
+}
+
+/// A backfill on a terminal draws a progress bar; without one it logs progress lines with rate and ETA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
+    let db = TestDb::new().await;
+    db.seed(3000, 9).await;
+    let env = [
+        ("ACRA_DIRECT_BATCH_SIZE", "100".to_owned()),
+        ("ACRA_DIRECT_PROGRESS_EVERY", "0s".to_owned()),
+        ("ACRA_DIRECT_LOG_FORMAT", "json".to_owned()),
+    ];
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = command(&db, &["backfill"], &env);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let progress: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "progress")
+        .collect();
+    assert!(progress.len() >= 2, "{progress:?}");
+    let last = progress.last().unwrap();
+    assert_eq!(last["rows_total"], 3000);
+    assert!(last["rows_done"].as_u64().unwrap() > 0 && last.get("rows_per_second").is_some());
+    assert!(last.get("eta_seconds").is_some(), "{last}");
+
+    // On a terminal (util-linux `script` gives the command a pty): a bar, and no progress log lines.
+    let command_line =
+        format!("{} backfill --start-after-id 0 --force --batch-size 100", env!("CARGO_BIN_EXE_acraflow"));
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = std::process::Command::new("script");
+        cmd.args(["-qec", &command_line, "/dev/null"]).env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "info");
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains("3,000/3,000 rows") && screen.contains("ETA"), "no progress bar: {screen}");
+    assert!(!screen.contains("rows_done"), "progress log lines while a bar is shown: {screen}");
+}
