@@ -15,7 +15,8 @@
 //! - [`embedded`]: the private PostgreSQL used when `POSTGRES_DSN` is unset
 //! - [`seed`]: ACRA-shaped sample rows from real reference data
 //! - [`mod@bench`]: throughput benchmarks with a same-run reference
-//! - [`commands`]: what each CLI command does; [`cli`]: its flags; [`telemetry`]: logging
+//! - [`commands`]: what each CLI command does; [`cli`]: its flags
+//! - [`telemetry`]: logs, Prometheus metrics and endpoints, progress, failure alerts with the pause of enrichment
 //! - [`error`]: the one error type
 
 pub mod bench;
