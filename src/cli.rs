@@ -114,7 +114,7 @@ pub struct OpsArgs {
     #[arg(long, env = "ACRA_DIRECT_ALERT_MIN_EVENTS", value_name = "N", default_value_t = crate::config::DEFAULT_ALERT_MIN_EVENTS)]
     pub alert_min_events: u64,
     /// Pause enrichment while the failure ratio stays above the threshold
-    #[arg(long, env = "ACRA_DIRECT_AUTO_PAUSE", value_parser = BoolishValueParser::new(), default_value = "true", value_name = "BOOL")]
+    #[arg(long, env = "ACRA_DIRECT_AUTO_PAUSE", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "true", default_missing_value = "true", value_name = "BOOL")]
     pub auto_pause: bool,
     /// How long a pause lasts before enrichment resumes by itself
     #[arg(long, env = "ACRA_DIRECT_PAUSE_COOLDOWN", value_name = "DURATION", default_value = "10m", value_parser = crate::config::parse_duration)]

@@ -467,6 +467,9 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     println!("database  {}", db::describe(dsn));
     println!("tables    staging {staged}, companies {companies}, history {history}");
     println!("\ncheckpoints");
+    if checkpoints.is_empty() {
+        println!("  none (the first `acraflow backfill` or `acraflow run` writes one)");
+    }
     for r in &checkpoints {
         let cursor: String = r.get(1);
         let at = match cursor.as_str() {
@@ -499,6 +502,9 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
         );
     }
     println!("\nrecent runs");
+    if runs.is_empty() {
+        println!("  none");
+    }
     for r in &runs {
         println!(
             "  #{:<4} {:<14} {:<9} {:<11} in {:>8}  processed {:>8}  filtered {:>8}  skipped {:>8}  dead {:>5}  started {}",

@@ -34,6 +34,8 @@ use crate::telemetry::progress;
 
 /// Batches buffered between two stages.
 const STAGE_DEPTH: usize = 2;
+/// How often a running run's header gets its counters.
+const HEADER_EVERY: Duration = Duration::from_secs(5);
 
 /// What a run did, printed at exit and stored in its `enrichment_runs` header.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -314,6 +316,10 @@ impl Run<'_> {
             seconds = s.seconds as u64, rows_per_second = s.rows_per_second as u64, p50_ms = s.latency.p50_ms,
             p95_ms = s.latency.p95_ms, p99_ms = s.latency.p99_ms, "run summary"
         );
+        self.update_header(counters).await;
+    }
+
+    async fn update_header(&self, counters: &Counters) {
         if let Err(e) = write_header(self.control, self.run_id, None, counters, None).await {
             tracing::warn!(run_id = self.run_id, error = %e, "could not update the run's counters");
         }
@@ -357,6 +363,10 @@ async fn drive(
     let mut summary_every = tokio::time::interval(spec.ops.summary_every.unwrap_or(Duration::from_secs(86_400 * 365)));
     summary_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     summary_every.reset();
+    // The header's counters follow the run, so `acraflow status` shows a live run's progress.
+    let mut header_every = tokio::time::interval(HEADER_EVERY);
+    header_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    header_every.reset();
     let mut stopping = stop.clone();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut last = None;
@@ -401,6 +411,7 @@ async fn drive(
             }
             Some(()) = usr1_recv => run.report(&counters, latencies).await,
             _ = summary_every.tick() => run.report(&counters, latencies).await,
+            _ = header_every.tick() => run.update_header(&counters).await,
         }
     }
     Ok((counters, last))

@@ -27,8 +27,37 @@ fn help_lists_every_command_and_the_prd_environment_names() {
         "ENRICH_RECHECK_DAYS",
         "ENRICH_SKIP_IF_ANY_HISTORY",
         "ACRA_DIRECT_FORCE",
+        "METRICS_PROMETHEUS_ENABLE",
+        "METRICS_PORT",
+        "ACRA_DIRECT_TENANT_ID",
+        "SLACK_WEBHOOK_URL",
+        "ACRA_DIRECT_ERROR_ALERT_THRESHOLD",
+        "ACRA_DIRECT_PAUSE_COOLDOWN",
+        "ACRA_DIRECT_DRAIN_TIMEOUT",
+        "ACRA_DIRECT_PROGRESS",
     ] {
         assert!(help.contains(env), "backfill --help lacks {env}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_operations_settings_are_named_and_the_webhook_is_not_echoed() {
+    for (env, value, named) in [
+        ("ACRA_DIRECT_ERROR_ALERT_THRESHOLD", "150", "ACRA_DIRECT_ERROR_ALERT_THRESHOLD"),
+        ("ACRA_DIRECT_ALERT_MIN_EVENTS", "0", "ACRA_DIRECT_ALERT_MIN_EVENTS"),
+        ("SLACK_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/secretpart", "SLACK_WEBHOOK_URL"),
+        ("ACRA_DIRECT_PAUSE_COOLDOWN", "soon", "soon"),
+    ] {
+        let out = acraflow()
+            .arg("backfill")
+            .env("POSTGRES_DSN", "host=127.0.0.1 port=1 dbname=x")
+            .env(env, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{env}={value} was accepted");
+        assert!(stderr.contains(named), "{env}={value}: {stderr}");
+        assert!(!stderr.contains("secretpart"), "the webhook URL was echoed: {stderr}");
     }
 }
 
