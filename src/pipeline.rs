@@ -2,10 +2,10 @@
 //! is requested, or a fatal error.
 //!
 //! ```text
-//! source task --(channel: 2 batches)--> operators task --(channel: 2 batches)--> sink (this task)
+//! source task --(1 batch)--> filter, dedupe task --(1 batch)--> upsert[, enrich] task --(1 batch)--> sink (this task)
 //! ```
-//! Stages run concurrently (a page is read while the previous one is upserted and the one before is
-//! committed), each on its own connection. The channels are bounded, so a slow sink slows the source and
+//! Stages run concurrently (a page is read while the one before is probed for history, the one before
+//! that is upserted, and the one before that is committed), each on its own connection. The channels are bounded, so a slow sink slows the source and
 //! memory holds at most a handful of batches, whatever the table size.
 
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use crate::telemetry::metrics::{metrics, OperatorLabel, Running};
 use crate::telemetry::progress;
 
 /// Batches buffered between two stages.
-const STAGE_DEPTH: usize = 2;
+const STAGE_DEPTH: usize = 1;
 /// How often a running run's header gets its counters.
 const HEADER_EVERY: Duration = Duration::from_secs(5);
 
@@ -348,9 +348,14 @@ async fn drive(
         );
         let source = build_source(dsn, spec, table, plan, progress, stop.clone()).await?;
         let mut stream = spawn_stage(source);
-        let ops = build_operators(spec, &ops_client, facts, run.mode, run.monitor.gate()).await?;
+        let dedupe_client = Arc::new(db::connect_as(dsn, tenant).await?);
+        let ops = build_operators(spec, &ops_client, &dedupe_client, facts, run.mode, run.monitor.gate()).await?;
         for (op, kind) in ops.into_iter().zip(spec.operators.iter().map(|o| o.kind())) {
             stream = metered(kind, op, stream);
+            if kind == "dedupe" {
+                // Dedupe's probe (its own connection) runs while the batch before is upserted.
+                stream = spawn_stage(stream);
+            }
         }
         Ok::<_, Error>((spawn_stage(stream), sink))
     };
@@ -668,6 +673,7 @@ fn handover(
 async fn build_operators(
     spec: &PipelineSpec,
     client: &Arc<tokio_postgres::Client>,
+    dedupe_client: &Arc<tokio_postgres::Client>,
     facts: db::SchemaFacts,
     mode: Mode,
     pause: Arc<PauseGate>,
@@ -679,7 +685,7 @@ async fn build_operators(
                 Box::new(Filter::new(&f.exclude_status, f.min_age_days, Utc::now().date_naive()))
             }
             OperatorSpec::Dedupe(d) => Box::new(Dedupe::new(
-                Arc::clone(client),
+                Arc::clone(dedupe_client),
                 DedupePolicy {
                     recheck_days: d.recheck_days,
                     skip_if_any_history: d.skip_if_any_history,

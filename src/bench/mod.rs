@@ -264,10 +264,19 @@ pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Resu
 
     // 3. Reference: receive and decode the same WAL, nothing else.
     let (raw_rows, raw_secs) = raw_decode(&dsn, total + 1).await?;
-    client
-        .execute("select pg_drop_replication_slot('bench_raw')", &[])
-        .await
-        .map_err(|e| Error::db("dropping bench_raw", e))?;
+    // The reference client's walsender may take a moment to exit after it disconnects.
+    let mut tries = 0;
+    loop {
+        match client.execute("select pg_drop_replication_slot('bench_raw')", &[]).await {
+            Ok(_) => break,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                tracing::debug!(error = %e, "bench_raw still active; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(Error::db("dropping bench_raw", e)),
+        }
+    }
 
     // 4. One large transaction.
     let t = Instant::now();

@@ -278,7 +278,7 @@ impl<'a> Session<'a> {
             }
         };
         let text = |i: Option<usize>| match i.and_then(|i| values.get(i)) {
-            Some(Value::Text(s)) => Some(s.clone()),
+            Some(Value::Text(s)) => Some((*s).to_owned()),
             _ => None,
         };
         let mut row = StagingRow { id: text(map.id).and_then(|s| s.parse().ok()).unwrap_or(0), ..Default::default() };
