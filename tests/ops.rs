@@ -33,6 +33,11 @@ fn command(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> std::process::
     cmd
 }
 
+/// Runs a command to its end off the async threads.
+async fn output(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -161,12 +166,7 @@ async fn json_logs_carry_each_company_through_its_stages_without_secrets() {
         ("ACRA_DIRECT_CONCURRENCY", "4".into()),
         ("ACRA_DIRECT_LOG_FORMAT", "json".into()),
     ]);
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = command(&db, &["backfill"], &env);
-        move || cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = output(command(&db, &["backfill"], &env)).await;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stderr}");
@@ -474,12 +474,7 @@ async fn sigterm_mid_run_drains_and_loses_nothing() {
     assert_eq!(status.code(), Some(130));
 
     // The next run finishes: every company enriched exactly once.
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = command(&db, &["backfill"], &env);
-        move || cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = output(command(&db, &["backfill"], &env)).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let eligible = db.count("select count(*) from companies").await;
     assert_eq!(enriched().await, eligible);
@@ -500,12 +495,7 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
         ("ACRA_DIRECT_PROGRESS_EVERY", "0s".to_owned()),
         ("ACRA_DIRECT_LOG_FORMAT", "json".to_owned()),
     ];
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = command(&db, &["backfill"], &env);
-        move || cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = output(command(&db, &["backfill"], &env)).await;
     assert!(out.status.success());
     let progress: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -521,13 +511,9 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
     // On a terminal (util-linux `script` gives the command a pty): a bar, and no progress log lines.
     let command_line =
         format!("{} backfill --start-after-id 0 --force --batch-size 100", env!("CARGO_BIN_EXE_acraflow"));
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = std::process::Command::new("script");
-        cmd.args(["-qec", &command_line, "/dev/null"]).env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "info");
-        move || cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &command_line, "/dev/null"]).env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "info");
+    let out = output(script).await;
     let screen = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{screen}");
     assert!(screen.contains("3,000/3,000 rows") && screen.contains("ETA"), "no progress bar: {screen}");
