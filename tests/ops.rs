@@ -276,6 +276,10 @@ async fn failures_alert_once_per_window_pause_enrichment_and_resume_it() {
     insert_live_rows(&db, &names[..30]).await;
     let paused = wait_until(Duration::from_secs(60), || async { web.webhooks().len() >= 2 }).await;
     assert!(paused, "no alert and pause: {:?}", web.webhooks());
+    // What /readyz and the gauge report (no other test pauses this process's enrichment).
+    let m = acraflow::telemetry::metrics::metrics();
+    assert_eq!(m.paused.get(), 1);
+    assert!(!m.ready(), "/readyz must fail while enrichment is paused");
     db.wait_caught_up(Duration::from_secs(60)).await;
     // Wave 2, while paused: registry fields applied, no enrichment, the checkpoint moves past them.
     let history_before = db.count("select count(*) from company_enrichment_runs").await;
@@ -295,6 +299,7 @@ async fn failures_alert_once_per_window_pause_enrichment_and_resume_it() {
     web.set_sites_failing(false);
     let resumed = wait_until(Duration::from_secs(30), || async { web.webhooks().len() >= 3 }).await;
     assert!(resumed, "never resumed: {:?}", web.webhooks());
+    assert_eq!(m.paused.get(), 0);
     insert_live_rows(&db, &names[40..50]).await;
     let wave3: Vec<String> = names[40..50].iter().filter_map(|(_, u)| u.clone()).collect();
     let enriched = wait_until(Duration::from_secs(60), || async {
