@@ -373,7 +373,9 @@ async fn drive(
     header_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     header_every.reset();
     let mut stopping = stop.clone();
-    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut drain_deadline: Option<tokio::time::Instant> =
+        stop.borrow().then(|| tokio::time::Instant::now() + spec.ops.drain_timeout);
+    let mut watching_stop = drain_deadline.is_none();
     let mut last = None;
     loop {
         let deadline = async {
@@ -388,8 +390,30 @@ async fn drive(
                 None => std::future::pending().await,
             }
         };
+        // Biased, the rare events first: under load the stream is always ready, and a signal, a timer or the
+        // drain deadline must still be seen between two batches.
         tokio::select! {
             biased;
+            _ = deadline => {
+                tracing::warn!(
+                    in_flight = metrics().in_flight.get(),
+                    "ACRA_DIRECT_DRAIN_TIMEOUT passed: leaving the work still in flight to the next run (it resumes \
+                     from the checkpoint committed last)"
+                );
+                break;
+            }
+            changed = stopping.changed(), if watching_stop => match changed {
+                Ok(()) if *stopping.borrow() => {
+                    // The source stops reading; what is in flight drains, up to the timeout.
+                    drain_deadline = Some(tokio::time::Instant::now() + spec.ops.drain_timeout);
+                    watching_stop = false;
+                }
+                Ok(()) => {}
+                Err(_) => watching_stop = false,
+            },
+            Some(()) = usr1_recv => run.report(&counters, latencies).await,
+            _ = summary_every.tick() => run.report(&counters, latencies).await,
+            _ = header_every.tick() => run.update_header(&counters).await,
             item = stream.next() => {
                 let Some(batch) = item else { break };
                 let batch = batch.map_err(|e| (counters, e))?;
@@ -400,23 +424,6 @@ async fn drive(
                 reporter.update(&counters);
                 last = Some(batch.checkpoint);
             }
-            _ = stopping.changed(), if drain_deadline.is_none() => {
-                if *stopping.borrow() {
-                    // The source stops reading; what is in flight drains, up to the timeout.
-                    drain_deadline = Some(tokio::time::Instant::now() + spec.ops.drain_timeout);
-                }
-            }
-            _ = deadline => {
-                tracing::warn!(
-                    in_flight = metrics().in_flight.get(),
-                    "ACRA_DIRECT_DRAIN_TIMEOUT passed: leaving the work still in flight to the next run (it resumes \
-                     from the checkpoint committed last)"
-                );
-                break;
-            }
-            Some(()) = usr1_recv => run.report(&counters, latencies).await,
-            _ = summary_every.tick() => run.report(&counters, latencies).await,
-            _ = header_every.tick() => run.update_header(&counters).await,
         }
     }
     Ok((counters, last))
