@@ -428,11 +428,7 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
                     (select count(*) from company_enrichment_runs)")
     .await?;
-    // The same count the enrich operator starts its daily budgets from.
-    let today = q("select count(*), coalesce(sum(llm_tokens), 0)::int8 from company_enrichment_runs \
-                   where enriched and updated_at >= date_trunc('day', now() at time zone 'utc') at time zone 'utc'")
-    .await?;
-    let (enriched_today, tokens_today): (i64, i64) = (today[0].get(0), today[0].get(1));
+    let (enriched_today, tokens_today) = crate::ops::enrich::used_today(&client).await?;
     let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({

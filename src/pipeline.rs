@@ -73,9 +73,13 @@ impl Default for Latencies {
 }
 
 impl Latencies {
+    /// After a batch's commit: each processed change's latency, here and in `acra_direct_latency_seconds`.
     fn record(&mut self, batch: &crate::change::Batch) {
+        let histogram = &metrics().latency;
         for e in batch.events.iter().filter(|e| e.fate == crate::change::Fate::Process) {
-            self.0.saturating_record((e.selected_at.elapsed().as_millis() as u64).max(1));
+            let latency = e.selected_at.elapsed();
+            histogram.observe(latency.as_secs_f64());
+            self.0.saturating_record((latency.as_millis() as u64).max(1));
         }
     }
 

@@ -182,7 +182,6 @@ fn record_committed(batch: &Batch, counters: &Counters) {
     for e in &batch.events {
         match &e.fate {
             Fate::Process => {
-                m.latency.observe(e.selected_at.elapsed().as_secs_f64());
                 if let (Some(x), Some(company_id)) = (e.enrichment.as_deref(), e.company_id) {
                     m.enrichments.get_or_create(&StatusLabel { status: x.status.as_str() }).inc();
                     let uen = e.change.row.uen.as_deref().unwrap_or("");

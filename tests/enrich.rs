@@ -562,3 +562,54 @@ async fn at_the_daily_cap_a_stream_defers_enrichment_and_keeps_the_registry_fres
     assert_eq!(db.count("select count(*) from companies where status = 'Live Company'").await, 4);
     assert_eq!((summary.counters.processed, summary.counters.skipped), (2, 2), "{:?}", summary.counters);
 }
+
+/// With enrichment, several streamed transactions can complete inside one batch the operator hands on.
+/// The slot must still learn that all of them are committed: afterwards, WAL written elsewhere (the slot
+/// is idle) is acknowledged, so the slot does not pin it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_streamed_enrichments_an_idle_slot_still_advances() {
+    let db = TestDb::new().await;
+    let companies: Vec<(String, Option<String>)> = (0..12)
+        .map(|i| {
+            (
+                format!(
+                    "{} MARINA SUPPLIES PTE. LTD.",
+                    ["NORTH", "SOUTH", "EAST", "WEST"][i % 4].to_owned() + &"I".repeat(i / 4 + 1)
+                ),
+                Some(format!("20210{i:04}M")),
+            )
+        })
+        .collect();
+    // The first company's site is slow, so the others finish behind it and leave the operator together.
+    let sites: Vec<SiteSpec> = companies
+        .iter()
+        .enumerate()
+        .map(|(i, (n, u))| {
+            let mut site = SiteSpec::new(&format!("www.{}.com.sg", name_tokens(n).join("")), n, u.as_deref());
+            if i == 0 {
+                site.fault = Some(Fault::SlowBody(Duration::from_millis(300)));
+            }
+            site
+        })
+        .collect();
+    let web = FixtureWeb::start(sites, Duration::ZERO).await.unwrap();
+    let overrides = Overrides { enrich: web_overrides(&web, 12), ..db.stream_overrides() };
+    let engine = db.start_engine_with(PipelineSpec::acra_direct(), overrides);
+    db.wait_streaming(Duration::from_secs(30)).await;
+    // One transaction per company, each a source batch of its own (a batch is cut after 20 ms).
+    for company in &companies {
+        insert_live_rows(&db, std::slice::from_ref(company)).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let all = wait_until(Duration::from_secs(60), || async {
+        db.count("select count(*) from company_enrichment_runs where enriched").await == companies.len() as i64
+    })
+    .await;
+    assert!(all, "the streamed companies were not all enriched");
+    db.client
+        .batch_execute("create table other_table (x int, pad text); insert into other_table select g, repeat('x', 200) from generate_series(1, 50000) g")
+        .await
+        .unwrap();
+    db.wait_caught_up(Duration::from_secs(30)).await;
+    engine.stop().await;
+}

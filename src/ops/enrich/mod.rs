@@ -14,7 +14,9 @@
 //!   complete out of order inside the window; `concurrency` of them do network work at a time.
 //! - A prefix cut inside a source batch carries the checkpoint just after its last change
 //!   ([`Checkpoint::after`]); only the unit that completes a source batch carries that batch's `ack_lsn`, so
-//!   the slot is never acknowledged past a transaction with changes still in flight.
+//!   the slot is never acknowledged past a transaction with changes still in flight. An output batch
+//!   carries at most one `ack_lsn`: the source counts committed batches against the ones it sent, and an
+//!   idle slot is acknowledged only when the two agree.
 //! - Bounds: at most one source batch plus `window` (16 x concurrency) events are held here; the channels around the
 //!   operators stage are bounded, so slow websites slow the source.
 //! - The daily cap is taken in source order when a unit is created, so a capped run stops at a clean prefix
@@ -243,6 +245,20 @@ impl DailyBudget {
     }
 }
 
+/// Enrichments and LLM tokens spent so far in the current UTC day, across runs: what the daily caps
+/// (`ACRA_DIRECT_DAILY_CAP`, `OPENAI_DAILY_TOKENS_CAP`) count against.
+pub async fn used_today(client: &Client) -> Result<(i64, i64)> {
+    let row = client
+        .query_one(
+            "select count(*), coalesce(sum(llm_tokens), 0)::int8 from company_enrichment_runs \
+             where enriched and updated_at >= date_trunc('day', now() at time zone 'utc') at time zone 'utc'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db("reading today's enrichments (ACRA_DIRECT_DAILY_CAP)", e))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 struct Ctx {
     settings: EnrichSettings,
     /// Closed by the failure monitor (`telemetry::alerts`): companies are deferred while it is.
@@ -271,15 +287,7 @@ impl Enrich {
         pause: Arc<PauseGate>,
     ) -> Result<Self> {
         let http = Http::new(settings.http.clone())?;
-        let today = client
-            .query_one(
-                "select count(*), coalesce(sum(llm_tokens), 0)::int8 from company_enrichment_runs \
-                 where enriched and updated_at >= date_trunc('day', now() at time zone 'utc') at time zone 'utc'",
-                &[],
-            )
-            .await
-            .map_err(|e| Error::db("reading today's enrichments (ACRA_DIRECT_DAILY_CAP)", e))?;
-        let (done, tokens): (i64, i64) = (today.get(0), today.get(1));
+        let (done, tokens) = used_today(&client).await?;
         tracing::info!(
             concurrency = settings.concurrency, enriched_today = done, daily_cap = ?settings.daily_cap,
             llm = settings.llm.is_some(), "enrichment ready"
@@ -336,6 +344,13 @@ impl Operator for Enrich {
                     if stop_at_cap && unit.at_cap {
                         capped = true;
                         break;
+                    }
+                    // One acknowledgement per batch: the source counts the batches the sink committed against
+                    // those it sent, so two source batches completing here must leave as two.
+                    if unit.ack_lsn.is_some() && ack_lsn.is_some() {
+                        if let Some(cp) = checkpoint.take() {
+                            yield Batch { events: std::mem::take(&mut events), checkpoint: cp, ack_lsn: ack_lsn.take() };
+                        }
                     }
                     events.extend(unit.event);
                     checkpoint = Some(unit.checkpoint);
