@@ -383,26 +383,15 @@ async fn row_level_security_holds_for_the_tenant_and_blocks_another() {
     assert_eq!(runs, 0, "another tenant's run headers are hidden");
 
     // A run as the wrong tenant over the same companies fails loudly and leaves them as they were.
-    let before: Vec<(String, String)> = db
-        .client
-        .query("select uen, name from companies order by company_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let companies = || async {
+        let rows = db.client.query("select uen, name from companies order by company_id", &[]).await.unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect::<Vec<(String, String)>>()
+    };
+    let before = companies().await;
     let err = run_as("globex").await.expect_err("RLS must refuse another tenant's writes");
     let msg = acraflow::pipeline::error_chain(&err);
     assert!(msg.contains("row-level security"), "{msg}");
-    let after: Vec<(String, String)> = db
-        .client
-        .query("select uen, name from companies order by company_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(before, after);
+    assert_eq!(before, companies().await);
     assert_eq!(db.count("select count(*) from companies where tenant_id <> 'acme'").await, 0);
 }
 
