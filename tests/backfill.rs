@@ -221,3 +221,47 @@ async fn exclude_status_and_min_age_settings() {
     assert_eq!((s.counters.processed, s.counters.filtered), (2, 1));
     assert_eq!(db.count("select count(*) from companies where name in ('Struck', 'Young Live')").await, 2);
 }
+
+/// Another writer inserts a company between the upsert's probe and its insert (here: a transaction that
+/// commits while the upsert waits on its uncommitted key). The upsert falls back to `ON CONFLICT` and the
+/// run ends with the companies the rules give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_company_inserted_concurrently_by_another_writer_is_upserted_not_failed() {
+    let db = TestDb::new().await;
+    db.seed(200, 31).await;
+    let uen: String = db
+        .client
+        .query_one(
+            "select upper(btrim(uen)) from staging_acra_companies where entity_status_description ilike 'live%' \
+             and entity_name <> 'na' and uen <> 'na' order by id limit 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let other = TestDb::attach(&db).await;
+    other.client.batch_execute("begin").await.unwrap();
+    other
+        .client
+        .execute("insert into companies (uen, name) values ($1, 'INSERTED ELSEWHERE PTE. LTD.')", &[&uen])
+        .await
+        .unwrap();
+    let run = tokio::spawn({
+        let dsn = db.dsn.clone();
+        async move {
+            let spec = acraflow::config::PipelineSpec::registry_sync();
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            acraflow::pipeline::run(&dsn, &spec, acraflow::pipeline::Mode::Backfill, rx).await
+        }
+    });
+    // The upsert's insert waits on the uncommitted key; then the other writer commits.
+    let waiting = wait_until(Duration::from_secs(20), || async {
+        db.count("select count(*) from pg_locks where not granted and locktype = 'transactionid'").await > 0
+    })
+    .await;
+    assert!(waiting, "the upsert never waited on the other writer's key");
+    other.client.batch_execute("commit").await.unwrap();
+    let summary = run.await.unwrap().expect("the run survives the concurrent insert");
+    assert!(summary.counters.processed > 0);
+    db.assert_companies_match_rules().await;
+}

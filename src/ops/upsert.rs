@@ -63,17 +63,26 @@ pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
 
 pub struct Upsert {
     client: Arc<Client>,
+    /// Plain INSERT of the keys the probe found absent: no speculative insertion.
+    by_uen_fast: Statement,
+    /// The same with `ON CONFLICT`: run when another writer inserted one of the keys meanwhile.
     by_uen: Statement,
     by_name: Statement,
 }
 
 impl Upsert {
     pub async fn new(client: Arc<Client>, facts: SchemaFacts) -> Result<Self> {
-        let (by_uen, by_name) = statements(facts.companies_has_industry);
-        let by_uen = client.prepare(&by_uen).await.map_err(|e| Error::db("upsert: preparing the uen upsert", e))?;
-        let by_name =
-            client.prepare(&by_name).await.map_err(|e| Error::db("upsert: preparing the name/year upsert", e))?;
-        Ok(Upsert { client, by_uen, by_name })
+        let Statements { by_uen_fast, by_uen, by_name } = statements(facts.companies_has_industry);
+        let prepare = |sql: String, what: &'static str| {
+            let client = Arc::clone(&client);
+            async move { client.prepare(&sql).await.map_err(|e| Error::db(format!("upsert: preparing the {what}"), e)) }
+        };
+        Ok(Upsert {
+            by_uen_fast: prepare(by_uen_fast, "uen insert").await?,
+            by_uen: prepare(by_uen, "uen upsert").await?,
+            by_name: prepare(by_name, "name/year upsert").await?,
+            client,
+        })
     }
 
     async fn process(&self, mut batch: Batch) -> Result<Batch> {
@@ -81,8 +90,8 @@ impl Upsert {
         let (uen_writes, name_writes): (Vec<_>, Vec<_>) =
             writes.iter().partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
         let (a, b) = futures::try_join!(
-            self.execute(&self.by_uen, &batch, &uen_writes),
-            self.execute(&self.by_name, &batch, &name_writes)
+            self.execute(&self.by_uen_fast, Some(&self.by_uen), &batch, &uen_writes),
+            self.execute(&self.by_name, None, &batch, &name_writes)
         )?;
         let ids: HashMap<usize, i64> = a.into_iter().chain(b).collect();
         for (_, w) in &writes {
@@ -99,10 +108,12 @@ impl Upsert {
         Ok(batch)
     }
 
-    /// Runs one statement for `writes`; returns (event index, company_id) for the processed changes.
+    /// Runs one statement for `writes` (and `fallback` instead if it meets a key another writer inserted
+    /// since its probe); returns (event index, company_id) for the processed changes.
     async fn execute(
         &self,
         stmt: &Statement,
+        fallback: Option<&Statement>,
         batch: &Batch,
         writes: &[&(CompanyKey, KeyWrite)],
     ) -> Result<Vec<(usize, i64)>> {
@@ -133,11 +144,16 @@ impl Upsert {
             insertable.push(w.insertable);
             want.push(w.processed.is_some());
         }
-        let rows = self
-            .client
-            .query(stmt, &[&ords, &uens, &names, &codes, &descs, &years, &statuses, &insertable, &want])
-            .await
-            .map_err(|e| Error::db(format!("upsert: writing {n} companies"), e))?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
+            [&ords, &uens, &names, &codes, &descs, &years, &statuses, &insertable, &want];
+        let rows = match (self.client.query(stmt, &params).await, fallback) {
+            (Err(e), Some(fallback)) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                tracing::debug!(error = %e, "upsert: a key was inserted concurrently; upserting with ON CONFLICT");
+                self.client.query(fallback, &params).await
+            }
+            (result, _) => result,
+        }
+        .map_err(|e| Error::db(format!("upsert: writing {n} companies"), e))?;
         // Rows are (ord, uen, company_id): ord is set for companies that existed before the statement;
         // a company the statement inserted comes back by uen (joining the insert's output to the input
         // inside the statement would be a nested loop over a CTE).
@@ -168,8 +184,14 @@ impl Operator for Upsert {
     }
 }
 
-/// The two upsert statements (by uen, by name and year), with or without the optional `industry` column.
-fn statements(with_industry: bool) -> (String, String) {
+struct Statements {
+    by_uen_fast: String,
+    by_uen: String,
+    by_name: String,
+}
+
+/// The upsert statements (by uen, by name and year), with or without the optional `industry` column.
+fn statements(with_industry: bool) -> Statements {
     let (ind_col, ind_val, ind_set) = if with_industry {
         (", industry", ", m.industry_norm", ", industry = excluded.industry")
     } else {
@@ -224,6 +246,34 @@ fn statements(with_industry: bool) -> (String, String) {
          where m.want and m.existing_id is not null and not (m.insertable and not m.unchanged)",
         same_e = same("e", ind_cmp_e),
     );
+    // The common case without `ON CONFLICT`: keys the probe found absent are inserted plainly (no speculative
+    // insertion, a sixth faster per batch), keys it found are updated by id when something changed. A key
+    // another writer inserts between the probe and the insert fails the statement, and `by_uen` runs instead.
+    let by_uen_fast = format!(
+        "with {input}, \
+         existing as ( \
+           select m.*, e.company_id as existing_id, coalesce({same_e}, false) as unchanged \
+           from mapped m left join companies e on e.uen = m.uen \
+         ), \
+         ins as ( \
+           insert into companies (uen, name, industry_code, industry_norm{ind_col}, incorporation_year, status) \
+           select m.uen, m.name, m.industry_code, m.industry_norm{ind_val}, m.incorporation_year, m.status \
+           from existing m \
+           where m.insertable and m.existing_id is null \
+           returning company_id, uen \
+         ), \
+         upd as ( \
+           update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
+             industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, \
+             status = m.status, updated_at = now() \
+           from existing m \
+           where m.existing_id is not null and not m.unchanged and c.company_id = m.existing_id \
+         ) \
+         select null::int4, ins.uen, ins.company_id from ins \
+         union all \
+         select m.ord, m.uen, m.existing_id from existing m where m.want and m.existing_id is not null",
+        same_e = same("e", ind_cmp_e),
+    );
     // The name key hashes lower(name), matching the partial unique index companies_name_year_key. Rows are
     // collapsed again here because Postgres' lower() may fold names the engine kept apart.
     let key = |a: &str| format!("md5(lower({a}.name)), coalesce({a}.incorporation_year, 0)");
@@ -262,7 +312,7 @@ fn statements(with_industry: bool) -> (String, String) {
         same_e = same("e", ind_cmp_e),
         same_c = same("c", ind_cmp_c),
     );
-    (by_uen, by_name)
+    Statements { by_uen_fast, by_uen, by_name }
 }
 
 #[cfg(test)]
