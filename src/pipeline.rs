@@ -5,8 +5,9 @@
 //! source task --(1 batch)--> filter, dedupe task --(1 batch)--> upsert[, enrich] task --(1 batch)--> sink (this task)
 //! ```
 //! Stages run concurrently (a page is read while the one before is probed for history, the one before
-//! that is upserted, and the one before that is committed), each on its own connection. The channels are bounded, so a slow sink slows the source and
-//! memory holds at most a handful of batches, whatever the table size.
+//! that is upserted, and the one before that is committed), each on its own connection. The channels are
+//! bounded, so a slow sink slows the source and memory holds at most a handful of batches, whatever the
+//! table size.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
