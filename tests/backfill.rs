@@ -265,3 +265,42 @@ async fn a_company_inserted_concurrently_by_another_writer_is_upserted_not_faile
     assert!(summary.counters.processed > 0);
     db.assert_companies_match_rules().await;
 }
+
+/// The sink inserts history rows without `ON CONFLICT` first. Where another engine (another checkpoint key
+/// over the same positions) already wrote one, the batch is written again skipping it: no error, no
+/// second row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_row_already_at_a_position_is_kept_and_the_batch_still_commits() {
+    let db = TestDb::new().await;
+    db.seed(300, 12).await;
+    let id: i64 = db
+        .client
+        .query_one(
+            "select id from staging_acra_companies where entity_status_description ilike 'live%' \
+             and entity_name <> 'na' and uen <> 'na' order by id limit 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // A resumed backfill gives its rows positions at the checkpoint's snapshot LSN.
+    db.client
+        .batch_execute(&format!(
+            "insert into service_progress (key, last_id, last_lsn, cursor) values ('acra_direct', 0, '0/ABC', 'id');
+             insert into company_enrichment_runs (company_id, source_lsn, source_seq, staging_id, status)
+               values (0, '0/ABC', {id}, {id}, 'elsewhere');"
+        ))
+        .await
+        .unwrap();
+    let summary = db.run(Overrides::default()).await;
+    assert!(summary.counters.processed > 0);
+    let at = format!("select count(*) from company_enrichment_runs where source_lsn = '0/ABC' and source_seq = {id}");
+    assert_eq!(db.count(&at).await, 1);
+    assert_eq!(db.count(&format!("{at} and status = 'elsewhere'")).await, 1, "the existing row is kept");
+    db.assert_companies_match_rules().await;
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where company_id <> 0").await as u64 + 1,
+        summary.counters.processed,
+        "every other processed change has its history row"
+    );
+}
