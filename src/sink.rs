@@ -1,8 +1,10 @@
 //! The Postgres sink: one transaction per batch with its history rows, dead letters and the new checkpoint.
 //!
-//! History rows (`company_enrichment_runs`) and dead letters are keyed by source position and inserted with
-//! `ON CONFLICT DO NOTHING`, so a batch replayed after a crash adds nothing that is already there. The
-//! checkpoint is committed in the same transaction, so it never runs ahead of the rows it covers.
+//! History rows (`company_enrichment_runs`) and dead letters are keyed by source position, so a batch
+//! replayed after a crash adds nothing that is already there: dead letters with `ON CONFLICT DO NOTHING`;
+//! history rows plainly first, and, when a row already holds one of the positions, again with
+//! `ON CONFLICT DO NOTHING` (see [`PostgresSink::write`]). The checkpoint is committed in the same
+//! transaction, so it never runs ahead of the rows it covers.
 
 use std::sync::Arc;
 
