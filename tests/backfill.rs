@@ -229,16 +229,7 @@ async fn exclude_status_and_min_age_settings() {
 async fn a_company_inserted_concurrently_by_another_writer_is_upserted_not_failed() {
     let db = TestDb::new().await;
     db.seed(200, 31).await;
-    let uen: String = db
-        .client
-        .query_one(
-            "select upper(btrim(uen)) from staging_acra_companies where entity_status_description ilike 'live%' \
-             and entity_name <> 'na' and uen <> 'na' order by id limit 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (_, uen) = first_eligible_row(&db).await;
     let other = TestDb::attach(&db).await;
     other.client.batch_execute("begin").await.unwrap();
     other
@@ -273,16 +264,7 @@ async fn a_company_inserted_concurrently_by_another_writer_is_upserted_not_faile
 async fn a_history_row_already_at_a_position_is_kept_and_the_batch_still_commits() {
     let db = TestDb::new().await;
     db.seed(300, 12).await;
-    let id: i64 = db
-        .client
-        .query_one(
-            "select id from staging_acra_companies where entity_status_description ilike 'live%' \
-             and entity_name <> 'na' and uen <> 'na' order by id limit 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (id, _) = first_eligible_row(&db).await;
     // A resumed backfill gives its rows positions at the checkpoint's snapshot LSN.
     db.client
         .batch_execute(&format!(
@@ -303,4 +285,18 @@ async fn a_history_row_already_at_a_position_is_kept_and_the_batch_still_commits
         summary.counters.processed,
         "every other processed change has its history row"
     );
+}
+
+/// The first staging row the pipeline will process (live, with a name and a uen): its id and uen.
+async fn first_eligible_row(db: &TestDb) -> (i64, String) {
+    let row = db
+        .client
+        .query_one(
+            "select id, upper(btrim(uen)) from staging_acra_companies where entity_status_description ilike 'live%' \
+             and entity_name <> 'na' and uen <> 'na' order by id limit 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
 }

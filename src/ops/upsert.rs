@@ -217,12 +217,27 @@ fn statements(with_industry: bool) -> Statements {
     };
     // One probe of companies per key (`existing`) decides whether the row changes anything and gives the id
     // of a company the statement leaves alone: about a tenth faster than probing again for the ids.
-    let by_uen = format!(
-        "with {input}, \
-         existing as ( \
+    let existing = format!(
+        "existing as ( \
            select m.*, e.company_id as existing_id, coalesce({same_e}, false) as unchanged \
            from mapped m left join companies e on e.uen = m.uen \
-         ), \
+         )",
+        same_e = same("e", ind_cmp_e),
+    );
+    // Changed companies updated by id; `which` says which of them this statement leaves to its insert.
+    let update_by_id = |which: &str| {
+        format!(
+            "upd as ( \
+               update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
+                 industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, \
+                 status = m.status, updated_at = now() \
+               from existing m \
+               where {which} and not m.unchanged and c.company_id = m.existing_id \
+             )"
+        )
+    };
+    let by_uen = format!(
+        "with {input}, {existing}, \
          ins as ( \
            insert into companies as c (uen, name, industry_code, industry_norm{ind_col}, incorporation_year, status) \
            select m.uen, m.name, m.industry_code, m.industry_norm{ind_val}, m.incorporation_year, m.status \
@@ -232,47 +247,29 @@ fn statements(with_industry: bool) -> Statements {
              industry_code = excluded.industry_code, industry_norm = excluded.industry_norm{ind_set}, \
              incorporation_year = excluded.incorporation_year, status = excluded.status, updated_at = now() \
            returning c.company_id, c.uen \
-         ), \
-         upd as ( \
-           update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
-             industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, \
-             status = m.status, updated_at = now() \
-           from existing m \
-           where not m.insertable and not m.unchanged and c.company_id = m.existing_id \
-         ) \
+         ), {upd} \
          select null::int4, ins.uen, ins.company_id from ins \
          union all \
          select m.ord, m.uen, m.existing_id from existing m \
          where m.want and m.existing_id is not null and not (m.insertable and not m.unchanged)",
-        same_e = same("e", ind_cmp_e),
+        upd = update_by_id("not m.insertable"),
     );
     // The common case without `ON CONFLICT`: keys the probe found absent are inserted plainly (no speculative
     // insertion, a sixth faster per batch), keys it found are updated by id when something changed. A key
     // another writer inserts between the probe and the insert fails the statement, and `by_uen` runs instead.
     let by_uen_fast = format!(
-        "with {input}, \
-         existing as ( \
-           select m.*, e.company_id as existing_id, coalesce({same_e}, false) as unchanged \
-           from mapped m left join companies e on e.uen = m.uen \
-         ), \
+        "with {input}, {existing}, \
          ins as ( \
            insert into companies (uen, name, industry_code, industry_norm{ind_col}, incorporation_year, status) \
            select m.uen, m.name, m.industry_code, m.industry_norm{ind_val}, m.incorporation_year, m.status \
            from existing m \
            where m.insertable and m.existing_id is null \
            returning company_id, uen \
-         ), \
-         upd as ( \
-           update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
-             industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, \
-             status = m.status, updated_at = now() \
-           from existing m \
-           where m.existing_id is not null and not m.unchanged and c.company_id = m.existing_id \
-         ) \
+         ), {upd} \
          select null::int4, ins.uen, ins.company_id from ins \
          union all \
          select m.ord, m.uen, m.existing_id from existing m where m.want and m.existing_id is not null",
-        same_e = same("e", ind_cmp_e),
+        upd = update_by_id("m.existing_id is not null"),
     );
     // The name key hashes lower(name), matching the partial unique index companies_name_year_key. Rows are
     // collapsed again here because Postgres' lower() may fold names the engine kept apart.
