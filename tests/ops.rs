@@ -272,9 +272,16 @@ async fn failures_alert_once_per_window_pause_enrichment_and_resume_it() {
     let engine = db.start_engine_with(spec, overrides);
     db.wait_streaming(Duration::from_secs(30)).await;
 
-    // Wave 1: every site fails.
-    insert_live_rows(&db, &names[..30]).await;
-    let paused = wait_until(Duration::from_secs(60), || async { web.webhooks().len() >= 2 }).await;
+    // Wave 1: every site fails. Rows go in five at a time, each group committed before the next, so the
+    // monitor sees the alert's outcomes and then min_events more (one group of 30 could be one batch).
+    for group in names[..30].chunks(5) {
+        insert_live_rows(&db, group).await;
+        db.wait_caught_up(Duration::from_secs(60)).await;
+        if web.webhooks().len() >= 2 {
+            break;
+        }
+    }
+    let paused = wait_until(Duration::from_secs(10), || async { web.webhooks().len() >= 2 }).await;
     assert!(paused, "no alert and pause: {:?}", web.webhooks());
     // What /readyz and the gauge report (no other test pauses this process's enrichment).
     let m = acraflow::telemetry::metrics::metrics();
