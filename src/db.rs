@@ -40,6 +40,12 @@ pub fn describe(dsn: &str) -> String {
 
 /// Opens a connection, retrying briefly (a server that is starting up, a network blip).
 pub async fn connect(dsn: &str) -> Result<Client> {
+    connect_named(dsn, "acraflow").await
+}
+
+/// [`connect`] with `application_name` set to `app` (unless the DSN sets one), so `pg_stat_activity`
+/// says which part of the engine a session belongs to.
+pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
     let mut config: Config = dsn.parse().map_err(|e| {
         Error::with_source(
             ErrorKind::Config,
@@ -48,7 +54,7 @@ pub async fn connect(dsn: &str) -> Result<Client> {
         )
     })?;
     if config.get_application_name().is_none() {
-        config.application_name("acraflow");
+        config.application_name(app);
     }
     let mut delay = Duration::from_millis(200);
     let mut attempt = 1;
@@ -60,6 +66,10 @@ pub async fn connect(dsn: &str) -> Result<Client> {
                         tracing::debug!(error = %e, "connection closed");
                     }
                 });
+                // The engine's statements are batches of key lookups: compiling one with LLVM costs more
+                // than running it. With jit on, a fresh database's estimates made Postgres compile the
+                // dedupe probe on every batch, cutting throughput by half.
+                client.batch_execute("set jit = off").await.map_err(|e| Error::db("setting jit = off", e))?;
                 return Ok(client);
             }
             Err(e) => {
@@ -77,10 +87,10 @@ pub async fn connect(dsn: &str) -> Result<Client> {
 }
 
 /// Applies every migration and loads the SSIC 2020 reference into `ssic_ref`.
-/// [`connect`], then `request.tenant_id` set for the whole session when a tenant is given, so row level
-/// security policies that read `current_setting('request.tenant_id')` hold for everything it writes.
-pub async fn connect_as(dsn: &str, tenant: Option<&str>) -> Result<Client> {
-    let client = connect(dsn).await?;
+/// [`connect_named`], then `request.tenant_id` set for the whole session when a tenant is given, so row
+/// level security policies that read `current_setting('request.tenant_id')` hold for everything it writes.
+pub async fn connect_as(dsn: &str, tenant: Option<&str>, app: &str) -> Result<Client> {
+    let client = connect_named(dsn, app).await?;
     if let Some(tenant) = tenant {
         client
             .execute("select set_config('request.tenant_id', $1, false)", &[&tenant])

@@ -168,7 +168,7 @@ struct StreamFrom {
 /// Runs `spec` against the database at `dsn` until the source ends or `stop` turns true.
 pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiver<bool>) -> Result<RunSummary> {
     spec.validate()?;
-    let control = db::connect_as(dsn, spec.ops.tenant_id.as_deref()).await?;
+    let control = db::connect_as(dsn, spec.ops.tenant_id.as_deref(), "acraflow").await?;
     let facts = db::schema_facts(&control).await?;
     lock_checkpoint(&control, &spec.checkpoint_key).await?;
     let table = quote_table(&spec.source.table);
@@ -343,17 +343,17 @@ async fn drive(
     let mut counters = Counters::default();
     let streaming = !matches!(plan, SourcePlan::Backfill { .. });
     let setup = async {
-        let ops_client = Arc::new(db::connect_as(dsn, tenant).await?);
+        let ops_client = Arc::new(db::connect_as(dsn, tenant, "acraflow-operators").await?);
         let progress = Arc::new(Progress::default());
         let sink = PostgresSink::new(
-            db::connect_as(dsn, tenant).await?,
+            db::connect_as(dsn, tenant, "acraflow-sink").await?,
             spec.checkpoint_key.clone(),
             run.run_id,
             Arc::clone(&progress),
         );
         let source = build_source(dsn, spec, table, plan, progress, stop.clone()).await?;
         let mut stream = spawn_stage(source);
-        let dedupe_client = Arc::new(db::connect_as(dsn, tenant).await?);
+        let dedupe_client = Arc::new(db::connect_as(dsn, tenant, "acraflow-dedupe").await?);
         let ops = build_operators(spec, &ops_client, &dedupe_client, facts, run.mode, run.monitor.gate()).await?;
         for (op, kind) in ops.into_iter().zip(spec.operators.iter().map(|o| o.kind())) {
             stream = metered(kind, op, stream);
@@ -437,7 +437,7 @@ async fn drive(
 /// Polls the slot's lag (`acra_direct_slot_lag_bytes`) every 5 s on a connection of its own.
 fn spawn_lag_poller(dsn: String, slot: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let Ok(client) = db::connect(&dsn).await else { return };
+        let Ok(client) = db::connect_named(&dsn, "acraflow-lag").await else { return };
         let mut every = tokio::time::interval(Duration::from_secs(5));
         loop {
             every.tick().await;
@@ -638,13 +638,15 @@ async fn build_source(
         resume_after: from.resume_after,
     };
     Ok(match plan {
-        SourcePlan::Backfill { start, lsn } => {
-            backfill::stream(db::connect_as(dsn, tenant).await?, backfill_opts(start, lsn, None), stop)
-        }
+        SourcePlan::Backfill { start, lsn } => backfill::stream(
+            db::connect_as(dsn, tenant, "acraflow-backfill").await?,
+            backfill_opts(start, lsn, None),
+            stop,
+        ),
         SourcePlan::Stream(from) => replication::stream(stream_opts(from), progress, stop),
         SourcePlan::Handover { start, lsn, new_slot, stream } => {
             let snapshot = new_slot.as_ref().map(|s| s.snapshot.clone());
-            let reader = db::connect_as(dsn, tenant).await?;
+            let reader = db::connect_as(dsn, tenant, "acraflow-backfill").await?;
             let first = backfill::stream(reader, backfill_opts(start, lsn, snapshot), stop.clone());
             handover(first, new_slot, stream_opts(stream), progress, stop)
         }

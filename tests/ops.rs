@@ -382,7 +382,7 @@ async fn row_level_security_holds_for_the_tenant_and_blocks_another() {
     assert_eq!(db.count("select count(*) from enrichment_runs where tenant_id = 'acme'").await, 1);
 
     // Another tenant's session sees none of it and changes none of it.
-    let globex = acraflow::db::connect_as(&dsn, Some("globex")).await.unwrap();
+    let globex = acraflow::db::connect_as(&dsn, Some("globex"), "acraflow").await.unwrap();
     let seen: i64 = globex.query_one("select count(*) from companies", &[]).await.unwrap().get(0);
     assert_eq!(seen, 0);
     assert_eq!(globex.execute("update companies set name = 'HIJACKED'", &[]).await.unwrap(), 0);
@@ -522,4 +522,31 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
     assert!(out.status.success(), "{screen}");
     assert!(screen.contains("3,000/3,000 rows") && screen.contains("ETA"), "no progress bar: {screen}");
     assert!(!screen.contains("rows_done"), "progress log lines while a bar is shown: {screen}");
+}
+
+/// `pg_stat_activity` says which part of the engine each session is, and the sessions run without JIT
+/// (compiling a batch statement costs more than running it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_sessions_are_named_in_pg_stat_activity_and_run_without_jit() {
+    let db = TestDb::new().await;
+    let engine = db.start_engine(db.stream_overrides());
+    db.wait_streaming(Duration::from_secs(30)).await;
+    let names: Vec<String> = db
+        .client
+        .query(
+            "select application_name from pg_stat_activity where datname = $1 and application_name like 'acraflow%'",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for part in ["acraflow-replication", "acraflow-dedupe", "acraflow-operators", "acraflow-sink"] {
+        assert!(names.iter().any(|n| n == part), "no {part} session among {names:?}");
+    }
+    engine.stop().await;
+    let session = acraflow::db::connect(&db.dsn).await.unwrap();
+    let jit: String = session.query_one("show jit", &[]).await.unwrap().get(0);
+    assert_eq!(jit, "off");
 }
