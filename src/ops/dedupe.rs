@@ -15,7 +15,6 @@
 //! Skipped and superseded changes still refresh registry fields in upsert; they only get no history row
 //! and no enrichment.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio_postgres::Client;
@@ -37,7 +36,7 @@ pub struct DedupePolicy {
 
 /// Marks every eligible change that a later eligible change in the batch repeats as superseded.
 pub fn supersede_repeats(batch: &mut Batch) {
-    let mut latest: HashMap<&CompanyKey, usize> = HashMap::new();
+    let mut latest: foldhash::HashMap<&CompanyKey, usize> = foldhash::HashMap::default();
     let mut superseded = Vec::new();
     for (i, e) in batch.events.iter().enumerate() {
         if e.fate != Fate::Process {
@@ -57,7 +56,7 @@ pub fn supersede_repeats(batch: &mut Batch) {
 /// The company keys being processed right now.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    keys: Mutex<HashSet<CompanyKey>>,
+    keys: Mutex<foldhash::HashSet<CompanyKey>>,
 }
 
 impl InFlight {

@@ -178,8 +178,12 @@ impl<'a> Session<'a> {
                 ev = s.client.recv() => ev,
                 // The pipeline is gone (it failed or finished): release the slot now.
                 _ = s.tx.closed() => return Ok(()),
+                // A batch past its deadline goes only when the pipeline can take it at once; while the
+                // pipeline is busy it keeps growing (up to the batch size), so a backlog is applied in
+                // large batches and a trickle still leaves within the deadline.
                 _ = tick.tick() => {
-                    if s.batch_started.is_some_and(|t| t.elapsed() >= s.opts.batch_deadline) && !s.flush(None).await? {
+                    let due = s.batch_started.is_some_and(|t| t.elapsed() >= s.opts.batch_deadline);
+                    if due && s.tx.capacity() > 0 && !s.flush(None).await? {
                         return Ok(());
                     }
                     continue;
@@ -278,7 +282,7 @@ impl<'a> Session<'a> {
             }
         };
         let text = |i: Option<usize>| match i.and_then(|i| values.get(i)) {
-            Some(Value::Text(s)) => Some((*s).to_owned()),
+            Some(Value::Text(s)) => Some(*s),
             _ => None,
         };
         let mut row = StagingRow { id: text(map.id).and_then(|s| s.parse().ok()).unwrap_or(0), ..Default::default() };
@@ -286,7 +290,7 @@ impl<'a> Session<'a> {
         for (i, idx) in map.fields.iter().enumerate() {
             match idx.and_then(|i| values.get(i)) {
                 Some(Value::Unchanged) => unchanged |= 1 << i,
-                _ => *field_mut(&mut row, i) = text(*idx),
+                _ => *field_mut(&mut row, i) = text(*idx).map(str::to_owned),
             }
         }
         self.push_row(op, row, unchanged);
