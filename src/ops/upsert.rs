@@ -2,7 +2,8 @@
 //!
 //! Rules (PRD 20): the key is the UEN, else `(lower(name), incorporation_year)`; the latest change per key
 //! in the batch wins; eligible changes may create a company, filtered ones only refresh an existing one;
-//! `industry_norm` is the `ssic_ref` title of the code, else the row's own description. Duplicate keys
+//! `industry_norm` is the `ssic_ref` title of the code, else the row's own description (`ssic_ref` is read
+//! once, when the operator starts: a join per batch cost a sixth of the statement). Duplicate keys
 //! are collapsed before the statement ([`collapse`]), so they can never make it fail.
 //!
 //! Unchanged rows are not rewritten: a row identical to the stored company is removed from the insert
@@ -10,7 +11,8 @@
 //! its own, in source order; replaying it is harmless (see `checkpoint`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
 
@@ -35,7 +37,7 @@ pub struct KeyWrite {
 
 /// Collapses a batch to one write per company key, in first-seen order.
 pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
-    let mut index: HashMap<&CompanyKey, usize> = HashMap::new();
+    let mut index: foldhash::HashMap<&CompanyKey, usize> = foldhash::HashMap::default();
     let mut writes: Vec<(CompanyKey, KeyWrite)> = Vec::new();
     for (i, e) in batch.events.iter().enumerate() {
         let Some(record) = &e.record else { continue };
@@ -63,6 +65,20 @@ pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
 
 pub struct Upsert {
     client: Arc<Client>,
+    sql: Statements,
+    prepared: Mutex<Prepared>,
+    /// `ssic_ref`: SSIC code to title.
+    ssic: HashMap<String, String>,
+}
+
+/// How often the statements are prepared again. Postgres keeps a prepared statement's generic plan until
+/// the tables' statistics change; one planned while `companies` was nearly empty (a fresh database, the
+/// start of a backfill) joins by scanning the whole table, and would keep doing so as the table grows.
+const REPLAN_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct Prepared {
+    at: Instant,
     /// Plain INSERT of the keys the probe found absent: no speculative insertion.
     by_uen_fast: Statement,
     /// The same with `ON CONFLICT`: run when another writer inserted one of the keys meanwhile.
@@ -72,26 +88,37 @@ pub struct Upsert {
 
 impl Upsert {
     pub async fn new(client: Arc<Client>, facts: SchemaFacts) -> Result<Self> {
-        let Statements { by_uen_fast, by_uen, by_name } = statements(facts.companies_has_industry);
-        let prepare = |sql: String, what: &'static str| {
-            let client = Arc::clone(&client);
-            async move { client.prepare(&sql).await.map_err(|e| Error::db(format!("upsert: preparing the {what}"), e)) }
-        };
-        Ok(Upsert {
-            by_uen_fast: prepare(by_uen_fast, "uen insert").await?,
-            by_uen: prepare(by_uen, "uen upsert").await?,
-            by_name: prepare(by_name, "name/year upsert").await?,
-            client,
-        })
+        let sql = statements(facts.companies_has_industry);
+        let ssic = client
+            .query("select code, title from ssic_ref", &[])
+            .await
+            .map_err(|e| Error::db("upsert: reading ssic_ref", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let prepared = Mutex::new(prepare(&client, &sql).await?);
+        Ok(Upsert { client, sql, prepared, ssic })
+    }
+
+    /// The statements, prepared again when [`REPLAN_EVERY`] has passed.
+    async fn statements(&self) -> Result<Prepared> {
+        let current = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if current.at.elapsed() < REPLAN_EVERY {
+            return Ok(current);
+        }
+        let fresh = prepare(&self.client, &self.sql).await?;
+        *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
     }
 
     async fn process(&self, mut batch: Batch) -> Result<Batch> {
         let writes = collapse(&batch);
         let (uen_writes, name_writes): (Vec<_>, Vec<_>) =
             writes.iter().partition(|(k, _)| matches!(k, CompanyKey::Uen(_)));
+        let st = self.statements().await?;
         let (a, b) = futures::try_join!(
-            self.execute(&self.by_uen_fast, Some(&self.by_uen), &batch, &uen_writes),
-            self.execute(&self.by_name, None, &batch, &name_writes)
+            self.execute(&st.by_uen_fast, Some(&st.by_uen), &batch, &uen_writes),
+            self.execute(&st.by_name, None, &batch, &name_writes)
         )?;
         let ids: HashMap<usize, i64> = a.into_iter().chain(b).collect();
         for (_, w) in &writes {
@@ -121,7 +148,7 @@ impl Upsert {
             return Ok(Vec::new());
         }
         let n = writes.len();
-        let (mut ords, mut uens, mut names, mut codes, mut descs, mut years, mut statuses, mut insertable, mut want) = (
+        let (mut ords, mut uens, mut names, mut codes, mut norms, mut years, mut statuses, mut insertable, mut want) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -138,14 +165,15 @@ impl Upsert {
             uens.push(r.uen.as_deref());
             names.push(w.name.as_deref());
             codes.push(r.industry_code.as_deref());
-            descs.push(r.ssic_description.as_deref());
+            let title = r.industry_code.as_deref().and_then(|c| self.ssic.get(c));
+            norms.push(title.map(String::as_str).or(r.ssic_description.as_deref()));
             years.push(r.incorporation_year);
             statuses.push(r.status.as_deref());
             insertable.push(w.insertable);
             want.push(w.processed.is_some());
         }
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
-            [&ords, &uens, &names, &codes, &descs, &years, &statuses, &insertable, &want];
+            [&ords, &uens, &names, &codes, &norms, &years, &statuses, &insertable, &want];
         let rows = match (self.client.query(stmt, &params).await, fallback) {
             (Err(e), Some(fallback)) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                 tracing::debug!(error = %e, "upsert: a key was inserted concurrently; upserting with ON CONFLICT");
@@ -190,6 +218,13 @@ struct Statements {
     by_name: String,
 }
 
+async fn prepare(client: &Client, sql: &Statements) -> Result<Prepared> {
+    let (by_uen_fast, by_uen, by_name) =
+        futures::try_join!(client.prepare(&sql.by_uen_fast), client.prepare(&sql.by_uen), client.prepare(&sql.by_name))
+            .map_err(|e| Error::db("upsert: preparing its statements", e))?;
+    Ok(Prepared { at: Instant::now(), by_uen_fast, by_uen, by_name })
+}
+
 /// The upsert statements (by uen, by name and year), with or without the optional `industry` column.
 fn statements(with_industry: bool) -> Statements {
     let (ind_col, ind_val, ind_set) = if with_industry {
@@ -200,13 +235,10 @@ fn statements(with_industry: bool) -> Statements {
     let ind_cmp_e = if with_industry { ", e.industry" } else { "" };
     let ind_cmp_c = if with_industry { ", c.industry" } else { "" };
     let ind_upd = if with_industry { ", industry = m.industry_norm" } else { "" };
-    let input = "input as ( \
+    let input = "mapped as ( \
            select * from unnest($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], \
                                 $7::text[], $8::bool[], $9::bool[]) \
-             as t(ord, uen, name, industry_code, ssic_description, incorporation_year, status, insertable, want) \
-         ), mapped as ( \
-           select i.*, coalesce(s.title, i.ssic_description) as industry_norm \
-           from input i left join ssic_ref s on s.code = i.industry_code \
+             as t(ord, uen, name, industry_code, industry_norm, incorporation_year, status, insertable, want) \
          )";
     let same = |alias: &str, ind: &str| {
         format!(
