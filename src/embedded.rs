@@ -308,7 +308,11 @@ fn initdb(bin: &Path, home: &Path, pgdata: &Path, password: &str, user: Option<&
     let pwfile = home.join(".initdb-password");
     write_private(&pwfile, password, user)?;
     let mut cmd = Command::new(bin.join("initdb"));
-    cmd.arg("-D").arg(pgdata).args(["-U", ROLE, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "-N"]);
+    // Collation C sorts UTF-8 text exactly as C.UTF-8 does (by code point) but compares with memcmp instead
+    // of strcoll: every uen probe and index insert is cheaper. Character classes stay C.UTF-8's, so
+    // upper() and lower() still know non-ASCII letters.
+    cmd.arg("-D").arg(pgdata).args(["-U", ROLE, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"]);
+    cmd.args(["--lc-collate=C", "-N"]);
     cmd.arg(format!("--pwfile={}", pwfile.display()));
     if let Some(u) = user {
         cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
