@@ -8,9 +8,10 @@
 //!    committed it. Stages run concurrently, so without this a company repeated in consecutive batches
 //!    would get two history rows. Claims are bounded by the events in flight.
 //! 3. A change whose company has a `company_enrichment_runs` row newer than `recheck_days` (any row when
-//!    `skip_if_any_history`) becomes [`Fate::Skipped`]; `force` turns this rule off. One query per batch.
-//!    It runs after the claim: a claim is released only after its history row committed, so the query
-//!    sees that row; querying first would leave a window between the two.
+//!    `skip_if_any_history`) becomes [`Fate::Skipped`]; `force` turns this rule off. One query per key kind
+//!    (uen; name and year) present in the batch, issued together. It runs after the claim: a claim is
+//!    released only after its history row committed, so the query sees that row; querying first would
+//!    leave a window between the two.
 //!
 //! Skipped and superseded changes still refresh registry fields in upsert; they only get no history row
 //! and no enrichment.
@@ -123,48 +124,43 @@ impl Dedupe {
         Ok(batch)
     }
 
-    /// Rule 2: one anti-join query for the batch.
+    /// Rule 3: one probe per key kind present in the batch (by uen; by name and year), issued together.
     async fn skip_recent(&self, batch: &mut Batch) -> Result<()> {
-        let mut ords = Vec::new();
-        let mut uens = Vec::new();
-        let mut names = Vec::new();
-        let mut years = Vec::new();
+        let (mut by_uen, mut by_name) = (Keys::default(), Keys::default());
         for (i, e) in batch.events.iter().enumerate() {
             if let (Fate::Process, Some(r)) = (&e.fate, &e.record) {
-                ords.push(i as i32);
-                uens.push(r.uen.as_deref());
-                names.push(r.name.as_deref());
-                years.push(r.incorporation_year);
+                let keys = if r.uen.is_some() { &mut by_uen } else { &mut by_name };
+                keys.ords.push(i as i32);
+                keys.uens.push(r.uen.as_deref());
+                keys.names.push(r.name.as_deref());
+                keys.years.push(r.incorporation_year);
             }
         }
-        if ords.is_empty() {
-            return Ok(());
+        let (a, b) = futures::try_join!(self.probe(UEN_PROBE, &by_uen), self.probe(NAME_PROBE, &by_name))?;
+        for ord in a.into_iter().chain(b) {
+            if let Some(event) = batch.events.get_mut(ord as usize) {
+                event.fate = Fate::Skipped;
+                event.claim = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ords of `keys` whose company has recent history.
+    async fn probe(&self, sql: &str, keys: &Keys<'_>) -> Result<Vec<i32>> {
+        if keys.ords.is_empty() {
+            return Ok(Vec::new());
         }
         let recheck_days = i32::try_from(self.policy.recheck_days).unwrap_or(i32::MAX);
         let rows = self
             .client
             .query(
-                // One index probe per key (LATERAL ... LIMIT 1), whatever the planner thinks of unnest's size:
-                // a hashed EXISTS would scan all of companies and the history on every batch.
-                "select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
-                 cross join lateral ( \
-                   select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
-                   where k.uen is not null and c.uen = k.uen \
-                     and ($5 or r.updated_at > now() - make_interval(days => $6)) and (r.enriched or not $7) \
-                   limit 1) h \
-                 union all \
-                 select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
-                 cross join lateral ( \
-                   select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
-                   where k.uen is null and c.uen is null and md5(lower(c.name)) = md5(lower(k.name)) \
-                     and coalesce(c.incorporation_year, 0) = coalesce(k.year, 0) \
-                     and ($5 or r.updated_at > now() - make_interval(days => $6)) and (r.enriched or not $7) \
-                   limit 1) h",
+                sql,
                 &[
-                    &ords,
-                    &uens,
-                    &names,
-                    &years,
+                    &keys.ords,
+                    &keys.uens,
+                    &keys.names,
+                    &keys.years,
                     &self.policy.skip_if_any_history,
                     &recheck_days,
                     &self.policy.only_enrichments,
@@ -172,15 +168,36 @@ impl Dedupe {
             )
             .await
             .map_err(|e| Error::db("dedupe: looking up recent enrichment history", e))?;
-        for row in rows {
-            let ord: i32 = row.get(0);
-            let event = &mut batch.events[ord as usize];
-            event.fate = Fate::Skipped;
-            event.claim = None;
-        }
-        Ok(())
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }
+
+/// The keys of the changes still to process, column by column.
+#[derive(Default)]
+struct Keys<'a> {
+    ords: Vec<i32>,
+    uens: Vec<Option<&'a str>>,
+    names: Vec<Option<&'a str>>,
+    years: Vec<Option<i32>>,
+}
+
+// One index probe per key (LATERAL ... LIMIT 1), whatever the planner thinks of unnest's size: a hashed
+// EXISTS would scan all of companies and the history on every batch.
+const UEN_PROBE: &str =
+    "select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
+     cross join lateral ( \
+       select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
+       where c.uen = k.uen \
+         and ($5 or r.updated_at > now() - make_interval(days => $6)) and (r.enriched or not $7) \
+       limit 1) h";
+const NAME_PROBE: &str =
+    "select k.ord from unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) as k(ord, uen, name, year) \
+     cross join lateral ( \
+       select 1 from companies c join company_enrichment_runs r on r.company_id = c.company_id \
+       where c.uen is null and md5(lower(c.name)) = md5(lower(k.name)) \
+         and coalesce(c.incorporation_year, 0) = coalesce(k.year, 0) \
+         and ($5 or r.updated_at > now() - make_interval(days => $6)) and (r.enriched or not $7) \
+       limit 1) h";
 
 impl Operator for Dedupe {
     fn apply(self: Box<Self>, input: BatchStream) -> BatchStream {
