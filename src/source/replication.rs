@@ -169,21 +169,21 @@ impl<'a> Session<'a> {
         loop {
             s.acknowledge_durable();
             let event = tokio::select! {
+                // Events first: while they flow the other branches are not even polled (registering their
+                // wakers cost more than handling the event); the stop flag and the deadline are checked
+                // after each event instead.
+                biased;
+                ev = s.client.recv() => ev,
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
                         break;
                     }
                     continue;
                 }
-                ev = s.client.recv() => ev,
                 // The pipeline is gone (it failed or finished): release the slot now.
                 _ = s.tx.closed() => return Ok(()),
-                // A batch past its deadline goes only when the pipeline can take it at once; while the
-                // pipeline is busy it keeps growing (up to the batch size), so a backlog is applied in
-                // large batches and a trickle still leaves within the deadline.
                 _ = tick.tick() => {
-                    let due = s.batch_started.is_some_and(|t| t.elapsed() >= s.opts.batch_deadline);
-                    if due && s.tx.capacity() > 0 && !s.flush(None).await? {
+                    if s.due() && !s.flush(None).await? {
                         return Ok(());
                     }
                     continue;
@@ -197,7 +197,10 @@ impl<'a> Session<'a> {
                 }
                 None => return Err(Error::new(ErrorKind::Connect, "the replication stream ended")),
             }
-            if s.batch.len() >= s.opts.batch_size && !s.flush(None).await? {
+            if *stop.borrow() {
+                break;
+            }
+            if (s.batch.len() >= s.opts.batch_size || s.due()) && !s.flush(None).await? {
                 return Ok(());
             }
         }
@@ -307,6 +310,13 @@ impl<'a> Session<'a> {
         self.batch_started.get_or_insert_with(Instant::now);
         self.batch.push(Event::new(Change { pos, op, row }));
         self.unchanged.push(unchanged);
+    }
+
+    /// Whether the pending batch should go now: it is past its deadline and the pipeline can take it at
+    /// once. While the pipeline is busy the batch keeps growing (up to the batch size), so a backlog is
+    /// applied in large batches and a trickle still leaves within the deadline.
+    fn due(&self) -> bool {
+        self.batch_started.is_some_and(|t| t.elapsed() >= self.opts.batch_deadline) && self.tx.capacity() > 0
     }
 
     fn in_flight(&self) -> u64 {
