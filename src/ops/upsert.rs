@@ -90,7 +90,7 @@ impl Upsert {
     pub async fn new(client: Arc<Client>, facts: SchemaFacts) -> Result<Self> {
         let sql = statements(facts.companies_has_industry);
         let ssic = client
-            .query("select code, title from ssic_ref", &[])
+            .query("select code, title from ssic_ref where title is not null", &[])
             .await
             .map_err(|e| Error::db("upsert: reading ssic_ref", e))?
             .iter()
