@@ -101,7 +101,7 @@ impl Upsert {
     }
 
     /// The statements, prepared again when [`REPLAN_EVERY`] has passed.
-    async fn statements(&self) -> Result<Prepared> {
+    async fn prepared(&self) -> Result<Prepared> {
         let current = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if current.at.elapsed() < REPLAN_EVERY {
             return Ok(current);
@@ -120,7 +120,7 @@ impl Upsert {
         // (a third of the statement's time at a registry's share of filtered rows).
         let (uen_writes, refresh_writes): (Vec<_>, Vec<_>) =
             uen_writes.into_iter().partition(|(_, w)| w.insertable || w.processed.is_some());
-        let st = self.statements().await?;
+        let st = self.prepared().await?;
         let (a, b, ()) = futures::try_join!(
             self.execute(&st.by_uen_fast, Some(&st.by_uen), &batch, &uen_writes),
             self.execute(&st.by_name, None, &batch, &name_writes),
@@ -265,7 +265,8 @@ async fn prepare(client: &Client, sql: &Statements) -> Result<Prepared> {
     Ok(Prepared { at: Instant::now(), by_uen_fast, by_uen, by_name, refresh_by_uen })
 }
 
-/// The upsert statements (by uen, by name and year), with or without the optional `industry` column.
+/// The upsert statements (by uen, by name and year, and the refresh-only update by uen), with or without
+/// the optional `industry` column.
 fn statements(with_industry: bool) -> Statements {
     let (ind_col, ind_val, ind_set) = if with_industry {
         (", industry", ", m.industry_norm", ", industry = excluded.industry")
@@ -296,13 +297,16 @@ fn statements(with_industry: bool) -> Statements {
          )",
         same_e = same("e", ind_cmp_e),
     );
+    // The registry fields of a changed company, from input row `m` (a missing name keeps the stored one).
+    let set_fields = format!(
+        "name = coalesce(m.name, c.name), industry_code = m.industry_code, industry_norm = m.industry_norm{ind_upd}, \
+         incorporation_year = m.incorporation_year, status = m.status, updated_at = now()"
+    );
     // Changed companies updated by id; `which` says which of them this statement leaves to its insert.
     let update_by_id = |which: &str| {
         format!(
             "upd as ( \
-               update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
-                 industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, \
-                 status = m.status, updated_at = now() \
+               update companies c set {set_fields} \
                from existing m \
                where {which} and not m.unchanged and c.company_id = m.existing_id \
              )"
@@ -382,9 +386,7 @@ fn statements(with_industry: bool) -> Statements {
         same_c = same("c", ind_cmp_c),
     );
     let refresh_by_uen = format!(
-        "update companies c set name = coalesce(m.name, c.name), industry_code = m.industry_code, \
-           industry_norm = m.industry_norm{ind_upd}, incorporation_year = m.incorporation_year, status = m.status, \
-           updated_at = now() \
+        "update companies c set {set_fields} \
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[]) \
            as m(uen, name, industry_code, industry_norm, incorporation_year, status) \
          where c.uen = m.uen and not coalesce({same_c}, false)",
