@@ -237,29 +237,34 @@ pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Resu
         .await
         .map_err(|e| Error::db("creating the reference slot", e))?;
     let per_writer = args.rows / u64::from(args.writers.max(1));
+    let cpu_before = CpuSample::take(&client, engine.id()).await;
     let t = Instant::now();
     let mut writers = Vec::new();
     for w in 0..args.writers.max(1) {
         let dsn = dsn.clone();
         let txn_rows = args.txn_rows.max(1);
         writers.push(tokio::spawn(async move {
-            let c = db::connect(&dsn).await?;
+            let c = db::connect_named(&dsn, "acraflow-bench-writer").await?;
             let mut next = 0u64;
             while next < per_writer {
                 let n = txn_rows.min(per_writer - next);
                 insert(&c, &format!("W{w}_"), next as i64, n as i64, true).await?;
                 next += n;
             }
-            Ok::<_, Error>(())
+            // The backend's CPU, read before it exits (it was started for this writer).
+            let pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.map_err(|e| Error::db("bench", e))?.get(0);
+            Ok::<_, Error>(proc_ticks(pid as u32).unwrap_or(0))
         }));
     }
+    let mut writer_ticks = 0;
     for w in writers {
-        w.await.map_err(|e| Error::new(ErrorKind::Io, format!("writer task: {e}")))??;
+        writer_ticks += w.await.map_err(|e| Error::new(ErrorKind::Io, format!("writer task: {e}")))??;
     }
     let written = t.elapsed().as_secs_f64();
     insert(&client, "SENTINEL_", 1, 1, false).await?;
     wait_for(&client, "select count(*) from companies where uen = 'SENTINEL_00000001'", 600).await?;
     let sustained_secs = t.elapsed().as_secs_f64();
+    let cpu = CpuSample::take(&client, engine.id()).await.since(&cpu_before, writer_ticks);
     let total = per_writer * u64::from(args.writers.max(1));
 
     // 3. Reference: receive and decode the same WAL, nothing else.
@@ -301,6 +306,8 @@ pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Resu
         "  pipeline sustained       {:>10.0} rows/s   (target >= 50000; written to visible)",
         total as f64 / sustained_secs
     );
+    println!("  cpu while sustained      {}", cpu.describe(total));
+    println!("  wal while sustained      {}", cpu.describe_wal(total));
     println!("  receive+decode only      {:>10.0} rows/s   (same WAL, bare client)", raw_rows as f64 / raw_secs);
     println!("  pipeline / raw           {:>10.2}", (total as f64 / sustained_secs) / (raw_rows as f64 / raw_secs));
     println!(
@@ -321,6 +328,104 @@ pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Resu
     println!("  engine peak RSS          {:>10.1} MB    (target <= 100, over the whole run)", rss_mb);
     println!("  engine exit              {status}");
     Ok(())
+}
+
+/// CPU time (clock ticks, from `/proc`) of each part of the pipeline and of the whole machine, so a
+/// throughput figure says where the time went. Postgres backends are found by `application_name`; this
+/// only means something when the server runs on this machine (the embedded default), and reads 0 otherwise.
+#[derive(Debug, Default)]
+struct CpuSample {
+    /// (part, ticks): the engine process, and the engine's sessions and walsender by application_name.
+    parts: Vec<(String, u64)>,
+    /// Busy and total ticks of the whole machine (`/proc/stat`).
+    busy: u64,
+    total: u64,
+    /// The server's WAL records, full-page images and bytes (`pg_stat_wal`).
+    wal: [i64; 3],
+}
+
+impl CpuSample {
+    async fn take(client: &tokio_postgres::Client, engine: Option<u32>) -> CpuSample {
+        let mut parts = vec![("engine".to_owned(), engine.and_then(proc_ticks).unwrap_or(0))];
+        let sessions = client
+            .query(
+                "select pid, application_name from pg_stat_activity \
+                 where application_name like 'acraflow-%' and application_name <> 'acraflow-bench-writer'",
+                &[],
+            )
+            .await
+            .unwrap_or_default();
+        for r in &sessions {
+            let (pid, name): (i32, String) = (r.get(0), r.get(1));
+            parts.push((name.trim_start_matches("acraflow-").to_owned(), proc_ticks(pid as u32).unwrap_or(0)));
+        }
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let t: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+                let idle = t.get(3)? + t.get(4)?;
+                let total: u64 = t.iter().take(8).sum();
+                Some((total - idle, total))
+            })
+            .unwrap_or((0, 0));
+        let wal = client
+            .query_one("select wal_records, wal_fpi, wal_bytes::int8 from pg_stat_wal", &[])
+            .await
+            .map(|r| [r.get(0), r.get(1), r.get(2)])
+            .unwrap_or_default();
+        CpuSample { parts, busy, total, wal }
+    }
+
+    /// The difference from `before`, with the writers' backends added as one part.
+    fn since(mut self, before: &CpuSample, writer_ticks: u64) -> CpuSample {
+        for (name, ticks) in &mut self.parts {
+            let prior = before.parts.iter().find(|(n, _)| n == name).map_or(0, |(_, t)| *t);
+            *ticks = ticks.saturating_sub(prior);
+        }
+        self.parts.push(("writers".to_owned(), writer_ticks));
+        self.busy = self.busy.saturating_sub(before.busy);
+        self.total = self.total.saturating_sub(before.total);
+        for (now, prior) in self.wal.iter_mut().zip(before.wal) {
+            *now -= prior;
+        }
+        self
+    }
+
+    /// WAL written per staging row: records, full-page images, bytes.
+    fn describe_wal(&self, rows: u64) -> String {
+        let per = |v: i64| v as f64 / rows.max(1) as f64;
+        format!(
+            "per row: {:.2} records, {:.3} full-page images, {:.0} bytes",
+            per(self.wal[0]),
+            per(self.wal[1]),
+            per(self.wal[2])
+        )
+    }
+
+    /// "part ms/1k rows, ..." and how busy the machine was.
+    fn describe(&self, rows: u64) -> String {
+        // `/proc` counts in USER_HZ, which Linux fixes at 100 for user space: a tick is 10 ms.
+        let per_k = |ticks: u64| ticks as f64 * 10.0 / (rows.max(1) as f64 / 1000.0);
+        let mut parts: Vec<_> = self.parts.iter().filter(|(_, t)| *t > 0).collect();
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        let listed: Vec<String> = parts.iter().map(|(n, t)| format!("{n} {:.1}", per_k(*t))).collect();
+        let accounted: u64 = parts.iter().map(|(_, t)| t).sum();
+        format!(
+            "ms per 1k rows: {}, other {:.1}; machine {:.0}% busy",
+            listed.join(", "),
+            per_k(self.busy.saturating_sub(accounted)),
+            100.0 * self.busy as f64 / self.total.max(1) as f64
+        )
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn proc_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields after it are space-separated (utime is the 14th field).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Inserts `n` staging rows `{prefix}{from..}` in one statement (one transaction), stamped at commit time.

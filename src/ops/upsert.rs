@@ -10,6 +10,7 @@
 //! before `ON CONFLICT` sees it, so it costs no new tuple, no row lock and no WAL. The statement commits on
 //! its own, in source order; replaying it is harmless (see `checkpoint`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,8 @@ pub struct Upsert {
     client: Arc<Client>,
     sql: Statements,
     prepared: Mutex<Prepared>,
+    /// Companies this operator has created so far.
+    created: AtomicU64,
     /// `ssic_ref`: SSIC code to title.
     ssic: foldhash::HashMap<String, String>,
 }
@@ -75,9 +78,17 @@ pub struct Upsert {
 /// start of a backfill) joins by scanning the whole table, and would keep doing so as the table grows.
 const REPLAN_EVERY: Duration = Duration::from_secs(10);
 
+/// The statements are also prepared again each time the companies this operator created have doubled,
+/// from this many on: a load into an empty table grows it far faster than [`REPLAN_EVERY`] (in `bench
+/// stream`, the first plan scanned the whole table on every batch for seven seconds, to 100k rows).
+/// Doubling keeps it to a handful of plans, about twenty for the whole registry.
+const REPLAN_FROM_CREATED: u64 = 1_000;
+
 #[derive(Clone)]
 struct Prepared {
     at: Instant,
+    /// [`Upsert::created`] when these were prepared.
+    created: u64,
     /// Plain INSERT of the keys the probe found absent: no speculative insertion.
     by_uen_fast: Statement,
     /// The same with `ON CONFLICT`: run when another writer inserted one of the keys meanwhile.
@@ -96,17 +107,20 @@ impl Upsert {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let prepared = Mutex::new(prepare(&client, &sql).await?);
-        Ok(Upsert { client, sql, prepared, ssic })
+        let prepared = Mutex::new(prepare(&client, &sql, 0).await?);
+        Ok(Upsert { client, sql, prepared, created: AtomicU64::new(0), ssic })
     }
 
-    /// The statements, prepared again when [`REPLAN_EVERY`] has passed.
+    /// The statements, prepared again when [`REPLAN_EVERY`] has passed or the companies created since
+    /// doubled (see [`REPLAN_FROM_CREATED`]).
     async fn prepared(&self) -> Result<Prepared> {
         let current = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if current.at.elapsed() < REPLAN_EVERY {
+        let created = self.created.load(Ordering::Relaxed);
+        let grown = created >= REPLAN_FROM_CREATED && created >= 2 * current.created;
+        if current.at.elapsed() < REPLAN_EVERY && !grown {
             return Ok(current);
         }
-        let fresh = prepare(&self.client, &self.sql).await?;
+        let fresh = prepare(&self.client, &self.sql, created).await?;
         *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
         Ok(fresh)
     }
@@ -180,17 +194,23 @@ impl Upsert {
                 CompanyKey::NameYear { .. } => None,
             })
             .collect();
-        Ok(rows
+        let mut created = 0;
+        let ids = rows
             .iter()
             .filter_map(|r| {
                 let id: Option<i64> = r.get(2);
                 let ord = match r.get::<_, Option<i32>>(0) {
                     Some(ord) => ord as usize,
-                    None => *by_uen.get(r.get::<_, Option<&str>>(1)?)?,
+                    None => {
+                        created += 1;
+                        *by_uen.get(r.get::<_, Option<&str>>(1)?)?
+                    }
                 };
                 Some((ord, id?))
             })
-            .collect())
+            .collect();
+        self.created.fetch_add(created, Ordering::Relaxed);
+        Ok(ids)
     }
 }
 
@@ -254,7 +274,7 @@ struct Statements {
     refresh_by_uen: String,
 }
 
-async fn prepare(client: &Client, sql: &Statements) -> Result<Prepared> {
+async fn prepare(client: &Client, sql: &Statements, created: u64) -> Result<Prepared> {
     let (by_uen_fast, by_uen, by_name, refresh_by_uen) = futures::try_join!(
         client.prepare(&sql.by_uen_fast),
         client.prepare(&sql.by_uen),
@@ -262,7 +282,7 @@ async fn prepare(client: &Client, sql: &Statements) -> Result<Prepared> {
         client.prepare(&sql.refresh_by_uen)
     )
     .map_err(|e| Error::db("upsert: preparing its statements", e))?;
-    Ok(Prepared { at: Instant::now(), by_uen_fast, by_uen, by_name, refresh_by_uen })
+    Ok(Prepared { at: Instant::now(), created, by_uen_fast, by_uen, by_name, refresh_by_uen })
 }
 
 /// The upsert statements (by uen, by name and year, and the refresh-only update by uen), with or without

@@ -74,15 +74,33 @@ pub struct ReplicationOptions {
 }
 
 /// Streams the slot's changes as batches, until `stop` turns true or the connection fails.
+///
+/// The session runs on a thread of its own, with a single-threaded runtime. It handles every message
+/// the server sends, and when it keeps up with the server it is woken for each one; on the shared
+/// runtime each of those wake-ups also moved work between worker threads. In `bench stream` that cost
+/// the engine 13 ms of CPU per 1,000 rows instead of 5, in about one run in three, and took the CPU
+/// from the walsender it was waiting on. The pipeline gets whole batches from it, one hand-over each.
 pub fn stream(opts: ReplicationOptions, progress: Arc<Progress>, stop: watch::Receiver<bool>) -> BatchStream {
     let (tx, mut rx) = mpsc::channel(2);
-    tokio::spawn(async move {
-        let result = Session::run(opts, progress, stop, &tx).await;
-        if let Err(e) = result {
-            let _ = tx.send(Err(e)).await;
-        }
+    let spawned = std::thread::Builder::new().name("acraflow-replication".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Error::io("replication: starting its runtime", e)));
+                return;
+            }
+        };
+        runtime.block_on(async {
+            if let Err(e) = Session::run(opts, progress, stop, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
     });
     Box::pin(async_stream::stream! {
+        if let Err(e) = spawned {
+            yield Err(Error::io("replication: starting its thread", e));
+            return;
+        }
         while let Some(item) = rx.recv().await {
             yield item;
         }
