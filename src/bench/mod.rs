@@ -337,9 +337,11 @@ pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Resu
 struct CpuSample {
     /// (part, ticks): the engine process, and the engine's sessions and walsender by application_name.
     parts: Vec<(String, u64)>,
-    /// Busy and total ticks of the whole machine (`/proc/stat`).
+    /// Busy, total and stolen ticks of the whole machine (`/proc/stat`; steal is time a virtual machine
+    /// was ready to run but the hypervisor ran something else).
     busy: u64,
     total: u64,
+    steal: u64,
     /// The server's WAL records, full-page images and bytes (`pg_stat_wal`).
     wal: [i64; 3],
 }
@@ -359,21 +361,22 @@ impl CpuSample {
             let (pid, name): (i32, String) = (r.get(0), r.get(1));
             parts.push((name.trim_start_matches("acraflow-").to_owned(), proc_ticks(pid as u32).unwrap_or(0)));
         }
-        let (busy, total) = std::fs::read_to_string("/proc/stat")
+        let (busy, total, steal) = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| {
                 let t: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
                 let idle = t.get(3)? + t.get(4)?;
+                let steal = *t.get(7)?;
                 let total: u64 = t.iter().take(8).sum();
-                Some((total - idle, total))
+                Some((total - idle - steal, total, steal))
             })
-            .unwrap_or((0, 0));
+            .unwrap_or((0, 0, 0));
         let wal = client
             .query_one("select wal_records, wal_fpi, wal_bytes::int8 from pg_stat_wal", &[])
             .await
             .map(|r| [r.get(0), r.get(1), r.get(2)])
             .unwrap_or_default();
-        CpuSample { parts, busy, total, wal }
+        CpuSample { parts, busy, total, steal, wal }
     }
 
     /// The difference from `before`, with the writers' backends added as one part.
@@ -385,6 +388,7 @@ impl CpuSample {
         self.parts.push(("writers".to_owned(), writer_ticks));
         self.busy = self.busy.saturating_sub(before.busy);
         self.total = self.total.saturating_sub(before.total);
+        self.steal = self.steal.saturating_sub(before.steal);
         for (now, prior) in self.wal.iter_mut().zip(before.wal) {
             *now -= prior;
         }
@@ -411,10 +415,11 @@ impl CpuSample {
         let listed: Vec<String> = parts.iter().map(|(n, t)| format!("{n} {:.1}", per_k(*t))).collect();
         let accounted: u64 = parts.iter().map(|(_, t)| t).sum();
         format!(
-            "ms per 1k rows: {}, other {:.1}; machine {:.0}% busy",
+            "ms per 1k rows: {}, other {:.1}; machine {:.0}% busy, {:.0}% stolen",
             listed.join(", "),
             per_k(self.busy.saturating_sub(accounted)),
-            100.0 * self.busy as f64 / self.total.max(1) as f64
+            100.0 * self.busy as f64 / self.total.max(1) as f64,
+            100.0 * self.steal as f64 / self.total.max(1) as f64
         )
     }
 }

@@ -107,6 +107,19 @@ pub fn stream(opts: ReplicationOptions, progress: Arc<Progress>, stop: watch::Re
     })
 }
 
+/// How long the session sleeps when it caught up with the server inside a transaction, so that changes
+/// arrive in bursts rather than one wake-up each. A wake-up per change cost the engine as much CPU as
+/// decoding and mapping it, and took it from the walsender: in `bench stream`, runs that fell into that
+/// pattern spent 9 ms of engine CPU per 1,000 rows instead of 5-6. It adds at most this to latency.
+const COALESCE: Duration = Duration::from_millis(1);
+
+/// What woke the session loop.
+enum Next<T> {
+    Event(T),
+    Stop,
+    Tick,
+}
+
 /// Positions of the staging columns the engine reads, by name, in one Relation.
 #[derive(Debug, Clone, Default)]
 struct ColumnMap {
@@ -187,21 +200,35 @@ impl<'a> Session<'a> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             s.acknowledge_durable();
-            let event = tokio::select! {
-                // Events first: while they flow the other branches are not even polled (registering their
-                // wakers cost more than handling the event); the stop flag and the deadline are checked
-                // after each event instead.
-                biased;
-                ev = s.client.recv() => ev,
-                changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
-                        break;
-                    }
-                    continue;
+            // Whether the event had to be waited for: the session had caught up with the server.
+            let waited = std::cell::Cell::new(false);
+            let next = {
+                let recv = s.client.recv();
+                tokio::pin!(recv);
+                let recv = std::future::poll_fn(|cx| {
+                    let poll = std::future::Future::poll(recv.as_mut(), cx);
+                    waited.set(waited.get() || poll.is_pending());
+                    poll
+                });
+                tokio::select! {
+                    // Events first: while they flow the other branches are not even polled (registering
+                    // their wakers cost more than handling the event); the stop flag and the deadline are
+                    // checked after each event instead.
+                    biased;
+                    ev = recv => Next::Event(ev),
+                    changed = stop.changed() => match changed.is_err() || *stop.borrow() {
+                        true => Next::Stop,
+                        false => continue,
+                    },
+                    // The pipeline is gone (it failed or finished): release the slot now.
+                    _ = s.tx.closed() => return Ok(()),
+                    _ = tick.tick() => Next::Tick,
                 }
-                // The pipeline is gone (it failed or finished): release the slot now.
-                _ = s.tx.closed() => return Ok(()),
-                _ = tick.tick() => {
+            };
+            let event = match next {
+                Next::Event(event) => event,
+                Next::Stop => break,
+                Next::Tick => {
                     if s.due() && !s.flush(None).await? {
                         return Ok(());
                     }
@@ -215,6 +242,13 @@ impl<'a> Session<'a> {
                     }
                 }
                 None => return Err(Error::new(ErrorKind::Connect, "the replication stream ended")),
+            }
+            if waited.get() && s.txn.is_some() {
+                // Caught up inside a transaction: the rest of it is on its way. The server sends each
+                // change as its own packet, and a session that keeps up is woken for every one; this
+                // blocks the session's own thread (no other work runs on it) so the next read finds
+                // a buffer of them instead. See COALESCE.
+                std::thread::sleep(COALESCE);
             }
             if *stop.borrow() {
                 break;
