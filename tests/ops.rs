@@ -527,7 +527,7 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
 /// `pg_stat_activity` says which part of the engine each session is, and the sessions run without JIT
 /// (compiling a batch statement costs more than running it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_sessions_are_named_in_pg_stat_activity_and_run_without_jit() {
+async fn engine_sessions_are_named_in_pg_stat_activity_and_plan_generically_without_jit() {
     let db = TestDb::new().await;
     let engine = db.start_engine(db.stream_overrides());
     db.wait_streaming(Duration::from_secs(30)).await;
@@ -549,4 +549,6 @@ async fn engine_sessions_are_named_in_pg_stat_activity_and_run_without_jit() {
     let session = acraflow::db::connect(&db.dsn).await.unwrap();
     let jit: String = session.query_one("show jit", &[]).await.unwrap().get(0);
     assert_eq!(jit, "off");
+    let plans: String = session.query_one("show plan_cache_mode", &[]).await.unwrap().get(0);
+    assert_eq!(plans, "force_generic_plan", "a custom plan for a large batch scans whole tables");
 }

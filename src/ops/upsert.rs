@@ -67,7 +67,8 @@ pub struct Upsert {
     client: Arc<Client>,
     sql: Statements,
     prepared: Mutex<Prepared>,
-    /// Companies this operator has created so far.
+    /// Companies this operator has created so far (rows its inserts returned; on the rare `ON CONFLICT`
+    /// path a key another writer inserted first counts too).
     created: AtomicU64,
     /// `ssic_ref`: SSIC code to title.
     ssic: foldhash::HashMap<String, String>,
@@ -83,6 +84,12 @@ const REPLAN_EVERY: Duration = Duration::from_secs(10);
 /// stream`, the first plan scanned the whole table on every batch for seven seconds, to 100k rows).
 /// Doubling keeps it to a handful of plans, about twenty for the whole registry.
 const REPLAN_FROM_CREATED: u64 = 1_000;
+
+/// Whether statements prepared `age` ago, when this operator had created `then` companies, should be
+/// prepared again now that it has created `now`.
+fn replan_due(age: Duration, then: u64, now: u64) -> bool {
+    age >= REPLAN_EVERY || (now >= REPLAN_FROM_CREATED && now >= then.saturating_mul(2))
+}
 
 #[derive(Clone)]
 struct Prepared {
@@ -116,8 +123,7 @@ impl Upsert {
     async fn prepared(&self) -> Result<Prepared> {
         let current = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let created = self.created.load(Ordering::Relaxed);
-        let grown = created >= REPLAN_FROM_CREATED && created >= 2 * current.created;
-        if current.at.elapsed() < REPLAN_EVERY && !grown {
+        if !replan_due(current.at.elapsed(), current.created, created) {
             return Ok(current);
         }
         let fresh = prepare(&self.client, &self.sql, created).await?;
@@ -427,6 +433,17 @@ mod tests {
         e.record = Some(crate::registry::map(&e.change.row, 2026).unwrap());
         e.fate = fate;
         e
+    }
+
+    #[test]
+    fn statements_are_prepared_again_on_age_and_on_each_doubling_of_created_companies() {
+        let young = Duration::from_secs(1);
+        assert!(!replan_due(young, 0, 999), "too few companies to matter");
+        assert!(replan_due(young, 0, 1_000));
+        assert!(!replan_due(young, 1_000, 1_999));
+        assert!(replan_due(young, 1_000, 2_000));
+        assert!(!replan_due(young, 1_000_000, 1_500_000), "half as much again is not a doubling");
+        assert!(replan_due(REPLAN_EVERY, 1_000_000, 1_000_000), "old statements are prepared again anyway");
     }
 
     #[test]
