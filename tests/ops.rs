@@ -525,25 +525,34 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
 }
 
 /// `pg_stat_activity` says which part of the engine each session is, and the sessions run without JIT
-/// (compiling a batch statement costs more than running it).
+/// (compiling a batch statement costs more than running it) and with generic plans (a custom plan for a
+/// large batch scans whole tables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_sessions_are_named_in_pg_stat_activity_and_plan_generically_without_jit() {
     let db = TestDb::new().await;
     let engine = db.start_engine(db.stream_overrides());
     db.wait_streaming(Duration::from_secs(30)).await;
-    let names: Vec<String> = db
-        .client
-        .query(
-            "select application_name from pg_stat_activity where datname = $1 and application_name like 'acraflow%'",
-            &[&db.name],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for part in ["acraflow-replication", "acraflow-dedupe", "acraflow-operators", "acraflow-sink"] {
-        assert!(names.iter().any(|n| n == part), "no {part} session among {names:?}");
+    // The replication session starts on its own thread while the pipeline opens its other sessions.
+    let parts = ["acraflow-replication", "acraflow-dedupe", "acraflow-operators", "acraflow-sink"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = db
+            .client
+            .query(
+                "select application_name from pg_stat_activity where datname = $1 and application_name like 'acraflow%'",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let missing: Vec<_> = parts.iter().filter(|p| !names.iter().any(|n| n == *p)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {missing:?} session among {names:?} after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     engine.stop().await;
     let session = acraflow::db::connect(&db.dsn).await.unwrap();
