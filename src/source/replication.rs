@@ -75,14 +75,14 @@ pub struct ReplicationOptions {
 
 /// Streams the slot's changes as batches, until `stop` turns true or the connection fails.
 ///
-/// The session runs on a thread of its own, with a single-threaded runtime. It handles every message
-/// the server sends, and when it keeps up with the server it is woken for each one; on the shared
-/// runtime each of those wake-ups also moved work between worker threads. In `bench stream` that cost
-/// the engine 13 ms of CPU per 1,000 rows instead of 5, in about one run in three, and took the CPU
-/// from the walsender it was waiting on. The pipeline gets whole batches from it, one hand-over each.
+/// The session runs on a thread of its own (`acraflow-repl`), with a single-threaded runtime. It handles
+/// every message the server sends, and when it keeps up with the server it is woken for each one; on the
+/// shared runtime each of those wake-ups also moved work between worker threads. In some `bench stream`
+/// runs that cost the engine 9-13 ms of CPU per 1,000 rows instead of 5, CPU the walsender it waited on
+/// then lacked. The pipeline gets whole batches from it, one hand-over each.
 pub fn stream(opts: ReplicationOptions, progress: Arc<Progress>, stop: watch::Receiver<bool>) -> BatchStream {
     let (tx, mut rx) = mpsc::channel(2);
-    let spawned = std::thread::Builder::new().name("acraflow-replication".into()).spawn(move || {
+    let spawned = std::thread::Builder::new().name("acraflow-repl".into()).spawn(move || {
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
