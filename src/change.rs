@@ -9,9 +9,11 @@ use std::fmt;
 use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
-use crate::ops::dedupe::Claim;
-use crate::ops::enrich::Enrichment;
 use crate::registry::CompanyRecord;
+
+/// Something an operator holds for as long as an event lives (dedupe's claim on a company key), dropped
+/// after the sink's commit. Opaque here, so the event type depends on no operator.
+pub type Hold = Box<dyn std::any::Any + Send + Sync>;
 
 /// Where a change came from, totally ordered.
 ///
@@ -101,7 +103,8 @@ pub struct Change {
 /// What the pipeline decided for one change. Starts as [`Fate::Process`]; operators narrow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fate {
-    /// Eligible: its company is upserted and it gets a history row (and, with the enrich operator, enriched).
+    /// Eligible: its company is upserted and it gets a history row (and, in an enriching pipeline, an
+    /// enrichment job).
     Process,
     /// Excluded by the filter (dissolved, too young, ...): refreshes an existing company's registry fields,
     /// never creates one, never enriched.
@@ -112,9 +115,6 @@ pub enum Fate {
     Superseded,
     /// A delete or truncate on staging: counted, never applied to companies.
     Ignored,
-    /// Eligible, but not enriched now (the daily cap): registry fields refreshed, no history row, so a
-    /// later run enriches it.
-    Deferred { reason: String },
     /// Could not be processed; written to `dead_letters` with the stage and a reason naming the field.
     DeadLetter { stage: &'static str, reason: String },
 }
@@ -130,24 +130,14 @@ pub struct Event {
     pub company_id: Option<i64>,
     /// Held from dedupe until the event is dropped after the sink's commit: no other change to the same
     /// company is processed meanwhile.
-    pub claim: Option<Claim>,
-    /// What the enrich operator found (set for processed changes when the pipeline enriches).
-    pub enrichment: Option<Box<Enrichment>>,
+    pub claim: Option<Hold>,
     /// When the source read the change: the start of its selection-to-persistence latency.
     pub selected_at: Instant,
 }
 
 impl Event {
     pub fn new(change: Change) -> Self {
-        Event {
-            change,
-            fate: Fate::Process,
-            record: None,
-            company_id: None,
-            claim: None,
-            enrichment: None,
-            selected_at: Instant::now(),
-        }
+        Event { change, fate: Fate::Process, record: None, company_id: None, claim: None, selected_at: Instant::now() }
     }
 
     pub fn dead_letter(&mut self, stage: &'static str, reason: impl Into<String>) {

@@ -54,6 +54,12 @@ pub enum Command {
     /// Keep companies in step with staging: stream changes from a logical replication slot (on first start,
     /// create the slot and backfill in its snapshot), until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Run only the enrichment dataflow: lease jobs from the queue, enrich, commit. Runs on any machine
+    /// that reaches the database; any number of workers share the queue. Until SIGINT/SIGTERM.
+    Worker(WorkerArgs),
+    /// Enqueue express enrichment jobs, leased before every other waiting job: chosen companies
+    /// (--uen, --file, --where) or the parked ones (--failed).
+    Refresh(RefreshArgs),
     /// The whole job on the embedded default: seed sample rows, run the registry pipeline, show the result.
     Demo(DemoArgs),
     /// Show checkpoints, recent runs, dead letters and table counts.
@@ -270,6 +276,27 @@ pub struct EnrichArgs {
     /// The contacts endpoint (POST, JSON in, a JSON array of people out)
     #[arg(long, env = "APIFY_LINKEDIN_URL", value_name = "URL")]
     pub apify_linkedin_url: Option<String>,
+    /// How long a worker's lease on a job lasts unless renewed; a dead worker's jobs return to the queue after it [default: 60s]
+    #[arg(long, env = "ENRICH_LEASE", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub lease: Option<std::time::Duration>,
+    /// How often an idle worker looks for new jobs [default: 500ms]
+    #[arg(long, env = "ENRICH_POLL_INTERVAL", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub poll_interval: Option<std::time::Duration>,
+    /// Attempts in all before a job that keeps failing (timeouts, HTTP 5xx) is parked [default: 3]
+    #[arg(long, env = "ENRICH_MAX_ATTEMPTS", value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Wait after a job's first failure; doubles with each further one [default: 1m]
+    #[arg(long, env = "ENRICH_RETRY_BACKOFF", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub retry_backoff: Option<std::time::Duration>,
+    /// Re-enrich companies whose last successful enrichment is older than this many days [default: off]
+    #[arg(long, env = "ENRICH_REFRESH_AFTER_DAYS", value_name = "DAYS")]
+    pub refresh_after_days: Option<u32>,
+    /// Companies the stale sweeper enqueues per sweep at most [default: 1000]
+    #[arg(long, env = "ENRICH_REFRESH_BATCH", value_name = "N")]
+    pub refresh_batch: Option<u64>,
+    /// How often the stale sweeper runs [default: 10m]
+    #[arg(long, env = "ENRICH_REFRESH_EVERY", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub refresh_every: Option<std::time::Duration>,
 }
 
 impl EnrichArgs {
@@ -293,6 +320,13 @@ impl EnrichArgs {
             llm_daily_tokens: self.openai_daily_tokens_cap,
             contacts: self.enable_apify_linkedin,
             contacts_url: self.apify_linkedin_url.clone(),
+            lease: self.lease,
+            poll_interval: self.poll_interval,
+            max_attempts: self.max_attempts,
+            retry_backoff: self.retry_backoff,
+            refresh_after_days: self.refresh_after_days,
+            refresh_batch: self.refresh_batch,
+            refresh_every: self.refresh_every,
         }
     }
 }
@@ -317,6 +351,49 @@ impl OverrideArgs {
             enrich: self.enrich.to_overrides(),
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Exit once no job is due (and at the daily cap) instead of waiting for new ones.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    /// Pipeline whose `enrich` settings the worker uses [default: acra_direct]
+    #[arg(long, env = "ACRA_DIRECT_PIPELINE")]
+    pub pipeline: Option<PathBuf>,
+    #[command(flatten)]
+    pub enrich: EnrichArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["uen", "file", "where_", "failed"])))]
+pub struct RefreshArgs {
+    /// Companies by UEN (several may follow one flag)
+    #[arg(long, num_args = 1.., value_name = "UEN")]
+    pub uen: Vec<String>,
+    /// A file of UENs, one per line (blank lines and lines starting with # are skipped)
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// An SQL predicate on `companies`, e.g. "website_domain is null and industry_code like '62%'"
+    #[arg(long = "where", value_name = "PREDICATE")]
+    pub where_: Option<String>,
+    /// Re-queue every parked job (those that failed ENRICH_MAX_ATTEMPTS times)
+    #[arg(long)]
+    pub failed: bool,
+    /// Find the website again, ignoring the domain the company has
+    #[arg(long)]
+    pub force: bool,
+    /// Pages to fetch for these jobs, the homepage included (instead of CRAWL_MAX_PAGES)
+    #[arg(long, value_name = "N")]
+    pub max_pages: Option<usize>,
+    /// No LLM call for these jobs
+    #[arg(long)]
+    pub no_llm: bool,
+    /// Tenant of the jobs (as the workers that should take them run with)
+    #[arg(long, env = "ACRA_DIRECT_TENANT_ID", value_name = "ID")]
+    pub tenant_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -355,6 +432,19 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct BenchEnrichArgs {
+    /// Worker processes, comma-separated: measure the queue's scaling with workers (each at
+    /// --worker-concurrency) and the registry's latency while jobs wait, instead of the concurrency sweep.
+    #[arg(long, value_delimiter = ',')]
+    pub workers: Vec<usize>,
+    /// Jobs each worker runs at once in the --workers bench.
+    #[arg(long, default_value_t = 8)]
+    pub worker_concurrency: usize,
+    /// Jobs per worker at each worker count in the --workers bench.
+    #[arg(long, default_value_t = 96)]
+    pub jobs_per_worker: u64,
+    /// Jobs waiting in the queue while the registry's commit-to-visible latency is measured.
+    #[arg(long, default_value_t = 10_000)]
+    pub waiting: u64,
     /// Concurrency levels, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     pub concurrency: Vec<usize>,

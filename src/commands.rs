@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::cli::{BenchCommand, Cli, Command, DemoArgs, RunArgs, StatusArgs};
+use crate::cli::{BenchCommand, Cli, Command, DemoArgs, RefreshArgs, RunArgs, StatusArgs, WorkerArgs};
 use crate::config::{Overrides, PipelineSpec, DEFAULT_TABLE};
 use crate::db;
 use crate::embedded::{Cluster, ClusterOptions};
@@ -71,6 +71,8 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         }
         Command::Backfill(args) => run_pipeline(database, args, Mode::Backfill).await,
         Command::Run(args) => run_pipeline(database, args, Mode::Stream).await,
+        Command::Worker(args) => worker(database, args).await,
+        Command::Refresh(args) => refresh(dsn, args).await,
         Command::Demo(args) => demo(database, args).await,
         Command::Status(args) => status(dsn, args).await,
         Command::Bench(BenchCommand::Backfill(args)) => crate::bench::backfill(dsn, args).await,
@@ -88,6 +90,182 @@ fn pipeline_spec(args: &RunArgs, overrides: &Overrides) -> Result<PipelineSpec> 
     spec.ops = args.ops.to_spec();
     spec.validate()?;
     Ok(spec)
+}
+
+/// `acraflow worker`: the enrichment dataflow alone, with its own run header (mode `worker`). A lost
+/// database is ridden out like `run` does, within ACRA_DIRECT_RECONNECT_BUDGET.
+async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
+    use crate::enrichment::worker::{self, Until, WorkerSettings};
+    let mut spec = match &args.pipeline {
+        Some(path) => PipelineSpec::named_or_file(path)?,
+        None => PipelineSpec::acra_direct(),
+    };
+    spec.apply(&Overrides { enrich: args.enrich.to_overrides(), ..Default::default() });
+    spec.ops = args.ops.to_spec();
+    spec.validate()?;
+    let Some(e) = spec.enrich() else {
+        return Err(Error::config(format!(
+            "pipeline {} has no `enrich` operator, so there is nothing for a worker to do; use --pipeline acra_direct",
+            spec.name
+        )));
+    };
+    let settings = crate::enrichment::enrich::EnrichSettings::from_spec(e)?;
+    let ws = WorkerSettings::from_spec(e, &spec.ops);
+    serve_metrics(&args.ops).await?;
+    if database.embedded {
+        db::migrate(&mut db::connect(&database.dsn).await?).await?;
+    }
+    let dsn = database.dsn.as_str();
+    let tenant = spec.ops.tenant_id.as_deref();
+    let control = std::sync::Arc::new(db::connect_as(dsn, tenant, "acraflow").await?);
+    db::schema_facts(&control).await?;
+    let run_id: i64 = control
+        .query_one(
+            "insert into enrichment_runs (tenant_id, mode, pipeline, checkpoint_key) values ($1, 'worker', $2, $3)              returning run_id",
+            &[&tenant, &spec.name, &crate::enrichment::worker::owner_id()],
+        )
+        .await
+        .map_err(|e| Error::db("writing the run header", e))?
+        .get(0);
+    tracing::info!(run_id, worker = worker::owner_id(), "worker started");
+    let stop = shutdown_signal();
+    let (monitor, notifier) =
+        crate::telemetry::alerts::Monitor::new(spec.ops.alert.clone(), &spec.name, std::sync::Arc::default());
+    let _running = crate::telemetry::metrics::Running::start();
+    let started = Instant::now();
+    let budget = spec.source.reconnect_budget;
+    let mut failing_since: Option<Instant> = None;
+    let mut delay = Duration::from_millis(200);
+    let mut total = crate::enrichment::worker::WorkerSummary::default();
+    let live: std::sync::Arc<std::sync::Mutex<crate::enrichment::sink::Outcomes>> = Default::default();
+    let header_counters = |o: &crate::enrichment::sink::Outcomes| crate::sink::Counters {
+        processed: o.finished(),
+        enriched: o.finished(),
+        failed: o.failed,
+        ..Default::default()
+    };
+    // The header follows the worker, so `acraflow status` shows its progress.
+    let header = {
+        let (control, live) = (std::sync::Arc::clone(&control), std::sync::Arc::clone(&live));
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                let c = header_counters(&live.lock().unwrap_or_else(|p| p.into_inner()));
+                let _ = crate::run::write_header(&control, run_id, None, &c, None).await;
+            }
+        })
+    };
+    let result = loop {
+        let attempt = Instant::now();
+        let (_done_tx, done_rx) = watch::channel(true);
+        let until = if args.exit_when_idle { Until::Drained(done_rx) } else { Until::Stopped };
+        let ctx = worker::RunContext { run_id, monitor: monitor.clone(), live: std::sync::Arc::clone(&live) };
+        let run = worker::run(dsn, settings.clone(), ws.clone(), ctx, until, stop.clone()).await;
+        match run {
+            Ok(s) => {
+                total.latency = s.latency;
+                total.backing_off = s.backing_off;
+                total.capped = s.capped;
+                break Ok(());
+            }
+            Err(e) if e.is_retryable() && !*stop.borrow() => {
+                if attempt.elapsed() > Duration::from_secs(30) {
+                    failing_since = None;
+                    delay = Duration::from_millis(200);
+                }
+                if failing_since.get_or_insert(attempt).elapsed() >= budget {
+                    break Err(Error::with_source(
+                        crate::ErrorKind::Connect,
+                        format!("gave up after {}s of reconnecting (ACRA_DIRECT_RECONNECT_BUDGET)", budget.as_secs()),
+                        e,
+                    ));
+                }
+                tracing::warn!(error = %pipeline::error_chain(&e), retry_in_ms = delay.as_millis() as u64,
+                    "lost the database; the worker starts again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    header.abort();
+    drop(monitor);
+    if let Some(n) = notifier {
+        n.flush(Duration::from_secs(10)).await;
+    }
+    total.outcomes = live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let enrichment = pipeline::enrichment_summary(&total);
+    let counters = header_counters(&total.outcomes);
+    let status = match (&result, *stop.borrow()) {
+        (Err(_), _) => "failed",
+        (Ok(()), true) => "interrupted",
+        (Ok(()), false) => "completed",
+    };
+    let error = result.as_ref().err().map(|e| pipeline::error_chain(e));
+    if let Err(e) = crate::run::write_header(&control, run_id, Some(status), &counters, error.as_deref()).await {
+        tracing::warn!(run_id, error = %e, "could not write the worker's counters");
+    }
+    result?;
+    let seconds = started.elapsed().as_secs_f64();
+    let summary = crate::run::RunSummary {
+        run_id,
+        pipeline: spec.name.clone(),
+        status,
+        counters,
+        seconds,
+        rows_per_second: counters.processed as f64 / seconds.max(1e-9),
+        latency: Default::default(),
+        checkpoint: None,
+        enrichment: Some(enrichment),
+    };
+    println!("{summary}");
+    Ok(())
+}
+
+/// `acraflow refresh`: express jobs for chosen companies, or the parked ones again.
+async fn refresh(dsn: &str, args: &RefreshArgs) -> Result<()> {
+    use crate::enrichment::queue::{self, Selection};
+    let client = db::connect_as(dsn, args.tenant_id.as_deref(), "acraflow").await?;
+    db::schema_facts(&client).await?;
+    let selection = if args.failed {
+        Selection::Failed
+    } else if let Some(predicate) = &args.where_ {
+        Selection::Where(predicate.clone())
+    } else {
+        let mut uens = args.uen.clone();
+        if let Some(path) = &args.file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("reading the UEN file {}", path.display()), e))?;
+            uens.extend(
+                text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned),
+            );
+        }
+        if uens.is_empty() {
+            return Err(Error::config("refresh: no UEN given (--uen, or a --file with one UEN per line)"));
+        }
+        Selection::Uens(uens)
+    };
+    if args.max_pages.is_some_and(|n| n == 0 || n > 50) {
+        return Err(Error::config("refresh --max-pages: use 1 to 50"));
+    }
+    let options = crate::enrichment::enrich::JobOptions {
+        force: args.force,
+        max_pages: args.max_pages,
+        llm: args.no_llm.then_some(false),
+    };
+    let done = queue::refresh(&client, &selection, &options, args.tenant_id.as_deref()).await?;
+    match selection {
+        Selection::Failed => println!("re-queued {} parked jobs as express refreshes", done.enqueued),
+        _ => println!("enqueued {} express refreshes (leased before every other waiting job)", done.enqueued),
+    }
+    if done.unknown > 0 {
+        println!(
+            "{} of the UENs given match no company (a company exists once the registry pipeline has seen it)",
+            done.unknown
+        );
+    }
+    Ok(())
 }
 
 /// Starts the metrics endpoint when `METRICS_PROMETHEUS_ENABLE` is on.
@@ -428,7 +606,8 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
                     (select count(*) from company_enrichment_runs)")
     .await?;
-    let (enriched_today, tokens_today) = crate::ops::enrich::used_today(&client).await?;
+    let (enriched_today, tokens_today) = crate::enrichment::usage::today(&client).await?;
+    let queue = crate::enrichment::queue::stats(&client).await?;
     let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({
@@ -456,6 +635,7 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
                 "llm_tokens_today": tokens_today, "llm_tokens_cap": args.tokens_cap,
             },
             "dead_letters": dead.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<std::collections::BTreeMap<_, _>>(),
+            "queue": queue,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -526,6 +706,7 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     };
     println!("  enrichments     {}  ACRA_DIRECT_DAILY_CAP", cap(enriched_today, args.daily_cap));
     println!("  llm tokens      {}  OPENAI_DAILY_TOKENS_CAP", cap(tokens_today, args.tokens_cap));
+    print_queue(&queue);
     println!("\ndead letters by stage");
     if dead.is_empty() {
         println!("  none");
@@ -534,4 +715,55 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
         println!("  {:<10} {}", r.get::<_, String>(0), r.get::<_, i64>(1));
     }
     Ok(())
+}
+
+/// The queue section of `acraflow status`.
+fn print_queue(q: &crate::enrichment::queue::QueueStats) {
+    println!("\nenrichment queue");
+    let waiting = q.waiting_total();
+    if waiting == 0 && q.leased.is_empty() && q.parked == 0 {
+        println!("  empty (jobs appear as the registry pipeline processes companies, or with `acraflow refresh`)");
+    } else {
+        let by_reason: Vec<String> = q.waiting.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        println!(
+            "  waiting         {waiting}  ({})",
+            if by_reason.is_empty() { "-".into() } else { by_reason.join(", ") }
+        );
+        if q.backing_off > 0 {
+            println!("    of which      {} wait for a retry's backoff", q.backing_off);
+        }
+        println!("  oldest waiting  {}", human_seconds(q.oldest_waiting_seconds));
+        if q.leased.is_empty() {
+            println!("  leased          0  (no worker holds a job)");
+        }
+        for (worker, n) in &q.leased {
+            println!("  leased          {n:<6} by {worker}");
+        }
+        println!(
+            "  parked          {}  (failed ENRICH_MAX_ATTEMPTS times; `acraflow refresh --failed` re-queues them)",
+            q.parked
+        );
+        for (who, error) in &q.parked_errors {
+            println!("    {who:<14} {error}");
+        }
+    }
+    match (q.latency_p50_seconds, q.latency_p95_seconds, q.latency_p99_seconds) {
+        (Some(p50), Some(p95), Some(p99)) => println!(
+            "  enqueue->done   p50 {}  p95 {}  p99 {}  ({} jobs in the last hour)",
+            human_seconds(p50),
+            human_seconds(p95),
+            human_seconds(p99),
+            q.done_last_hour
+        ),
+        _ => println!("  enqueue->done   no job done in the last hour"),
+    }
+}
+
+fn human_seconds(s: f64) -> String {
+    match s {
+        s if s < 1.0 => format!("{:.0} ms", s * 1000.0),
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
 }

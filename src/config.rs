@@ -313,6 +313,26 @@ pub struct EnrichSpec {
     #[serde(default)]
     pub contacts: bool,
     pub contacts_url: Option<String>,
+    /// The queue (see `enrichment::queue`): how long a lease lasts unless renewed.
+    #[serde(default = "default_lease", deserialize_with = "duration")]
+    pub lease: Duration,
+    /// How often an idle worker looks for new jobs.
+    #[serde(default = "default_poll_interval", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Attempts in all before a job that keeps failing is parked.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The wait after a job's first failure; it doubles with each further one.
+    #[serde(default = "default_retry_backoff", deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+    /// Re-enrich companies whose last successful enrichment is older than this many days (unset: never).
+    pub refresh_after_days: Option<u32>,
+    /// Companies the stale sweeper enqueues per sweep at most.
+    #[serde(default = "default_refresh_batch")]
+    pub refresh_batch: u64,
+    /// How often the stale sweeper runs.
+    #[serde(default = "default_refresh_every", deserialize_with = "duration")]
+    pub refresh_every: Duration,
 }
 
 impl Default for EnrichSpec {
@@ -334,6 +354,31 @@ pub const DEFAULT_CORPUS_CHARS: usize = 12_000;
 pub const DEFAULT_LLM_MODEL: &str = "gpt-4o-mini";
 pub const DEFAULT_LLM_CHUNKS: usize = 4;
 pub const MAX_CONCURRENCY: usize = 1_024;
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+pub const DEFAULT_REFRESH_BATCH: u64 = 1_000;
+pub const DEFAULT_REFRESH_EVERY: Duration = Duration::from_secs(600);
+
+fn default_lease() -> Duration {
+    DEFAULT_LEASE
+}
+fn default_poll_interval() -> Duration {
+    DEFAULT_POLL_INTERVAL
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn default_retry_backoff() -> Duration {
+    DEFAULT_RETRY_BACKOFF
+}
+fn default_refresh_batch() -> u64 {
+    DEFAULT_REFRESH_BATCH
+}
+fn default_refresh_every() -> Duration {
+    DEFAULT_REFRESH_EVERY
+}
 
 /// The enrich settings from the environment (or flags), over the pipeline file's.
 #[derive(Debug, Clone, Default)]
@@ -356,6 +401,13 @@ pub struct EnrichOverrides {
     pub llm_daily_tokens: Option<u64>,
     pub contacts: Option<bool>,
     pub contacts_url: Option<String>,
+    pub lease: Option<Duration>,
+    pub poll_interval: Option<Duration>,
+    pub max_attempts: Option<u32>,
+    pub retry_backoff: Option<Duration>,
+    pub refresh_after_days: Option<u32>,
+    pub refresh_batch: Option<u64>,
+    pub refresh_every: Option<Duration>,
 }
 
 impl EnrichSpec {
@@ -392,6 +444,16 @@ impl EnrichSpec {
         set_opt(&mut self.llm_daily_tokens, &o.llm_daily_tokens);
         set(&mut self.contacts, &o.contacts);
         set_opt(&mut self.contacts_url, &o.contacts_url);
+        set(&mut self.lease, &o.lease);
+        set(&mut self.poll_interval, &o.poll_interval);
+        set(&mut self.max_attempts, &o.max_attempts);
+        set(&mut self.retry_backoff, &o.retry_backoff);
+        // 0 turns the sweeper off, as leaving it unset does.
+        if let Some(d) = o.refresh_after_days {
+            self.refresh_after_days = (d > 0).then_some(d);
+        }
+        set(&mut self.refresh_batch, &o.refresh_batch);
+        set(&mut self.refresh_every, &o.refresh_every);
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -407,6 +469,27 @@ impl EnrichSpec {
         }
         if self.daily_cap == Some(0) {
             return bad("ACRA_DIRECT_DAILY_CAP is 0; leave it unset for no cap");
+        }
+        if self.lease < Duration::from_secs(1) {
+            return bad(&format!(
+                "ENRICH_LEASE is {:?}; use at least 1s (it is renewed every third of it)",
+                self.lease
+            ));
+        }
+        if self.lease < self.timeout * 2 {
+            tracing::warn!(lease = ?self.lease, timeout = ?self.timeout,
+                "ENRICH_LEASE is shorter than two request timeouts: a worker cut off from the database for that long loses its jobs to others");
+        }
+        if self.poll_interval.is_zero() || self.refresh_every.is_zero() {
+            return bad("ENRICH_POLL_INTERVAL and ENRICH_REFRESH_EVERY must be longer than 0s");
+        }
+        if self.max_attempts == 0 {
+            return bad("ENRICH_MAX_ATTEMPTS is 0; use 1 (no retry) or more");
+        }
+        if self.refresh_batch == 0 {
+            return bad(
+                "ENRICH_REFRESH_BATCH is 0; use 1 or more (ENRICH_REFRESH_AFTER_DAYS unset turns the sweeper off)",
+            );
         }
         if self.attempts == 0 || self.max_bytes < 1024 || self.corpus_chars == 0 || self.llm_max_chunks == 0 {
             return bad("enrich: attempts, llm_max_chunks and corpus_chars (EXTRACT_CORPUS_CHAR_LIMIT) must be above 0, max_bytes at least 1024");

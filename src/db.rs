@@ -15,6 +15,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("002_companies", include_str!("../sql/002_companies.sql")),
     ("003_engine", include_str!("../sql/003_engine.sql")),
     ("004_enrichment", include_str!("../sql/004_enrichment.sql")),
+    ("005_queue", include_str!("../sql/005_queue.sql")),
 ];
 
 const SSIC_CSV: &str = include_str!("../data/ssic2020_classification_structure.csv");

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::ops::enrich::discover::{candidate_domains, name_tokens};
+use crate::enrichment::enrich::discover::{candidate_domains, name_tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

@@ -5,11 +5,17 @@
 //! - [`registry`]: PRD 20's mapping rules, staging row -> company record (pure)
 //! - [`source`]: where changes come from: [`source::backfill`] (the table replayed in one snapshot),
 //!   [`source::replication`] (the slot's stream, acknowledged only after commit), [`source::pgoutput`] (its decoder)
-//! - [`ops`]: the operators (filter, dedupe, upsert, enrich), each a `Stream` adapter over batches
+//! - [`ops`]: the registry operators (filter, dedupe, upsert), each a `Stream` adapter over batches
+//! - [`enrichment`]: the enrichment dataflow behind the durable queue: [`enrichment::queue`] (the job table),
+//!   [`enrichment::worker`] (lease, enrich, commit), [`enrichment::enrich`] (one company's crawl),
+//!   [`enrichment::sink`], [`enrichment::usage`] (daily caps counted in the database)
 //! - [`fixture_web`]: a local web (sites, search, LLM, faults) for tests, benchmarks and the demo
-//! - [`sink`]: the transactional Postgres sink (history, dead letters and checkpoint in one transaction)
+//! - [`sink`]: the registry's transactional sink (history, dead letters, enrichment jobs and checkpoint in one
+//!   transaction)
 //! - [`checkpoint`]: where the engine's position lives and how it advances
-//! - [`pipeline`]: pipeline file -> stream graph; backfill, or hand-over to the stream; run to the end or a shutdown
+//! - [`pipeline`]: pipeline file -> the registry stream graph (and the enrichment worker beside it); backfill,
+//!   or hand-over to the stream; run to the end or a shutdown
+//! - [`run`]: a run's header and summary
 //! - [`config`]: pipeline files, the env overlay and validation
 //! - [`db`]: connections, migrations, schema facts
 //! - [`embedded`]: the private PostgreSQL used when `POSTGRES_DSN` is unset
@@ -27,11 +33,13 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod embedded;
+pub mod enrichment;
 pub mod error;
 pub mod fixture_web;
 pub mod ops;
 pub mod pipeline;
 pub mod registry;
+pub mod run;
 pub mod seed;
 pub mod sink;
 pub mod source;

@@ -1,8 +1,10 @@
-//! Pipeline assembly: a pipeline file becomes a stream graph, which runs until its source ends, a shutdown
-//! is requested, or a fatal error.
+//! Pipeline assembly: a pipeline file becomes the registry dataflow (and, when it has an `enrich`
+//! operator, the enrichment worker beside it), which runs until its source ends, a shutdown is requested,
+//! or a fatal error.
 //!
 //! ```text
-//! source task --(1 batch)--> filter, dedupe task --(1 batch)--> upsert[, enrich] task --(1 batch)--> sink (this task)
+//! source task --(1 batch)--> filter, dedupe task --(1 batch)--> upsert task --(1 batch)--> sink (this task)
+//!                                                                        enqueue, same txn -->  enrichment_jobs --> worker
 //! ```
 //! Stages run concurrently (a page is read while the one before is probed for history, the one before
 //! that is upserted, and the one before that is committed), each on its own connection. The channels are
@@ -20,16 +22,20 @@ use crate::change::Position;
 use crate::checkpoint::{self, Checkpoint, Cursor};
 use crate::config::{OperatorSpec, PipelineSpec, SourceKind};
 use crate::db;
+use crate::enrichment::enrich::EnrichSettings;
+use crate::enrichment::sink::Outcomes;
+use crate::enrichment::worker::{self, Until, WorkerSettings, WorkerSummary};
 use crate::error::{Error, Result};
 use crate::ops::dedupe::{Dedupe, DedupePolicy};
-use crate::ops::enrich::{Enrich, EnrichSettings};
 use crate::ops::filter::Filter;
 use crate::ops::upsert::Upsert;
 use crate::ops::{BatchStream, Operator};
+pub use crate::run::{error_chain, RunSummary};
+use crate::run::{write_header, EnrichmentSummary, Latencies};
 use crate::sink::{Counters, PostgresSink};
 use crate::source::replication::{self, NewSlot, Progress};
 use crate::source::{backfill, quote_table};
-use crate::telemetry::alerts::{Monitor, PauseGate};
+use crate::telemetry::alerts::Monitor;
 use crate::telemetry::metrics::{metrics, OperatorLabel, Running};
 use crate::telemetry::progress;
 
@@ -37,93 +43,6 @@ use crate::telemetry::progress;
 const STAGE_DEPTH: usize = 1;
 /// How often a running run's header gets its counters.
 const HEADER_EVERY: Duration = Duration::from_secs(5);
-
-/// What a run did, printed at exit and stored in its `enrichment_runs` header.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunSummary {
-    pub run_id: i64,
-    pub pipeline: String,
-    pub status: &'static str,
-    #[serde(flatten)]
-    pub counters: Counters,
-    pub seconds: f64,
-    pub rows_per_second: f64,
-    /// Selection-to-persistence latency of the processed changes.
-    pub latency: LatencySummary,
-    pub checkpoint: Option<String>,
-}
-
-/// Percentiles of the per-change latency, in milliseconds (hdrhistogram, 3 significant figures).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct LatencySummary {
-    pub count: u64,
-    pub p50_ms: u64,
-    pub p95_ms: u64,
-    pub p99_ms: u64,
-    pub max_ms: u64,
-}
-
-/// A run's latencies; memory is fixed by the histogram's range, not by the number of changes.
-pub struct Latencies(hdrhistogram::Histogram<u64>);
-
-impl Default for Latencies {
-    fn default() -> Self {
-        // 1 ms to 7 days at 3 significant figures.
-        Latencies(hdrhistogram::Histogram::new_with_bounds(1, 7 * 24 * 3_600_000, 3).expect("valid bounds"))
-    }
-}
-
-impl Latencies {
-    /// After a batch's commit: each processed change's latency, here and in `acra_direct_latency_seconds`.
-    fn record(&mut self, batch: &crate::change::Batch) {
-        let histogram = &metrics().latency;
-        for e in batch.events.iter().filter(|e| e.fate == crate::change::Fate::Process) {
-            let latency = e.selected_at.elapsed();
-            histogram.observe(latency.as_secs_f64());
-            self.0.saturating_record((latency.as_millis() as u64).max(1));
-        }
-    }
-
-    pub fn summary(&self) -> LatencySummary {
-        let h = &self.0;
-        if h.is_empty() {
-            return LatencySummary::default();
-        }
-        LatencySummary {
-            count: h.len(),
-            p50_ms: h.value_at_quantile(0.50),
-            p95_ms: h.value_at_quantile(0.95),
-            p99_ms: h.value_at_quantile(0.99),
-            max_ms: h.max(),
-        }
-    }
-}
-
-impl std::fmt::Display for RunSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = &self.counters;
-        writeln!(f, "run {} ({}) {}", self.run_id, self.pipeline, self.status)?;
-        writeln!(f, "  rows read       {:>10}", c.rows_in)?;
-        writeln!(f, "  processed       {:>10}", c.processed)?;
-        writeln!(f, "  filtered        {:>10}", c.filtered)?;
-        writeln!(f, "  skipped         {:>10}", c.skipped)?;
-        writeln!(f, "  failed          {:>10}", c.failed)?;
-        writeln!(f, "  dead-lettered   {:>10}", c.dead_lettered)?;
-        if c.ignored > 0 {
-            writeln!(f, "  ignored         {:>10}  (deletes/truncates on staging)", c.ignored)?;
-        }
-        writeln!(f, "  duration        {:>9.2}s  ({:.0} rows/s)", self.seconds, self.rows_per_second)?;
-        let l = &self.latency;
-        if l.count > 0 {
-            writeln!(
-                f,
-                "  latency         p50 {} ms  p95 {} ms  p99 {} ms  max {} ms  (selection to commit, {} changes)",
-                l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.count
-            )?;
-        }
-        write!(f, "  checkpoint      {}", self.checkpoint.as_deref().unwrap_or("unchanged"))
-    }
-}
 
 /// Which source a run reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,19 +116,67 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
 
     let started = Instant::now();
     let (monitor, notifier) = Monitor::new(spec.ops.alert.clone(), &spec.name, Arc::default());
-    let run = Run { dsn, spec, mode, run_id, control: &control, monitor: &monitor, total, started };
-    let mut latencies = Latencies::default();
-    let result = drive(&run, &table, facts, plan, stop.clone(), &mut latencies).await;
+    // The enrichment worker beside the registry dataflow: a backfill drains the queue once the registry
+    // side is done; a stream keeps it going until the shutdown.
+    let (registry_done, registry_done_rx) = watch::channel(false);
+    let enriched: Arc<std::sync::Mutex<Outcomes>> = Arc::default();
+    let worker = match spec.enrich() {
+        Some(e) => {
+            let settings = EnrichSettings::from_spec(e)?;
+            let ws = WorkerSettings::from_spec(e, &spec.ops);
+            let until = match mode {
+                Mode::Backfill => Until::Drained(registry_done_rx),
+                Mode::Stream => Until::Stopped,
+            };
+            let ctx = worker::RunContext { run_id, monitor: Arc::clone(&monitor), live: Arc::clone(&enriched) };
+            Some(worker::run(dsn, settings, ws, ctx, until, stop.clone()))
+        }
+        None => None,
+    };
+    let run = Run {
+        dsn,
+        spec,
+        run_id,
+        control: &control,
+        monitor: &monitor,
+        total,
+        started,
+        latest: std::sync::Mutex::default(),
+        latencies: std::sync::Mutex::default(),
+        enriched,
+    };
+    let registry = async {
+        let result = drive(&run, &table, facts, plan, stop.clone()).await;
+        let _ = registry_done.send(true);
+        result.map_err(|(_, e)| e)
+    };
+    let enrichment = async {
+        match worker {
+            Some(w) => w.await.map(Some),
+            None => Ok(None),
+        }
+    };
+    // Either side failing ends both (the worker's leases are given back by the next attempt, or expire).
+    let result = tokio::select! {
+        r = futures::future::try_join(registry, enrichment) => r,
+        _ = run.keep_reporting() => unreachable!("reporting never ends"),
+    };
     let seconds = started.elapsed().as_secs_f64();
+    let counters_so_far = run.counters();
+    let latencies = run.latencies.lock().unwrap_or_else(|p| p.into_inner()).summary();
+    drop(run);
     drop(monitor);
     if let Some(n) = notifier {
         n.flush(Duration::from_secs(10)).await;
     }
-    let (status, counters, last, error) = match &result {
-        Ok((counters, last)) => {
-            (if *stop.borrow() { "interrupted" } else { "completed" }, *counters, last.clone(), None)
+    let mut counters = counters_so_far;
+    let (status, last, error, enrichment) = match &result {
+        Ok(((c, last), w)) => {
+            counters = Counters { enriched: counters.enriched, failed: counters.failed, ..*c };
+            let enrichment = w.as_ref().map(enrichment_summary);
+            (if *stop.borrow() { "interrupted" } else { "completed" }, last.clone(), None, enrichment)
         }
-        Err((counters, e)) => ("failed", *counters, None, Some(error_chain(e))),
+        Err(e) => ("failed", None, Some(error_chain(e)), None),
     };
     let header = write_header(&control, run_id, Some(status), &counters, error.as_deref()).await;
     if let Err(e) = header {
@@ -220,7 +187,7 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
         }
     }
     match result {
-        Err((_, e)) => Err(e),
+        Err(e) => Err(e),
         Ok(_) => Ok(RunSummary {
             run_id,
             pipeline: spec.name.clone(),
@@ -228,38 +195,25 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
             counters,
             seconds,
             rows_per_second: counters.rows_in as f64 / seconds.max(1e-9),
-            latency: latencies.summary(),
+            latency: latencies,
             checkpoint: last.map(|c| c.cursor.to_string()),
+            enrichment,
         }),
     }
 }
 
-/// Writes the run's counters into its `enrichment_runs` header; with a status, the run has ended.
-async fn write_header(
-    control: &tokio_postgres::Client,
-    run_id: i64,
-    ended: Option<&str>,
-    c: &Counters,
-    error: Option<&str>,
-) -> std::result::Result<u64, tokio_postgres::Error> {
-    control
-        .execute(
-            "update enrichment_runs set ended_at = case when $2::text is null then null else now() end, \
-               status = coalesce($2, status), rows_in = $3, processed = $4, filtered = $5, skipped = $6, failed = $7, \
-               dead_lettered = $8, error = $9 where run_id = $1",
-            &[
-                &run_id,
-                &ended,
-                &(c.rows_in as i64),
-                &(c.processed as i64),
-                &(c.filtered as i64),
-                &(c.skipped as i64),
-                &(c.failed as i64),
-                &(c.dead_lettered as i64),
-                &error,
-            ],
-        )
-        .await
+pub fn enrichment_summary(w: &WorkerSummary) -> EnrichmentSummary {
+    let o = &w.outcomes;
+    EnrichmentSummary {
+        ok: o.ok,
+        degraded: o.degraded,
+        failed: o.failed,
+        retried: o.retried,
+        parked: o.parked,
+        queue_latency: w.latency,
+        backing_off: w.backing_off,
+        capped: w.capped,
+    }
 }
 
 /// The rows a backfill from `start` will read (for its progress bar); `None` if counting fails.
@@ -287,46 +241,75 @@ async fn rows_after(control: &tokio_postgres::Client, table: &str, start: &Curso
 struct Run<'a> {
     dsn: &'a str,
     spec: &'a PipelineSpec,
-    mode: Mode,
     run_id: i64,
     control: &'a tokio_postgres::Client,
     monitor: &'a Arc<Monitor>,
     /// Rows a backfill expects to read.
     total: Option<u64>,
     started: Instant,
+    /// The registry's counters so far.
+    latest: std::sync::Mutex<Counters>,
+    /// The registry's latencies so far.
+    latencies: std::sync::Mutex<Latencies>,
+    /// What the enrichment worker has committed so far.
+    enriched: Arc<std::sync::Mutex<Outcomes>>,
 }
 
 impl Run<'_> {
-    fn summary(&self, counters: &Counters, latencies: &Latencies, status: &'static str) -> RunSummary {
-        let seconds = self.started.elapsed().as_secs_f64();
-        RunSummary {
-            run_id: self.run_id,
-            pipeline: self.spec.name.clone(),
-            status,
-            counters: *counters,
-            seconds,
-            rows_per_second: counters.rows_in as f64 / seconds.max(1e-9),
-            latency: latencies.summary(),
-            checkpoint: None,
-        }
+    /// Both dataflows' counters so far.
+    fn counters(&self) -> Counters {
+        let mut c = *self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let o = self.enriched.lock().unwrap_or_else(|p| p.into_inner());
+        c.enriched = o.finished();
+        c.failed = o.failed;
+        c
     }
 
     /// The summary so far, logged (SIGUSR1, ACRA_DIRECT_SUMMARY_EVERY), and the header's counters updated.
-    async fn report(&self, counters: &Counters, latencies: &Latencies) {
-        let s = self.summary(counters, latencies, "running");
-        let c = &s.counters;
+    async fn report(&self) {
+        let c = self.counters();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner()).summary();
         tracing::info!(
-            run_id = s.run_id, pipeline = %s.pipeline, rows_in = c.rows_in, processed = c.processed,
-            filtered = c.filtered, skipped = c.skipped, failed = c.failed, dead_lettered = c.dead_lettered,
-            seconds = s.seconds as u64, rows_per_second = s.rows_per_second as u64, p50_ms = s.latency.p50_ms,
-            p95_ms = s.latency.p95_ms, p99_ms = s.latency.p99_ms, "run summary"
+            run_id = self.run_id, pipeline = %self.spec.name, rows_in = c.rows_in, processed = c.processed,
+            filtered = c.filtered, skipped = c.skipped, enriched = c.enriched, failed = c.failed,
+            dead_lettered = c.dead_lettered, seconds = seconds as u64,
+            rows_per_second = (c.rows_in as f64 / seconds.max(1e-9)) as u64, p50_ms = l.p50_ms, p95_ms = l.p95_ms,
+            p99_ms = l.p99_ms, "run summary"
         );
-        self.update_header(counters).await;
+        self.update_header().await;
     }
 
-    async fn update_header(&self, counters: &Counters) {
-        if let Err(e) = write_header(self.control, self.run_id, None, counters, None).await {
+    async fn update_header(&self) {
+        if let Err(e) = write_header(self.control, self.run_id, None, &self.counters(), None).await {
             tracing::warn!(run_id = self.run_id, error = %e, "could not update the run's counters");
+        }
+    }
+
+    /// Until dropped: the summary on SIGUSR1 and every ACRA_DIRECT_SUMMARY_EVERY, and the header's counters
+    /// every few seconds, so `acraflow status` shows a live run's progress.
+    async fn keep_reporting(&self) {
+        let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+        let every = |d: Duration| {
+            let mut i = tokio::time::interval(d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i.reset();
+            i
+        };
+        let mut summary_every = every(self.spec.ops.summary_every.unwrap_or(Duration::from_secs(86_400 * 365)));
+        let mut header_every = every(HEADER_EVERY);
+        loop {
+            let usr1_recv = async {
+                match usr1.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(()) = usr1_recv => self.report().await,
+                _ = summary_every.tick() => self.report().await,
+                _ = header_every.tick() => self.update_header().await,
+            }
         }
     }
 }
@@ -337,25 +320,28 @@ async fn drive(
     facts: db::SchemaFacts,
     plan: SourcePlan,
     stop: watch::Receiver<bool>,
-    latencies: &mut Latencies,
 ) -> std::result::Result<(Counters, Option<Checkpoint>), (Counters, Error)> {
     let (dsn, spec, tenant) = (run.dsn, run.spec, run.spec.ops.tenant_id.as_deref());
     let mut counters = Counters::default();
     let streaming = !matches!(plan, SourcePlan::Backfill { .. });
+    let enriching = spec.enrich().is_some();
     let setup = async {
         let ops_client = Arc::new(db::connect_as(dsn, tenant, "acraflow-operators").await?);
         let progress = Arc::new(Progress::default());
-        let sink = PostgresSink::new(
+        let mut sink = PostgresSink::new(
             db::connect_as(dsn, tenant, "acraflow-sink").await?,
             spec.checkpoint_key.clone(),
             run.run_id,
             Arc::clone(&progress),
         );
+        if spec.enrich().is_some() {
+            sink = sink.enqueueing(spec.ops.tenant_id.clone());
+        }
         let source = build_source(dsn, spec, table, plan, progress, stop.clone()).await?;
         let mut stream = spawn_stage(source);
         let dedupe_client = Arc::new(db::connect_as(dsn, tenant, "acraflow-dedupe").await?);
-        let ops = build_operators(spec, &ops_client, &dedupe_client, facts, run.mode, run.monitor.gate()).await?;
-        for (op, kind) in ops.into_iter().zip(spec.operators.iter().map(|o| o.kind())) {
+        let ops = build_operators(spec, &ops_client, &dedupe_client, facts).await?;
+        for (op, kind) in ops {
             stream = metered(kind, op, stream);
             if kind == "dedupe" {
                 // Dedupe's probe (its own connection) runs while the batch before is upserted.
@@ -369,14 +355,6 @@ async fn drive(
     let _ticker = AbortOnDrop(run.monitor.spawn_ticker());
     let _lag = streaming.then(|| AbortOnDrop(spawn_lag_poller(dsn.to_owned(), spec.source.slot.clone())));
     let mut reporter = progress::Reporter::new(spec.ops.progress, run.total, spec.ops.progress_every);
-    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
-    let mut summary_every = tokio::time::interval(spec.ops.summary_every.unwrap_or(Duration::from_secs(86_400 * 365)));
-    summary_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    summary_every.reset();
-    // The header's counters follow the run, so `acraflow status` shows a live run's progress.
-    let mut header_every = tokio::time::interval(HEADER_EVERY);
-    header_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    header_every.reset();
     let mut stopping = stop.clone();
     let mut drain_deadline: Option<tokio::time::Instant> =
         stop.borrow().then(|| tokio::time::Instant::now() + spec.ops.drain_timeout);
@@ -386,12 +364,6 @@ async fn drive(
         let deadline = async {
             match drain_deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        let usr1_recv = async {
-            match usr1.as_mut() {
-                Some(s) => s.recv().await,
                 None => std::future::pending().await,
             }
         };
@@ -416,16 +388,20 @@ async fn drive(
                 Ok(()) => {}
                 Err(_) => watching_stop = false,
             },
-            Some(()) = usr1_recv => run.report(&counters, latencies).await,
-            _ = summary_every.tick() => run.report(&counters, latencies).await,
-            _ = header_every.tick() => run.update_header(&counters).await,
             item = stream.next() => {
                 let Some(batch) = item else { break };
                 let batch = batch.map_err(|e| (counters, e))?;
                 let c = sink.write(&batch).await.map_err(|e| (counters, e))?;
                 counters.add(&c);
-                latencies.record(&batch);
-                run.monitor.observe(c.processed + c.dead_lettered, c.failed + c.dead_lettered);
+                *run.latest.lock().unwrap_or_else(|p| p.into_inner()) = counters;
+                record_latencies(&run.latencies, &batch);
+                // In an enriching pipeline a processed change is an outcome only once enriched (the
+                // worker reports those); dead letters are failures either way.
+                if enriching {
+                    run.monitor.observe(c.dead_lettered, c.dead_lettered);
+                } else {
+                    run.monitor.observe(c.processed + c.dead_lettered, c.dead_lettered);
+                }
                 reporter.update(&counters);
                 last = Some(batch.checkpoint);
             }
@@ -684,17 +660,17 @@ fn handover(
     })
 }
 
+/// The registry operators in pipeline order, with their kinds. `enrich` is not one of them: it configures
+/// the enrichment worker, which reads the queue the sink fills.
 async fn build_operators(
     spec: &PipelineSpec,
     client: &Arc<tokio_postgres::Client>,
     dedupe_client: &Arc<tokio_postgres::Client>,
     facts: db::SchemaFacts,
-    mode: Mode,
-    pause: Arc<PauseGate>,
-) -> Result<Vec<Box<dyn Operator>>> {
-    let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+) -> Result<Vec<(Box<dyn Operator>, &'static str)>> {
+    let mut ops: Vec<(Box<dyn Operator>, &'static str)> = Vec::new();
     for op in &spec.operators {
-        ops.push(match op {
+        let built: Box<dyn Operator> = match op {
             OperatorSpec::Filter(f) => {
                 Box::new(Filter::new(&f.exclude_status, f.min_age_days, Utc::now().date_naive()))
             }
@@ -708,13 +684,23 @@ async fn build_operators(
                 },
             )),
             OperatorSpec::Upsert(_) => Box::new(Upsert::new(Arc::clone(client), facts).await?),
-            OperatorSpec::Enrich(e) => {
-                let settings = EnrichSettings::from_spec(e)?;
-                Box::new(Enrich::new(Arc::clone(client), settings, mode == Mode::Backfill, Arc::clone(&pause)).await?)
-            }
-        });
+            OperatorSpec::Enrich(_) => continue,
+        };
+        ops.push((built, op.kind()));
     }
     Ok(ops)
+}
+
+/// After a batch's commit: each processed change's latency, in the run's histogram and in
+/// `acra_direct_latency_seconds`.
+fn record_latencies(latencies: &std::sync::Mutex<Latencies>, batch: &crate::change::Batch) {
+    let histogram = &metrics().latency;
+    let mut latencies = latencies.lock().unwrap_or_else(|p| p.into_inner());
+    for e in batch.events.iter().filter(|e| e.fate == crate::change::Fate::Process) {
+        let latency = e.selected_at.elapsed();
+        histogram.observe(latency.as_secs_f64());
+        latencies.record(latency);
+    }
 }
 
 /// Runs `input` on its own task, handing batches over a bounded channel (backpressure: a full channel
@@ -734,17 +720,4 @@ pub fn spawn_stage(mut input: BatchStream) -> BatchStream {
             yield item;
         }
     })
-}
-
-/// An error and its causes on one line, for the run header (never contains a DSN password: connection
-/// errors carry the redacted description).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

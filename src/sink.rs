@@ -13,9 +13,8 @@ use tokio_postgres::Client;
 use crate::change::{lsn_to_text, Batch, Fate};
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::ops::enrich::{Enrichment, Status};
 use crate::source::replication::Progress;
-use crate::telemetry::metrics::{metrics, FateLabel, StageLabel, StatusLabel};
+use crate::telemetry::metrics::{metrics, FateLabel, StageLabel};
 
 /// Counts of what the pipeline did, per run (also the `enrichment_runs` header's counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -28,7 +27,10 @@ pub struct Counters {
     pub filtered: u64,
     /// Not processed again: recent history (dedupe) or repeated later in the same batch.
     pub skipped: u64,
-    /// Processing failed (enrichment); the history row says why.
+    /// Enrichments committed (ok, degraded or failed for good), by the run's worker.
+    pub enriched: u64,
+    /// Enrichments that failed for good (not retryable, or parked after the last attempt); the history row
+    /// says why.
     pub failed: u64,
     pub dead_lettered: u64,
     /// Deletes and truncates on staging (never applied to companies).
@@ -41,6 +43,7 @@ impl Counters {
         self.processed += other.processed;
         self.filtered += other.filtered;
         self.skipped += other.skipped;
+        self.enriched += other.enriched;
         self.failed += other.failed;
         self.dead_lettered += other.dead_lettered;
         self.ignored += other.ignored;
@@ -50,14 +53,9 @@ impl Counters {
         let mut c = Counters { rows_in: batch.events.len() as u64, ..Default::default() };
         for e in &batch.events {
             match e.fate {
-                Fate::Process => {
-                    c.processed += 1;
-                    if e.enrichment.as_ref().is_some_and(|x| x.status == Status::Failed) {
-                        c.failed += 1;
-                    }
-                }
+                Fate::Process => c.processed += 1,
                 Fate::Filtered { .. } => c.filtered += 1,
-                Fate::Skipped | Fate::Superseded | Fate::Deferred { .. } => c.skipped += 1,
+                Fate::Skipped | Fate::Superseded => c.skipped += 1,
                 Fate::Ignored => c.ignored += 1,
                 Fate::DeadLetter { .. } => c.dead_lettered += 1,
             }
@@ -71,12 +69,20 @@ pub struct PostgresSink {
     checkpoint_key: String,
     run_id: i64,
     progress: Arc<Progress>,
+    /// In an enriching pipeline: enqueue processed changes' jobs, for this tenant.
+    enqueue: Option<Option<String>>,
 }
 
 impl PostgresSink {
     /// `progress` learns of every committed streamed batch, so the source can acknowledge its LSN.
     pub fn new(client: Client, checkpoint_key: String, run_id: i64, progress: Arc<Progress>) -> Self {
-        PostgresSink { client, checkpoint_key, run_id, progress }
+        PostgresSink { client, checkpoint_key, run_id, progress, enqueue: None }
+    }
+
+    /// Enqueue an enrichment job for every processed change (tagged with `tenant`), in the batch's transaction.
+    pub fn enqueueing(mut self, tenant: Option<String>) -> Self {
+        self.enqueue = Some(tenant);
+        self
     }
 
     /// Commits the batch's effects and its checkpoint atomically; returns what the batch counted.
@@ -104,22 +110,18 @@ impl PostgresSink {
         let mut h_lsn = Vec::new();
         let mut h_seq = Vec::new();
         let mut h_staging = Vec::new();
-        let mut enriched = EnrichedRows::default();
         let (mut d_lsn, mut d_seq, mut d_staging, mut d_uen, mut d_stage, mut d_reason, mut d_row) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for e in &batch.events {
             let pos = e.change.pos;
-            match (&e.fate, e.company_id, e.enrichment.as_deref()) {
-                (Fate::Process, Some(company_id), Some(enrichment)) => {
-                    enriched.push(company_id, pos, e.change.row.id, enrichment);
-                }
-                (Fate::Process, Some(company_id), None) => {
+            match (&e.fate, e.company_id) {
+                (Fate::Process, Some(company_id)) => {
                     h_company.push(company_id);
                     h_lsn.push(pos.lsn);
                     h_seq.push(pos.seq);
                     h_staging.push(e.change.row.id);
                 }
-                (Fate::DeadLetter { stage, reason }, _, _) => {
+                (Fate::DeadLetter { stage, reason }, _) => {
                     tracing::warn!(
                         staging_id = e.change.row.id, position = %pos, stage, reason = %reason,
                         "dead-lettered"
@@ -136,6 +138,22 @@ impl PostgresSink {
             }
         }
         let tx = self.client.transaction().await.map_err(|e| Error::db("sink: starting a transaction", e))?;
+        let jobs = async {
+            match &self.enqueue {
+                Some(tenant) => {
+                    crate::enrichment::queue::enqueue_changes(
+                        &tx,
+                        tenant.as_deref(),
+                        &h_company,
+                        &h_lsn,
+                        &h_seq,
+                        &h_staging,
+                    )
+                    .await
+                }
+                None => Ok(0),
+            }
+        };
         let history = async {
             if h_company.is_empty() {
                 return Ok(0);
@@ -173,7 +191,7 @@ impl PostgresSink {
         };
         let cp = checkpoint::save(&tx, &self.checkpoint_key, &batch.checkpoint);
         // Issued together: tokio-postgres pipelines them on the one connection.
-        futures::try_join!(history, dead, cp, enriched.write(&tx, self.run_id, on_conflict))?;
+        futures::try_join!(history, dead, cp, jobs)?;
         tx.commit().await.map_err(|e| Error::db("sink: committing the batch and its checkpoint", e))?;
         if let Some(lsn) = batch.ack_lsn {
             self.progress.record(lsn);
@@ -214,8 +232,7 @@ async fn copy_history(
     writer.finish().await.map_err(failed)
 }
 
-/// After the commit: the metrics of what the batch did, and each enriched company's `persist` and `summary`
-/// stages, logged in its `company` span.
+/// After the commit: the metrics of what the batch did.
 fn record_committed(batch: &Batch, counters: &Counters) {
     let m = metrics();
     for (fate, n) in [
@@ -233,188 +250,8 @@ fn record_committed(batch: &Batch, counters: &Counters) {
     m.failures.inc_by(counters.failed + counters.dead_lettered);
     m.checkpoint_lsn.set(batch.checkpoint.lsn.min(i64::MAX as u64) as i64);
     for e in &batch.events {
-        match &e.fate {
-            Fate::Process => {
-                if let (Some(x), Some(company_id)) = (e.enrichment.as_deref(), e.company_id) {
-                    m.enrichments.get_or_create(&StatusLabel { status: x.status.as_str() }).inc();
-                    let uen = e.change.row.uen.as_deref().unwrap_or("");
-                    let _span = tracing::info_span!("company", company_id, uen).entered();
-                    tracing::info!(stage = "persist", position = %e.change.pos, "history row and companies fields committed");
-                    tracing::info!(
-                        stage = "summary",
-                        status = x.status.as_str(),
-                        domain = x.website_domain.as_deref().unwrap_or(""),
-                        pages = x.pages_fetched,
-                        emails = x.public_emails.len(),
-                        phones = x.phones.len(),
-                        llm_tokens = x.llm_tokens,
-                        error = x.error.as_deref().unwrap_or(""),
-                        enrich_ms = x.duration.as_millis() as u64,
-                        latency_ms = e.selected_at.elapsed().as_millis() as u64,
-                        "enriched"
-                    );
-                }
-            }
-            Fate::DeadLetter { stage, .. } => {
-                m.dead_letters.get_or_create(&StageLabel { stage }).inc();
-            }
-            _ => {}
+        if let Fate::DeadLetter { stage, .. } = &e.fate {
+            m.dead_letters.get_or_create(&StageLabel { stage }).inc();
         }
-    }
-}
-
-/// Enriched history rows, the companies fields they update, and their contacts, column by column.
-#[derive(Default)]
-struct EnrichedRows {
-    company: Vec<i64>,
-    lsn: Vec<String>,
-    seq: Vec<i64>,
-    staging: Vec<i64>,
-    status: Vec<&'static str>,
-    error: Vec<Option<String>>,
-    domain: Vec<Option<String>>,
-    about: Vec<Option<String>>,
-    emails: Vec<serde_json::Value>,
-    phones: Vec<serde_json::Value>,
-    tech: Vec<serde_json::Value>,
-    jobs: Vec<Option<i32>>,
-    linkedin: Vec<Option<String>>,
-    pages: Vec<i32>,
-    duration_ms: Vec<i32>,
-    tokens: Vec<i64>,
-    employees: Vec<Option<i32>>,
-    revenue: Vec<Option<String>>,
-    corpus: Vec<Option<String>>,
-    hq_city: Vec<Option<String>>,
-    hq_country: Vec<Option<String>>,
-    seen: Vec<bool>,
-    contacts: Contacts,
-}
-
-#[derive(Default)]
-struct Contacts {
-    company: Vec<i64>,
-    name: Vec<String>,
-    title: Vec<Option<String>>,
-    linkedin: Vec<Option<String>>,
-    email: Vec<Option<String>>,
-}
-
-impl EnrichedRows {
-    fn push(&mut self, company_id: i64, pos: crate::change::Position, staging_id: i64, x: &Enrichment) {
-        self.company.push(company_id);
-        self.lsn.push(pos.lsn_text());
-        self.seq.push(pos.seq);
-        self.staging.push(staging_id);
-        self.status.push(x.status.as_str());
-        self.error.push(x.error.clone());
-        self.domain.push(x.website_domain.clone());
-        self.about.push(x.about_text.clone());
-        self.emails.push(serde_json::json!(x.public_emails));
-        self.phones.push(serde_json::json!(x.phones));
-        self.tech.push(serde_json::json!(x.tech_stack));
-        self.jobs.push(x.jobs_count);
-        self.linkedin.push(x.linkedin_url.clone());
-        self.pages.push(x.pages_fetched);
-        self.duration_ms.push(x.duration.as_millis().min(i32::MAX as u128) as i32);
-        self.tokens.push(x.llm_tokens);
-        self.employees.push(x.employees_est);
-        self.revenue.push(x.revenue_bucket.clone());
-        self.corpus.push(x.corpus.clone());
-        self.hq_city.push(x.hq_city.clone());
-        self.hq_country.push(x.hq_country.clone());
-        self.seen.push(x.pages_fetched > 0);
-        let mut seen = std::collections::HashSet::new();
-        for c in &x.contacts {
-            // One row per (company, name, title): the upsert below may not touch a row twice.
-            if seen.insert((c.name.to_lowercase(), c.title.clone().unwrap_or_default())) {
-                self.contacts.company.push(company_id);
-                self.contacts.name.push(c.name.clone());
-                self.contacts.title.push(c.title.clone());
-                self.contacts.linkedin.push(c.linkedin_url.clone());
-                self.contacts.email.push(c.email.clone());
-            }
-        }
-    }
-
-    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, run_id: i64, on_conflict: &str) -> Result<()> {
-        if self.company.is_empty() {
-            return Ok(());
-        }
-        let sql = format!(
-            "insert into company_enrichment_runs (run_id, company_id, source_lsn, source_seq, staging_id, status, \
-               error, enriched, website_domain, about_text, public_emails, phones, tech_stack, jobs_count, \
-               linkedin_url, pages_fetched, duration_ms, llm_tokens, employees_est, revenue_bucket, corpus) \
-             select $1, c, l::pg_lsn, s, i, st, er, true, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co \
-             from unnest($2::int8[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::text[], $8::text[], \
-               $9::text[], $10::jsonb[], $11::jsonb[], $12::jsonb[], $13::int4[], $14::text[], $15::int4[], \
-               $16::int4[], $17::int8[], $18::int4[], $19::text[], $20::text[]) \
-               as t(c, l, s, i, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co){on_conflict}"
-        );
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 20] = [
-            &run_id,
-            &self.company,
-            &self.lsn,
-            &self.seq,
-            &self.staging,
-            &self.status,
-            &self.error,
-            &self.domain,
-            &self.about,
-            &self.emails,
-            &self.phones,
-            &self.tech,
-            &self.jobs,
-            &self.linkedin,
-            &self.pages,
-            &self.duration_ms,
-            &self.tokens,
-            &self.employees,
-            &self.revenue,
-            &self.corpus,
-        ];
-        let history = tx.execute(&sql, &params);
-        // Fields found replace what was there; fields not found leave it.
-        let companies = async {
-            tx.execute(
-                "update companies c set website_domain = coalesce(t.d, c.website_domain), \
-               about_text = coalesce(t.a, c.about_text), employees_est = coalesce(t.ee, c.employees_est), \
-               revenue_bucket = coalesce(t.rb, c.revenue_bucket), linkedin_url = coalesce(t.li, c.linkedin_url), \
-               hq_city = coalesce(t.hc, c.hq_city), hq_country = coalesce(t.hn, c.hq_country), \
-               last_seen = case when t.seen then now() else c.last_seen end, updated_at = now() \
-             from unnest($1::int8[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], \
-               $8::text[], $9::bool[]) as t(id, d, a, ee, rb, li, hc, hn, seen) \
-             where c.company_id = t.id",
-                &[
-                    &self.company,
-                    &self.domain,
-                    &self.about,
-                    &self.employees,
-                    &self.revenue,
-                    &self.linkedin,
-                    &self.hq_city,
-                    &self.hq_country,
-                    &self.seen,
-                ],
-            )
-            .await
-        };
-        let c = &self.contacts;
-        let contacts = async {
-            if c.company.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                "insert into contacts (company_id, name, title, linkedin_url, email) \
-                 select * from unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                 on conflict (company_id, lower(name), coalesce(title, '')) do update \
-                   set linkedin_url = coalesce(excluded.linkedin_url, contacts.linkedin_url), \
-                       email = coalesce(excluded.email, contacts.email), updated_at = now()",
-                &[&c.company, &c.name, &c.title, &c.linkedin, &c.email],
-            )
-            .await
-        };
-        futures::try_join!(history, companies, contacts).map_err(|e| Error::db("sink: writing enrichments", e))?;
-        Ok(())
     }
 }

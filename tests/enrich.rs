@@ -5,16 +5,19 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use acraflow::config::{EnrichOverrides, Overrides, PipelineSpec};
+use acraflow::enrichment::enrich::discover::name_tokens;
+use acraflow::enrichment::enrich::http::{FetchError, Http, HttpSettings, RobotsCache};
 use acraflow::fixture_web::{realistic_sites, Fault, FixtureWeb, SiteSpec};
-use acraflow::ops::enrich::discover::name_tokens;
-use acraflow::ops::enrich::http::{FetchError, Http, HttpSettings, RobotsCache};
 use acraflow::pipeline::{Mode, RunSummary};
 
 use crate::support::{wait_until, TestDb};
 
-/// Settings pointing the enricher at the fixture web, with test-sized timeouts and spacing.
+/// Settings pointing the enricher at the fixture web, with test-sized timeouts and spacing. A failing site
+/// fails its company at once (no retry: `queue` tests cover retries), so a backfill ends with every
+/// company's outcome recorded.
 pub(crate) fn web_overrides(web: &FixtureWeb, concurrency: usize) -> EnrichOverrides {
     EnrichOverrides {
+        max_attempts: Some(1),
         concurrency: Some(concurrency),
         proxy: Some(web.proxy_url()),
         search_url: Some(web.search_url()),
@@ -360,7 +363,7 @@ async fn the_crawler_refuses_private_addresses_unless_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daily_cap_stops_a_backfill_where_it_can_resume() {
+async fn the_daily_cap_holds_across_runs_and_leaves_the_rest_queued() {
     let db = TestDb::new().await;
     let companies = live_companies(&db, 30).await;
     let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
@@ -369,16 +372,24 @@ async fn the_daily_cap_stops_a_backfill_where_it_can_resume() {
     enrich.llm_base_url = None;
     let overrides = Overrides { batch_size: Some(7), enrich, ..Default::default() };
     let s = run_acra_direct(&db, overrides.clone()).await.unwrap();
+    // The registry side is not held back by the cap: every company is current and has its job.
+    let companies = db.count("select count(*) from companies").await;
+    assert_eq!(s.counters.processed as i64, companies, "{:?}", s.counters);
+    assert_eq!(
+        db.count("select last_id from service_progress where key = 'acra_direct'").await,
+        db.count("select max(id) from staging_acra_companies").await,
+        "the checkpoint is at the end of staging"
+    );
     assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, 5);
-    assert_eq!(s.counters.processed, 5, "{:?}", s.counters);
-    // The checkpoint stops just before the first company over the cap, so the next day resumes there.
-    let last_id = db.count("select last_id from service_progress where key = 'acra_direct'").await;
-    let enriched_max = db.count("select max(staging_id) from company_enrichment_runs where enriched").await;
-    assert!(last_id >= enriched_max && last_id < db.count("select max(id) from staging_acra_companies").await);
+    let x = s.enrichment.as_ref().expect("an enriching run reports its enrichments");
+    assert!(x.capped, "{x:?}");
+    // The rest wait in the queue for tomorrow, each company once.
+    assert_eq!(db.count("select count(*) from enrichment_jobs where state = 'pending'").await, companies - 5);
     // Same day, across a restart: the cap still holds.
     let again = run_acra_direct(&db, overrides).await.unwrap();
-    assert_eq!(again.counters.processed, 0);
+    assert_eq!(again.enrichment.map(|x| x.ok + x.degraded + x.failed), Some(0));
     assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, 5);
+    assert_eq!(db.count("select used from enrichment_usage where kind = 'enrichments'").await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,6 +408,9 @@ async fn a_crash_mid_enrichment_leaves_no_duplicate_history() {
         ("ENRICH_SEARCH_URL", search.as_str()),
         ("ENRICH_HOST_SPACING", "100ms"),
         ("CRAWLER_TIMEOUT_S", "1"),
+        ("ENRICH_MAX_ATTEMPTS", "1"),
+        // The killed process's leases return to the queue after this.
+        ("ENRICH_LEASE", "3s"),
     ];
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
     cmd.arg("backfill").env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "warn");
@@ -422,7 +436,14 @@ async fn a_crash_mid_enrichment_leaves_no_duplicate_history() {
         db.count("select count(distinct company_id) from company_enrichment_runs where enriched").await,
         eligible
     );
-    assert_eq!(db.count("select count(*) from (select source_lsn, source_seq from company_enrichment_runs group by 1, 2 having count(*) > 1) d").await, 0);
+    // Registry history rows are one per source position; enrichment rows one per job.
+    assert_eq!(db.count("select count(*) from (select source_lsn, source_seq from company_enrichment_runs where source_lsn is not null group by 1, 2 having count(*) > 1) d").await, 0);
+    assert_eq!(db.count("select count(*) from (select job_id from company_enrichment_runs where enriched group by 1 having count(*) > 1) d").await, 0);
+    assert_eq!(
+        db.count("select count(*) from enrichment_jobs where state = 'pending'").await,
+        0,
+        "no job left waiting"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,7 +562,7 @@ async fn the_llm_token_cap_holds_and_contacts_are_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_daily_cap_a_stream_defers_enrichment_and_keeps_the_registry_fresh() {
+async fn at_the_daily_cap_a_stream_leaves_jobs_queued_and_keeps_the_registry_fresh() {
     let db = TestDb::new().await;
     let companies: Vec<(String, Option<String>)> = (0..4)
         .map(|i| {
@@ -555,13 +576,19 @@ async fn at_the_daily_cap_a_stream_defers_enrichment_and_keeps_the_registry_fres
     db.wait_streaming(Duration::from_secs(30)).await;
     insert_live_rows(&db, &companies).await;
     db.wait_caught_up(Duration::from_secs(60)).await;
+    let two = wait_until(Duration::from_secs(30), || async {
+        db.count("select count(*) from company_enrichment_runs where enriched").await == 2
+    })
+    .await;
+    assert!(two, "the worker did not enrich up to the cap");
     let summary = engine.stop().await;
-    // Two enriched, two deferred: their companies exist and are current, with no history row, so a later
-    // run (or the next day) enriches them.
+    // Two enriched; the other two companies exist and are current, and their jobs wait in the queue for
+    // the next UTC day.
     assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, 2);
-    assert_eq!(db.count("select count(*) from company_enrichment_runs").await, 2);
+    assert_eq!(db.count("select count(*) from enrichment_jobs where state = 'pending'").await, 2);
     assert_eq!(db.count("select count(*) from companies where status = 'Live Company'").await, 4);
-    assert_eq!((summary.counters.processed, summary.counters.skipped), (2, 2), "{:?}", summary.counters);
+    assert_eq!(summary.counters.processed, 4, "{:?}", summary.counters);
+    assert!(summary.enrichment.is_some_and(|x| x.capped && x.ok + x.degraded == 2));
 }
 
 /// With enrichment, several streamed transactions can complete inside one batch the operator hands on.

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use acraflow::config::{AlertSpec, Overrides, PipelineSpec, Secret};
+use acraflow::enrichment::enrich::discover::name_tokens;
 use acraflow::fixture_web::{realistic_sites, FixtureWeb, SiteSpec};
-use acraflow::ops::enrich::discover::name_tokens;
 use acraflow::pipeline::Mode;
 
 use crate::enrich::{insert_live_rows, live_companies, web_overrides};
@@ -21,6 +21,8 @@ fn web_env(web: &FixtureWeb) -> Vec<(&'static str, String)> {
         ("ENRICH_READER_URL", web.reader_url()),
         ("ENRICH_HOST_SPACING", "50ms".into()),
         ("CRAWLER_TIMEOUT_S", "1".into()),
+        // A failing site fails its company at once (retries are the queue tests' subject).
+        ("ENRICH_MAX_ATTEMPTS", "1".into()),
     ]
 }
 
@@ -109,8 +111,24 @@ async fn metrics_endpoint_serves_what_the_run_did_with_health_and_readiness() {
     // A row the filter cannot map: a dead letter, streamed.
     db.client.batch_execute("insert into staging_acra_companies (uen, entity_name) values ('na', 'na')").await.unwrap();
     db.wait_caught_up(Duration::from_secs(60)).await;
+    let drained = wait_until(Duration::from_secs(60), || async {
+        db.count("select count(*) from enrichment_jobs where state = 'pending'").await == 0
+    })
+    .await;
+    assert!(drained, "the worker did not work the queue off");
 
-    let processed = db.count("select count(*) from company_enrichment_runs").await;
+    let processed = db.count("select count(*) from company_enrichment_runs where not enriched").await;
+    let enriched = db.count("select count(*) from company_enrichment_runs where enriched").await;
+    assert_eq!(enriched, processed, "every processed company was enriched once");
+    // The queue gauges are read from the table every 5 s.
+    let parked = db.count("select count(*) from enrichment_jobs where state = 'parked'").await;
+    let gauges_caught_up = wait_until(Duration::from_secs(15), || async {
+        let s = scrape(port).await;
+        samples(&s, "acra_direct_queue_jobs_waiting").values().sum::<f64>() == 0.0
+            && one(&s, "acra_direct_queue_jobs_parked") == parked as f64
+    })
+    .await;
+    assert!(gauges_caught_up, "the queue gauges never showed the empty queue");
     let lag_seen = wait_until(Duration::from_secs(15), || async {
         samples(&scrape(port).await, "acra_direct_slot_lag_bytes").len() == 1
     })
@@ -124,12 +142,20 @@ async fn metrics_endpoint_serves_what_the_run_did_with_health_and_readiness() {
     let rows_out = samples(&s, "acra_direct_operator_rows_out_total");
     assert_eq!(rows_in["operator=filter"], (staged + 1) as f64, "every staging row entered the filter");
     assert_eq!(rows_out["operator=filter"], staged as f64, "the bad row did not leave it eligible");
-    assert_eq!(rows_in["operator=enrich"], processed as f64);
+    assert!(!rows_in.contains_key("operator=enrich"), "enrichment is not an operator of the registry stream");
+    // The queue: a gauge per reason from the start, the enqueue-to-done latency of every job.
+    let waiting = samples(&s, "acra_direct_queue_jobs_waiting");
+    for reason in ["new", "changed", "express", "retry", "stale"] {
+        assert_eq!(waiting.get(&format!("reason={reason}")), Some(&0.0), "{waiting:?}");
+    }
+    assert_eq!(one(&s, "acra_direct_queue_jobs_leased"), 0.0);
+    // Done jobs only: a parked job (a site that kept failing) is not done.
+    assert_eq!(one(&s, "acra_direct_queue_latency_seconds_count"), (enriched - parked) as f64);
     assert_eq!(samples(&s, "acra_direct_dead_letters_total")["stage=filter"], 1.0);
     let failed = db.count("select count(*) from company_enrichment_runs where status = 'failed'").await;
     assert_eq!(one(&s, "acra_direct_failures_total"), (failed + 1) as f64, "failed enrichments plus the dead letter");
     let by_status = samples(&s, "acra_direct_enrichments_total");
-    assert_eq!(by_status.values().sum::<f64>(), processed as f64);
+    assert_eq!(by_status.values().sum::<f64>(), enriched as f64);
     assert_eq!(one(&s, "acra_direct_enrichments_in_flight"), 0.0);
     assert_eq!(one(&s, "acra_direct_enrichment_paused"), 0.0);
     let confirmed: i64 = db
@@ -198,18 +224,9 @@ async fn json_logs_carry_each_company_through_its_stages_without_secrets() {
         .map(|r| r.get(0))
         .collect();
     assert!(ok.len() >= 5, "too few companies enriched ok to check: {}", ok.len());
-    let want = [
-        "select",
-        "upsert",
-        "find_domain",
-        "crawl",
-        "extract",
-        "chunks",
-        "llm_extract",
-        "contacts",
-        "persist",
-        "summary",
-    ];
+    // The span starts when a worker leases the company's job (`select`); the registry's upsert is a batch
+    // step before the enqueue, counted by the operator metrics.
+    let want = ["select", "find_domain", "crawl", "extract", "chunks", "llm_extract", "contacts", "persist", "summary"];
     for uen in &ok {
         let got = &stages[uen];
         let mut at = 0;
@@ -230,6 +247,7 @@ async fn json_logs_carry_each_company_through_its_stages_without_secrets() {
     let header =
         db.client.query_one("select status, ended_at is not null, processed from enrichment_runs", &[]).await.unwrap();
     assert_eq!((header.get::<_, String>(0).as_str(), header.get::<_, bool>(1)), ("completed", true));
+    assert!(stdout.contains("enriched") && stdout.contains("queue latency"), "{stdout}");
 
     // status: today's use of the daily caps, and the run's counters.
     let enriched = db.count("select count(*) from company_enrichment_runs where enriched").await;
@@ -288,19 +306,33 @@ async fn failures_alert_once_per_window_pause_enrichment_and_resume_it() {
     assert_eq!(m.paused.get(), 1);
     assert!(!m.ready(), "/readyz must fail while enrichment is paused");
     db.wait_caught_up(Duration::from_secs(60)).await;
-    // Wave 2, while paused: registry fields applied, no enrichment, the checkpoint moves past them.
-    let history_before = db.count("select count(*) from company_enrichment_runs").await;
+    // Wave 2, while paused: registry fields applied and the checkpoint moves past them; their jobs wait.
     insert_live_rows(&db, &names[30..40]).await;
     db.wait_caught_up(Duration::from_secs(30)).await;
     let wave2: Vec<String> = names[30..40].iter().filter_map(|(_, u)| u.clone()).collect();
     let upserted: i64 =
         db.client.query_one("select count(*) from companies where uen = any($1)", &[&wave2]).await.unwrap().get(0);
     assert_eq!(upserted, 10, "the registry path keeps moving while enrichment is paused");
-    assert_eq!(
-        db.count("select count(*) from company_enrichment_runs").await,
-        history_before,
-        "nothing enriched while paused"
-    );
+    let wave2_enriched: i64 = db
+        .client
+        .query_one(
+            "select count(*) from company_enrichment_runs h join companies c using (company_id)              where c.uen = any($1) and h.enriched",
+            &[&wave2],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wave2_enriched, 0, "nothing leased while paused");
+    let wave2_queued: i64 = db
+        .client
+        .query_one(
+            "select count(*) from enrichment_jobs j join companies c using (company_id) where c.uen = any($1)",
+            &[&wave2],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wave2_queued, 10, "their jobs wait in the queue");
 
     // The sites recover; after the cool-down enrichment resumes by itself.
     web.set_sites_failing(false);
@@ -450,17 +482,17 @@ async fn sigterm_mid_run_drains_and_loses_nothing() {
     assert!(std::fs::read_to_string(&out_path).unwrap().contains("interrupted"));
     let _ = std::fs::remove_dir_all(&dir);
     let header =
-        db.client.query_one("select status, ended_at is not null, processed from enrichment_runs", &[]).await.unwrap();
+        db.client.query_one("select status, ended_at is not null, enriched from enrichment_runs", &[]).await.unwrap();
     assert_eq!((header.get::<_, String>(0).as_str(), header.get::<_, bool>(1)), ("interrupted", true));
     let done = enriched().await;
     assert_eq!(header.get::<_, i64>(2), done, "the header counts what was committed");
     assert!(done < companies.len() as i64, "stopped too late to test anything");
-    // The checkpoint covers exactly the committed companies: nothing after it is enriched.
-    let last_id = db.count("select last_id from service_progress where key = 'acra_direct'").await;
+    // Every company not enriched yet has its job waiting, and no lease is left held.
     assert_eq!(
-        db.count(&format!("select count(*) from company_enrichment_runs where staging_id > {last_id}")).await,
-        0
+        db.count("select count(*) from enrichment_jobs where state = 'pending'").await,
+        db.count("select count(*) from companies").await - done
     );
+    assert_eq!(db.count("select count(*) from enrichment_jobs where lease_owner is not null").await, 0);
 
     // A second signal exits at once.
     let mut child = command(&db, &["backfill"], &env)

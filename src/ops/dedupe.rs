@@ -97,7 +97,7 @@ pub fn claim_keys(batch: &mut Batch, in_flight: &Arc<InFlight>) {
         }
         let Some(record) = &e.record else { continue };
         match in_flight.try_claim(&record.key) {
-            Some(claim) => e.claim = Some(claim),
+            Some(claim) => e.claim = Some(Box::new(claim)),
             None => e.fate = Fate::Skipped,
         }
     }

@@ -13,7 +13,6 @@ use crate::change::Batch;
 use crate::error::Result;
 
 pub mod dedupe;
-pub mod enrich;
 pub mod filter;
 pub mod upsert;
 

@@ -42,7 +42,7 @@ pub fn collapse(batch: &Batch) -> Vec<(CompanyKey, KeyWrite)> {
     for (i, e) in batch.events.iter().enumerate() {
         let Some(record) = &e.record else { continue };
         let eligible = match e.fate {
-            Fate::Process | Fate::Skipped | Fate::Superseded | Fate::Deferred { .. } => true,
+            Fate::Process | Fate::Skipped | Fate::Superseded => true,
             Fate::Filtered { .. } => false,
             Fate::Ignored | Fate::DeadLetter { .. } => continue,
         };

@@ -39,6 +39,11 @@ pub struct StageLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: &'static str,
 }
@@ -69,6 +74,18 @@ pub struct Metrics {
     pub paused: Gauge,
     /// Runs connected to the database and working (`/readyz`).
     pub running: Gauge,
+    /// Jobs waiting in `enrichment_jobs` (due or backing off, not leased), by reason; read from the table.
+    pub queue_waiting: Family<ReasonLabel, Gauge>,
+    /// Jobs leased by any worker; read from the table.
+    pub queue_leased: Gauge,
+    /// Jobs parked after their last attempt; read from the table.
+    pub queue_parked: Gauge,
+    /// Age of the oldest due job no worker holds, in seconds; read from the table.
+    pub queue_oldest_seconds: Gauge,
+    /// Jobs this process holds leases on.
+    pub worker_leases: Gauge,
+    /// From a job's enqueue to the commit of its enrichment, in seconds.
+    pub queue_latency: Histogram,
 }
 
 impl Metrics {
@@ -89,6 +106,13 @@ impl Metrics {
             slot_lag_bytes: Gauge::default(),
             paused: Gauge::default(),
             running: Gauge::default(),
+            queue_waiting: Family::default(),
+            queue_leased: Gauge::default(),
+            queue_parked: Gauge::default(),
+            queue_oldest_seconds: Gauge::default(),
+            worker_leases: Gauge::default(),
+            // 100 ms .. about 9 days.
+            queue_latency: Histogram::new(exponential_buckets(0.1, 2.0, 24)),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -96,7 +120,7 @@ impl Metrics {
         r.register("failures", "Failed enrichments plus dead-lettered rows", m.failures.clone());
         r.register(
             "latency_seconds",
-            "Seconds from reading a processed change to committing it (enrichment included)",
+            "Seconds from reading a processed change to committing it (registry fields and the enrichment job)",
             m.latency.clone(),
         );
         r.register("rows", "Changes committed by the sink, by fate", m.rows.clone());
@@ -109,6 +133,20 @@ impl Metrics {
         r.register("slot_lag_bytes", "WAL bytes retained for the replication slot", m.slot_lag_bytes.clone());
         r.register("enrichment_paused", "1 while enrichment is paused by the failure monitor", m.paused.clone());
         r.register("runs_active", "Pipeline runs connected and working", m.running.clone());
+        r.register("queue_jobs_waiting", "Enrichment jobs waiting (not leased), by reason", m.queue_waiting.clone());
+        r.register("queue_jobs_leased", "Enrichment jobs leased by any worker", m.queue_leased.clone());
+        r.register("queue_jobs_parked", "Enrichment jobs parked after their last attempt", m.queue_parked.clone());
+        r.register(
+            "queue_oldest_waiting_seconds",
+            "Age of the oldest due enrichment job no worker holds",
+            m.queue_oldest_seconds.clone(),
+        );
+        r.register("worker_leases", "Enrichment jobs this process holds leases on", m.worker_leases.clone());
+        r.register(
+            "queue_latency_seconds",
+            "Seconds from a job's enqueue to the commit of its enrichment",
+            m.queue_latency.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -5,7 +5,7 @@
 use url::Url;
 
 use super::http::{FetchError, Http};
-use super::DailyBudget;
+use crate::enrichment::usage::Usage;
 
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
@@ -53,7 +53,7 @@ pub fn endpoint(base: &Url) -> Url {
 pub async fn extract(
     http: &Http,
     settings: &LlmSettings,
-    budget: &DailyBudget,
+    budget: &Usage,
     company: &str,
     corpus: &str,
 ) -> Result<LlmOutput, String> {
@@ -63,8 +63,10 @@ pub async fn extract(
     }
     // Reserve an estimate (4 chars a token, plus the answer) so concurrent calls cannot overrun the cap.
     let estimate = (pieces.iter().map(|p| p.len() as u64).sum::<u64>() / 4) + 400;
-    if !budget.try_take(estimate) {
-        return Err("OPENAI_DAILY_TOKENS_CAP reached for today".into());
+    match budget.try_take(estimate).await {
+        Ok(true) => {}
+        Ok(false) => return Err("OPENAI_DAILY_TOKENS_CAP reached for today".into()),
+        Err(e) => return Err(format!("llm: could not reserve tokens against OPENAI_DAILY_TOKENS_CAP ({e})")),
     }
     let text: String =
         pieces.iter().enumerate().map(|(i, p)| format!("--- part {} ---\n{p}\n", i + 1)).collect::<Vec<_>>().join("");
@@ -84,13 +86,12 @@ pub async fn extract(
     let answer = match answer {
         Ok(a) => a,
         Err(e) => {
-            budget.give_back(estimate);
+            budget.adjust(-(estimate as i64)).await;
             return Err(describe(&e));
         }
     };
     let used = answer.pointer("/usage/total_tokens").and_then(|v| v.as_u64()).unwrap_or(estimate);
-    budget.give_back(estimate);
-    budget.force_take(used);
+    budget.adjust(used as i64 - estimate as i64).await;
     let content = answer
         .pointer("/choices/0/message/content")
         .and_then(|c| c.as_str())

@@ -1,45 +1,20 @@
-//! The enrich operator: for each processed change, find the company's website, crawl a few pages politely,
-//! extract firmographics, optionally ask an LLM and a contacts endpoint, and attach the result to the event
-//! for the sink to persist in its transaction.
+//! The enrich stage: for one company, find its website, crawl a few pages politely, extract firmographics,
+//! optionally ask an LLM and a contacts endpoint, and return what was found as an [`Enrichment`] for the
+//! enrichment sink to persist.
 //!
-//! Shape (the invariants of DESIGN.md, "Effectively-once" 4):
-//! ```text
-//! batches -> units (one per event, in source order) -> try_buffered(window) -> ready_chunks -> batches
-//!                                    |
-//!                     each unit spawns its company's work, which waits for one of `concurrency` permits
-//! ```
-//! - `try_buffered` runs up to `window` units at once and yields them **in source order**, so a batch that
-//!   leaves this operator is always a completed prefix of the input: its checkpoint is the low watermark
-//!   (the position below which everything is done), never past a company still in flight. Companies
-//!   complete out of order inside the window; `concurrency` of them do network work at a time.
-//! - A prefix cut inside a source batch carries the checkpoint just after its last change
-//!   ([`Checkpoint::after`]); only the unit that completes a source batch carries that batch's `ack_lsn`, so
-//!   the slot is never acknowledged past a transaction with changes still in flight. An output batch
-//!   carries at most one `ack_lsn`: the source counts committed batches against the ones it sent, and an
-//!   idle slot is acknowledged only when the two agree.
-//! - Bounds: at most one source batch plus `window` (16 x concurrency) events are held here; the channels around the
-//!   operators stage are bounded, so slow websites slow the source.
-//! - The daily cap is taken in source order when a unit is created, so a capped run stops at a clean prefix
-//!   (backfill: the run ends there and resumes from it; stream: later companies are deferred, their registry
-//!   fields still applied).
+//! It holds no queue, no checkpoint and no database writes of its own: the worker (`enrichment::worker`)
+//! decides which companies to enrich and how many at once, the sink (`enrichment::sink`) commits the
+//! result. Its only shared state is the crawler's per-host politeness and the LLM token budget, which is
+//! counted in the database so that it holds across workers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{NaiveDate, Utc};
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, TryStreamExt};
-use tokio::sync::Semaphore;
-use tokio_postgres::Client;
 use tracing::Instrument;
 use url::Url;
 
-use crate::change::{Batch, Event, Fate};
-use crate::checkpoint::Checkpoint;
+use crate::enrichment::usage::Usage;
 use crate::error::{Error, Result};
-use crate::ops::{BatchStream, Operator};
-use crate::telemetry::alerts::PauseGate;
 use crate::telemetry::metrics::metrics;
 
 pub mod contacts;
@@ -51,13 +26,6 @@ pub mod llm;
 use extract::{Extracted, PageKind};
 use http::{FetchError, Http, HttpSettings, RobotsCache};
 
-/// Events held in source order per concurrency slot. A company slower than the rest (retries, a hanging
-/// site) holds the head of the window while the others go on completing behind it; the window is what
-/// keeps the slots busy meanwhile: with W = 16 x concurrency, a straggler stalls the run only if it takes
-/// longer than the others need to finish W companies. Waiting events are small (no page bodies).
-const WINDOW_PER_SLOT: usize = 16;
-/// Events per batch handed to the sink at most (what is ready is handed over at once).
-const OUT_CHUNK: usize = 5_000;
 /// Pages tried at well-known paths when the homepage does not link that kind of page.
 const SEEDED_PATHS: &[(PageKind, &str)] =
     &[(PageKind::About, "/about-us"), (PageKind::Contact, "/contact-us"), (PageKind::Careers, "/careers")];
@@ -162,6 +130,9 @@ pub struct Enrichment {
     pub status: Status,
     /// Why it is degraded or failed; never holds a credential.
     pub error: Option<String>,
+    /// A failure that may pass (a timeout, a refused connection, HTTP 429 or 5xx): the job is retried.
+    /// Other failures (not HTML, refused by the guard, a redirect loop) are final.
+    pub transient: bool,
     pub website_domain: Option<String>,
     /// known, search or probe.
     pub domain_source: Option<&'static str>,
@@ -194,271 +165,65 @@ impl Enrichment {
         });
     }
 
-    fn fail(&mut self, why: impl Into<String>) {
+    fn fail(&mut self, error: &FetchError) {
         self.status = Status::Failed;
-        self.error = Some(why.into());
+        self.error = Some(error.to_string());
+        self.transient = error.is_retryable();
     }
 }
 
-/// A count per UTC day with a cap, shared by concurrent workers (enrichments, LLM tokens).
-pub struct DailyBudget {
-    cap: Option<u64>,
-    state: Mutex<(NaiveDate, u64)>,
+/// PRD 02's per-job overrides, carried by a job (`acraflow refresh --force --max-pages N --no-llm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobOptions {
+    /// Find the website again, ignoring the domain the company already has.
+    pub force: bool,
+    /// Pages to fetch at most, the homepage included (instead of `CRAWL_MAX_PAGES`).
+    pub max_pages: Option<usize>,
+    /// `Some(false)`: no LLM call for this job.
+    pub llm: Option<bool>,
 }
 
-impl DailyBudget {
-    pub fn new(cap: Option<u64>, used_today: u64) -> Self {
-        DailyBudget { cap, state: Mutex::new((Utc::now().date_naive(), used_today)) }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut u64) -> R) -> R {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let today = Utc::now().date_naive();
-        if s.0 != today {
-            *s = (today, 0);
-        }
-        f(&mut s.1)
-    }
-
-    /// Takes `n` if that stays within the cap.
-    pub fn try_take(&self, n: u64) -> bool {
-        let cap = self.cap;
-        self.with(|used| {
-            let ok = cap.is_none_or(|c| *used + n <= c);
-            if ok {
-                *used += n;
-            }
-            ok
-        })
-    }
-
-    pub fn force_take(&self, n: u64) {
-        self.with(|used| *used += n)
-    }
-
-    pub fn give_back(&self, n: u64) {
-        self.with(|used| *used = used.saturating_sub(n))
-    }
-
-    pub fn used(&self) -> u64 {
-        self.with(|used| *used)
-    }
-}
-
-/// Enrichments and LLM tokens spent so far in the current UTC day, across runs: what the daily caps
-/// (`ACRA_DIRECT_DAILY_CAP`, `OPENAI_DAILY_TOKENS_CAP`) count against.
-pub async fn used_today(client: &Client) -> Result<(i64, i64)> {
-    let row = client
-        .query_one(
-            "select count(*), coalesce(sum(llm_tokens), 0)::int8 from company_enrichment_runs \
-             where enriched and updated_at >= date_trunc('day', now() at time zone 'utc') at time zone 'utc'",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::db("reading today's enrichments (ACRA_DIRECT_DAILY_CAP)", e))?;
-    Ok((row.get(0), row.get(1)))
-}
-
-struct Ctx {
+/// The enrich stage, shared by a worker's concurrent jobs.
+pub struct Enricher {
     settings: EnrichSettings,
-    /// Closed by the failure monitor (`telemetry::alerts`): companies are deferred while it is.
-    pause: Arc<PauseGate>,
     http: Http,
-    permits: Semaphore,
-    enrichments: DailyBudget,
-    tokens: DailyBudget,
+    tokens: Usage,
 }
 
-pub struct Enrich {
-    client: Arc<Client>,
-    ctx: Arc<Ctx>,
-    /// Backfill: end the run at the cap (it resumes there tomorrow). Stream: defer and go on.
-    stop_at_cap: bool,
-}
-
-/// Why a unit was deferred: the daily cap ends a backfill there; a pause lets the run go on.
-const PAUSED: &str = "enrichment paused by the failure monitor (ACRA_DIRECT_ERROR_ALERT_THRESHOLD)";
-
-impl Enrich {
-    pub async fn new(
-        client: Arc<Client>,
-        settings: EnrichSettings,
-        stop_at_cap: bool,
-        pause: Arc<PauseGate>,
-    ) -> Result<Self> {
+impl Enricher {
+    /// `tokens` counts LLM tokens against `OPENAI_DAILY_TOKENS_CAP`, in the database.
+    pub fn new(settings: EnrichSettings, tokens: Usage) -> Result<Arc<Self>> {
         let http = Http::new(settings.http.clone())?;
-        let (done, tokens) = used_today(&client).await?;
-        tracing::info!(
-            concurrency = settings.concurrency, enriched_today = done, daily_cap = ?settings.daily_cap,
-            llm = settings.llm.is_some(), "enrichment ready"
-        );
-        let ctx = Ctx {
-            pause,
-            permits: Semaphore::new(settings.concurrency.max(1)),
-            enrichments: DailyBudget::new(settings.daily_cap, done as u64),
-            tokens: DailyBudget::new(settings.llm_daily_tokens, tokens as u64),
-            http,
-            settings,
-        };
-        Ok(Enrich { client, ctx: Arc::new(ctx), stop_at_cap })
+        Ok(Arc::new(Enricher { settings, http, tokens }))
     }
-}
 
-/// One event on its way through the window, and the checkpoint/ack that hold once it and all before it are done.
-struct Unit {
-    event: Option<Event>,
-    /// Deferred because the daily cap is reached.
-    at_cap: bool,
-    checkpoint: Checkpoint,
-    ack_lsn: Option<u64>,
-}
-
-type UnitFuture = BoxFuture<'static, Result<Unit>>;
-
-impl Operator for Enrich {
-    fn apply(self: Box<Self>, input: BatchStream) -> BatchStream {
-        let Enrich { client, ctx, stop_at_cap } = *self;
-        let window = ctx.settings.concurrency.saturating_mul(WINDOW_PER_SLOT).clamp(64, 16_384);
-        let units = async_stream::stream! {
-            let mut input = input;
-            while let Some(batch) = input.next().await {
-                match async { prepare(Arc::clone(&client), Arc::clone(&ctx), batch?).await }.await {
-                    Ok(units) => {
-                        for unit in units {
-                            yield Ok::<UnitFuture, Error>(unit);
-                        }
-                    }
-                    Err(e) => {
-                        yield Err(e);
-                        break;
-                    }
-                }
-            }
-        };
-        let mut done = Box::pin(units).try_buffered(window).ready_chunks(OUT_CHUNK);
-        Box::pin(async_stream::try_stream! {
-            while let Some(items) = done.next().await {
-                let (mut events, mut checkpoint, mut ack_lsn, mut capped) = (Vec::with_capacity(items.len()), None, None, false);
-                for item in items {
-                    let unit = item?;
-                    if stop_at_cap && unit.at_cap {
-                        capped = true;
-                        break;
-                    }
-                    // One acknowledgement per batch: the source counts the batches the sink committed against
-                    // those it sent, so two source batches completing here must leave as two.
-                    if unit.ack_lsn.is_some() && ack_lsn.is_some() {
-                        if let Some(cp) = checkpoint.take() {
-                            yield Batch { events: std::mem::take(&mut events), checkpoint: cp, ack_lsn: ack_lsn.take() };
-                        }
-                    }
-                    events.extend(unit.event);
-                    checkpoint = Some(unit.checkpoint);
-                    ack_lsn = unit.ack_lsn.or(ack_lsn);
-                }
-                if let Some(checkpoint) = checkpoint {
-                    yield Batch { events, checkpoint, ack_lsn };
-                }
-                if capped {
-                    tracing::warn!("ACRA_DIRECT_DAILY_CAP reached: the backfill stops here and resumes from its checkpoint");
-                    break;
-                }
-            }
-        })
+    pub fn settings(&self) -> &EnrichSettings {
+        &self.settings
     }
-}
 
-/// Splits a batch into units, in order: processed companies get a future doing their enrichment, the rest
-/// are ready at once. One query per batch reads the companies' known domains.
-async fn prepare(client: Arc<Client>, ctx: Arc<Ctx>, batch: Batch) -> Result<Vec<UnitFuture>> {
-    let ids: Vec<i64> = batch.events.iter().filter(|e| e.fate == Fate::Process).filter_map(|e| e.company_id).collect();
-    let mut known: HashMap<i64, (String, Option<String>, Option<String>)> = HashMap::new();
-    if !ids.is_empty() {
-        let rows = client
-            .query("select company_id, name, uen, website_domain from companies where company_id = any($1)", &[&ids])
-            .await
-            .map_err(|e| Error::db("enrich: reading companies' known domains", e))?;
-        for r in rows {
-            known.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+    /// One company's enrichment, in its `company` span. The span's stage events follow PRD 20:
+    /// `find_domain`, `crawl`, `extract`, `chunks`, `llm_extract`, `contacts`; the worker logs `select`
+    /// before and the sink `persist` and `summary` after its commit.
+    pub async fn enrich(self: Arc<Self>, company: Company, options: JobOptions) -> Enrichment {
+        let span = tracing::info_span!("company", company_id = company.id, uen = company.uen.as_deref().unwrap_or(""));
+        async move {
+            let _in_flight = InFlight::start();
+            let started = Instant::now();
+            let mut out = Enrichment::default();
+            run_stages(&self, &company, options, &mut out).await;
+            out.duration = started.elapsed();
+            tracing::debug!(
+                stage = "enriched",
+                status = out.status.as_str(),
+                pages = out.pages_fetched,
+                duration_ms = out.duration.as_millis() as u64,
+                "done"
+            );
+            out
         }
-    }
-    let Batch { events, checkpoint, ack_lsn } = batch;
-    if events.is_empty() {
-        return Ok(vec![ready(Unit { event: None, at_cap: false, checkpoint, ack_lsn })]);
-    }
-    let n = events.len();
-    let mut units = Vec::with_capacity(n);
-    for (i, mut event) in events.into_iter().enumerate() {
-        let (cp, ack) =
-            if i + 1 == n { (checkpoint.clone(), ack_lsn) } else { (checkpoint.after(&event.change), None) };
-        let company = event.company_id.filter(|_| event.fate == Fate::Process).and_then(|id| {
-            let (name, uen, domain) = known.remove(&id)?;
-            Some(Company { id, name, uen, known_domain: domain })
-        });
-        let Some(company) = company else {
-            units.push(ready(Unit { event: Some(event), at_cap: false, checkpoint: cp, ack_lsn: ack }));
-            continue;
-        };
-        if ctx.pause.is_paused() {
-            event.fate = Fate::Deferred { reason: PAUSED.into() };
-            units.push(ready(Unit { event: Some(event), at_cap: false, checkpoint: cp, ack_lsn: ack }));
-            continue;
-        }
-        if !ctx.enrichments.try_take(1) {
-            event.fate = Fate::Deferred { reason: "ACRA_DIRECT_DAILY_CAP reached".into() };
-            units.push(ready(Unit { event: Some(event), at_cap: true, checkpoint: cp, ack_lsn: ack }));
-            continue;
-        }
-        let ctx = Arc::clone(&ctx);
-        let selected = Selected {
-            staging_id: event.change.row.id,
-            position: event.change.pos.to_string(),
-            claimed: event.claim.is_some(),
-        };
-        units.push(
-            async move {
-                let work = AbortOnDrop(tokio::spawn(enrich_company(ctx, company, selected)));
-                let enrichment = match work.await {
-                    Ok(e) => e,
-                    Err(_) => Enrichment {
-                        status: Status::Failed,
-                        error: Some("internal error: the enrichment task ended abnormally".into()),
-                        ..Default::default()
-                    },
-                };
-                event.enrichment = Some(Box::new(enrichment));
-                Ok(Unit { event: Some(event), at_cap: false, checkpoint: cp, ack_lsn: ack })
-            }
-            .boxed(),
-        );
-    }
-    Ok(units)
-}
-
-fn ready(unit: Unit) -> UnitFuture {
-    futures::future::ready(Ok(unit)).boxed()
-}
-
-/// What the earlier operators did for a company, for its log span.
-struct Selected {
-    staging_id: i64,
-    position: String,
-    claimed: bool,
-}
-
-/// Aborts the company's task if the pipeline is dropped (shutdown, a fatal error) before it finishes.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = std::result::Result<T, tokio::task::JoinError>;
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
+        .instrument(span)
+        .await
     }
 }
 
@@ -468,33 +233,6 @@ pub struct Company {
     pub name: String,
     pub uen: Option<String>,
     pub known_domain: Option<String>,
-}
-
-/// One company's enrichment, in its `company` span. The span's stage events follow PRD 20: `select` and
-/// `upsert` (what the batch operators before this one decided), then `find_domain`, `crawl`, `extract`,
-/// `chunks`, `llm_extract`, `contacts`; the sink adds `persist` and `summary` after its commit.
-async fn enrich_company(ctx: Arc<Ctx>, company: Company, selected: Selected) -> Enrichment {
-    let span = tracing::info_span!("company", company_id = company.id, uen = company.uen.as_deref().unwrap_or(""));
-    async move {
-        tracing::info!(stage = "select", staging_id = selected.staging_id, position = %selected.position, name = %company.name, "selected");
-        tracing::info!(stage = "upsert", company_id = company.id, claimed = selected.claimed, "registry fields upserted");
-        let _permit = ctx.permits.acquire().await.expect("the semaphore is never closed");
-        let _in_flight = InFlight::start();
-        let started = Instant::now();
-        let mut out = Enrichment::default();
-        run_stages(&ctx, &company, &mut out).await;
-        out.duration = started.elapsed();
-        tracing::info!(
-            stage = "enriched",
-            status = out.status.as_str(),
-            pages = out.pages_fetched,
-            duration_ms = out.duration.as_millis() as u64,
-            "done"
-        );
-        out
-    }
-    .instrument(span)
-    .await
 }
 
 /// Counts an enrichment in `acra_direct_enrichments_in_flight` while it lives (also when it is aborted).
@@ -513,9 +251,9 @@ impl Drop for InFlight {
     }
 }
 
-async fn run_stages(ctx: &Ctx, company: &Company, out: &mut Enrichment) {
+async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out: &mut Enrichment) {
     let mut robots = RobotsCache::default();
-    let Some((home_url, home_page)) = find_domain(ctx, company, out, &mut robots).await else {
+    let Some((home_url, home_page)) = find_domain(ctx, company, options.force, out, &mut robots).await else {
         out.degrade("no website found");
         return;
     };
@@ -538,7 +276,7 @@ async fn run_stages(ctx: &Ctx, company: &Company, out: &mut Enrichment) {
                 return;
             }
             None => {
-                out.fail(e.to_string());
+                out.fail(&e);
                 return;
             }
         },
@@ -546,7 +284,7 @@ async fn run_stages(ctx: &Ctx, company: &Company, out: &mut Enrichment) {
     let home_x = extract::page(&home.body, &home.url, PageKind::Home);
     tracing::info!(stage = "crawl", page = "home", url = %http::strip(&home.url), links = home_x.links.len(), truncated = home.truncated, "fetched");
     let mut pages: Vec<(PageKind, Extracted)> = vec![(PageKind::Home, home_x)];
-    for (kind, url) in crawl_plan(&home.url, &pages[0].1, ctx.settings.max_pages) {
+    for (kind, url) in crawl_plan(&home.url, &pages[0].1, options.max_pages.unwrap_or(ctx.settings.max_pages)) {
         match fetch_counted(ctx, &url, &mut robots, out).await {
             Ok(page) => {
                 let x = extract::page(&page.body, &page.url, kind);
@@ -592,7 +330,7 @@ async fn run_stages(ctx: &Ctx, company: &Company, out: &mut Enrichment) {
         "extracted"
     );
 
-    if let Some(settings) = &ctx.settings.llm {
+    if let Some(settings) = ctx.settings.llm.as_ref().filter(|_| options.llm != Some(false)) {
         let pieces = llm::chunks(&corpus, settings.max_chunks, settings.corpus_chars);
         tracing::info!(stage = "chunks", chunks = pieces.len(), chars = corpus.len(), "corpus chunked");
         match llm::extract(&ctx.http, settings, &ctx.tokens, &company.name, &corpus).await {
@@ -641,7 +379,7 @@ fn crawl_plan(home: &Url, x: &Extracted, max_pages: usize) -> Vec<(PageKind, Url
 }
 
 async fn fetch_counted(
-    ctx: &Ctx,
+    ctx: &Enricher,
     url: &Url,
     robots: &mut RobotsCache,
     out: &mut Enrichment,
@@ -656,12 +394,13 @@ async fn fetch_counted(
 /// find_domain: the known domain, else search, else the heuristic probe. Returns the homepage URL and,
 /// when the probe already fetched it, the page.
 async fn find_domain(
-    ctx: &Ctx,
+    ctx: &Enricher,
     company: &Company,
+    force: bool,
     out: &mut Enrichment,
     robots: &mut RobotsCache,
 ) -> Option<(Url, Option<http::Page>)> {
-    if let Some(domain) = company.known_domain.as_deref().filter(|d| !d.trim().is_empty()) {
+    if let Some(domain) = company.known_domain.as_deref().filter(|d| !force && !d.trim().is_empty()) {
         let text = if domain.contains("://") { domain.to_owned() } else { format!("http://{}/", domain.trim()) };
         if let Ok(url) = Url::parse(&text) {
             out.domain_source = Some("known");
@@ -722,7 +461,7 @@ async fn find_domain(
 }
 
 /// The reader fallback for a site that refuses us (401/403): its text through `ENRICH_READER_URL`.
-async fn read_via_reader(ctx: &Ctx, url: &Url, error: &FetchError, out: &mut Enrichment) -> Option<String> {
+async fn read_via_reader(ctx: &Enricher, url: &Url, error: &FetchError, out: &mut Enrichment) -> Option<String> {
     let template = ctx.settings.reader_url.as_deref()?;
     if !matches!(error, FetchError::Status { status: 401 | 403, .. }) {
         return None;

@@ -1,0 +1,95 @@
+//! Spend per UTC day, counted in the database (`enrichment_usage`), so that a daily cap holds across runs,
+//! restarts and any number of workers on any number of machines.
+//!
+//! - Enrichments are counted when a job is leased, in the lease's transaction (see `queue::lease`), under
+//!   the day's row lock: two workers can never lease past `ACRA_DIRECT_DAILY_CAP` between them. A lease given
+//!   back unworked (shutdown) is given back to the count; one lost with its worker (a crash) stays counted,
+//!   so the cap errs on the side of spending less.
+//! - LLM tokens are reserved before a call (an estimate) with a conditional update that fails past the cap,
+//!   then corrected to what the provider reports.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+
+/// The kinds of spend counted.
+pub const ENRICHMENTS: &str = "enrichments";
+pub const LLM_TOKENS: &str = "llm_tokens";
+
+/// Today's UTC day, as SQL.
+pub const TODAY: &str = "(now() at time zone 'utc')::date";
+
+/// A kind of spend with an optional cap.
+#[derive(Clone)]
+pub struct Usage {
+    client: Arc<Client>,
+    kind: &'static str,
+    cap: Option<u64>,
+}
+
+impl Usage {
+    pub fn new(client: Arc<Client>, kind: &'static str, cap: Option<u64>) -> Self {
+        Usage { client, kind, cap }
+    }
+
+    /// Takes `n` if that keeps today's count within the cap.
+    pub async fn try_take(&self, n: u64) -> Result<bool> {
+        let cap = self.cap.map(|c| c.min(i64::MAX as u64) as i64);
+        if cap.is_some_and(|c| n as i64 > c) {
+            return Ok(false);
+        }
+        let row = self
+            .client
+            .query_opt(
+                &format!(
+                    "insert into enrichment_usage as u (day, kind, used) values ({TODAY}, $1, $2) \
+                     on conflict (day, kind) do update set used = u.used + excluded.used \
+                       where $3::int8 is null or u.used + excluded.used <= $3 \
+                     returning used"
+                ),
+                &[&self.kind, &(n as i64), &cap],
+            )
+            .await
+            .map_err(|e| Error::db(format!("counting today's {}", self.kind), e))?;
+        Ok(row.is_some())
+    }
+
+    /// Corrects today's count by `delta` (what a call really used against its reservation). Best effort: a
+    /// failed correction is logged, never fatal.
+    pub async fn adjust(&self, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let done = self
+            .client
+            .execute(
+                &format!(
+                    "insert into enrichment_usage as u (day, kind, used) values ({TODAY}, $1, greatest($2, 0)) \
+                     on conflict (day, kind) do update set used = greatest(u.used + $2, 0)"
+                ),
+                &[&self.kind, &delta],
+            )
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(kind = self.kind, delta, error = %e, "could not correct today's usage");
+        }
+    }
+}
+
+/// Today's counts: (enrichments leased, LLM tokens).
+pub async fn today(client: &Client) -> Result<(i64, i64)> {
+    let row = client
+        .query_one(
+            &format!(
+                "select coalesce(sum(used) filter (where kind = $1), 0)::int8, \
+                   coalesce(sum(used) filter (where kind = $2), 0)::int8 \
+                 from enrichment_usage where day = {TODAY}"
+            ),
+            &[&ENRICHMENTS, &LLM_TOKENS],
+        )
+        .await
+        .map_err(|e| Error::db("reading today's usage (ACRA_DIRECT_DAILY_CAP, OPENAI_DAILY_TOKENS_CAP)", e))?;
+    Ok((row.get(0), row.get(1)))
+}
