@@ -6,5 +6,6 @@ mod bad_input;
 mod cli;
 mod enrich;
 mod ops;
+mod queue;
 mod replication;
 mod schema;

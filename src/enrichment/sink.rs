@@ -400,7 +400,8 @@ impl EnrichedRows {
                as t(c, jb, ls, rs, eq, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co)",
             &params,
         );
-        // Fields found replace what was there; fields not found leave it.
+        // Fields found replace what was there; fields not found leave it. A failed enrichment changes no
+        // field: a domain whose pages could not be read is not one we know (its history row keeps it).
         let company_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
             &self.company,
             &self.domain,
@@ -422,7 +423,7 @@ impl EnrichedRows {
                enriched_at = case when t.ok then now() else c.enriched_at end, updated_at = now() \
              from unnest($1::int8[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], \
                $8::text[], $9::bool[], $10::bool[]) as t(id, d, a, ee, rb, li, hc, hn, seen, ok) \
-             where c.company_id = t.id",
+             where c.company_id = t.id and t.ok",
             &company_params,
         );
         let c = &self.contacts;

@@ -66,8 +66,8 @@ impl Usage {
             .client
             .execute(
                 &format!(
-                    "insert into enrichment_usage as u (day, kind, used) values ({TODAY}, $1, greatest($2, 0)) \
-                     on conflict (day, kind) do update set used = greatest(u.used + $2, 0)"
+                    "insert into enrichment_usage as u (day, kind, used) values ({TODAY}, $1, greatest($2::int8, 0)) \
+                     on conflict (day, kind) do update set used = greatest(u.used + $2::int8, 0)"
                 ),
                 &[&self.kind, &delta],
             )
