@@ -136,3 +136,30 @@ pub async fn save(client: &impl GenericClient, key: &str, checkpoint: &Checkpoin
         .map_err(|e| Error::db(format!("writing checkpoint '{key}'"), e))?;
     Ok(())
 }
+
+/// One engine per checkpoint: a session-level advisory lock, held by the run's control connection and
+/// released by Postgres when that connection ends (also when the process is killed). A lock still held by
+/// a connection that is closing (our own previous attempt) is waited for a few seconds.
+pub async fn lock(control: &tokio_postgres::Client, key: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let locked: bool = control
+            .query_one("select pg_try_advisory_lock(hashtextextended('acraflow.checkpoint.' || $1, 0))", &[&key])
+            .await
+            .map_err(|e| Error::db("taking the checkpoint lock", e))?
+            .get(0);
+        if locked {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::new(
+                crate::ErrorKind::Schema,
+                format!(
+                    "another acraflow is running with checkpoint key '{key}' on this database; stop it, or give \
+                     this one its own ACRA_DIRECT_CHECKPOINT_KEY (and ACRA_DIRECT_SLOT)"
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

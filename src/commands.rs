@@ -77,6 +77,9 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         Command::Status(args) => status(dsn, args).await,
         Command::Bench(BenchCommand::Backfill(args)) => crate::bench::backfill(dsn, args).await,
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream(dsn, args).await,
+        Command::Bench(BenchCommand::Enrich(args)) if !args.workers.is_empty() => {
+            crate::bench::workers(dsn, args).await
+        }
         Command::Bench(BenchCommand::Enrich(args)) => crate::bench::enrich(dsn, args).await,
     }
 }
@@ -444,7 +447,7 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
     let engine = tokio::spawn(async move { supervise(&engine_dsn, &spec, Mode::Stream, stop_rx).await });
 
     let started = std::time::Instant::now();
-    println!("acraflow run: backfilling staging through filter -> dedupe -> upsert -> enrich ...");
+    println!("acraflow run: backfilling staging through filter -> dedupe -> upsert -> sink (+ enrichment jobs), and the enrichment worker beside it ...");
     // Caught up: the slot streams and the checkpoint has passed the end of the backfill.
     let caught_up = "select count(*) from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
          where s.slot_name = 'acraflow_demo' and a.application_name = 'acraflow-replication' and exists \
@@ -452,6 +455,18 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
           p.last_id >= (select coalesce(max(id), 0) from staging_acra_companies)))";
     let streaming = wait(&client, &stop_tx, Duration::from_secs(900), caught_up).await?;
     if !streaming {
+        return finish(engine, &stop_tx).await.map(|_| ());
+    }
+    let queued: i64 =
+        client.query_one("select count(*) from enrichment_jobs where state = 'pending'", &[]).await.map_err(q)?.get(0);
+    println!(
+        "registry caught up in {:.1}s; streaming from slot {SLOT}. {queued} companies wait in the enrichment queue ...",
+        started.elapsed().as_secs_f64()
+    );
+    let t = std::time::Instant::now();
+    let drained = "select count(*) where not exists \
+         (select 1 from enrichment_jobs where state = 'pending' and not_before <= now())";
+    if !wait(&client, &stop_tx, Duration::from_secs(900), drained).await? {
         return finish(engine, &stop_tx).await.map(|_| ());
     }
     let enriched: i64 = client
@@ -464,9 +479,8 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
         .map_err(q)?
         .get(0);
     println!(
-        "backfill done in {:.1}s ({enriched} companies enriched); streaming from slot {SLOT}. \
-         Inserting {} new staging rows ...",
-        started.elapsed().as_secs_f64(),
+        "enrichment worked the queue off in {:.1}s ({enriched} companies enriched). Inserting {} new staging rows ...",
+        t.elapsed().as_secs_f64(),
         live.len()
     );
     for (name, uen) in &live {

@@ -4,7 +4,8 @@
 //! - [`change`]: the one event type every operator sees (staging row + source position) and its batches
 //! - [`registry`]: PRD 20's mapping rules, staging row -> company record (pure)
 //! - [`source`]: where changes come from: [`source::backfill`] (the table replayed in one snapshot),
-//!   [`source::replication`] (the slot's stream, acknowledged only after commit), [`source::pgoutput`] (its decoder)
+//!   [`source::replication`] (the slot's stream, acknowledged only after commit), [`source::pgoutput`] (its decoder),
+//!   [`source::plan`] (which source a run reads, from the slot and the checkpoint)
 //! - [`ops`]: the registry operators (filter, dedupe, upsert), each a `Stream` adapter over batches
 //! - [`enrichment`]: the enrichment dataflow behind the durable queue: [`enrichment::queue`] (the job table),
 //!   [`enrichment::worker`] (lease, enrich, commit), [`enrichment::enrich`] (one company's crawl),

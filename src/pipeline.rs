@@ -18,8 +18,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::change::Position;
-use crate::checkpoint::{self, Checkpoint, Cursor};
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{OperatorSpec, PipelineSpec, SourceKind};
 use crate::db;
 use crate::enrichment::enrich::EnrichSettings;
@@ -33,8 +32,9 @@ use crate::ops::{BatchStream, Operator};
 pub use crate::run::{error_chain, RunSummary};
 use crate::run::{write_header, EnrichmentSummary, Latencies};
 use crate::sink::{Counters, PostgresSink};
-use crate::source::replication::{self, NewSlot, Progress};
-use crate::source::{backfill, quote_table};
+use crate::source::plan::{backfill_start, build_source, plan_stream, rows_after, SourcePlan};
+use crate::source::quote_table;
+use crate::source::replication::Progress;
 use crate::telemetry::alerts::Monitor;
 use crate::telemetry::metrics::{metrics, OperatorLabel, Running};
 use crate::telemetry::progress;
@@ -62,34 +62,12 @@ impl Mode {
     }
 }
 
-/// Where a run's changes come from, decided from the slot and the checkpoint.
-enum SourcePlan {
-    Backfill {
-        start: Cursor,
-        lsn: Option<u64>,
-    },
-    /// Backfill (in `new_slot`'s exported snapshot when the slot was just created), then stream.
-    Handover {
-        start: Cursor,
-        lsn: Option<u64>,
-        new_slot: Option<NewSlot>,
-        stream: StreamFrom,
-    },
-    Stream(StreamFrom),
-}
-
-/// Where a stream starts, and the staging table's unquoted (schema, name) to recognise its Relation messages.
-struct StreamFrom {
-    resume_after: Position,
-    relation: (String, String),
-}
-
 /// Runs `spec` against the database at `dsn` until the source ends or `stop` turns true.
 pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiver<bool>) -> Result<RunSummary> {
     spec.validate()?;
     let control = db::connect_as(dsn, spec.ops.tenant_id.as_deref(), "acraflow").await?;
     let facts = db::schema_facts(&control).await?;
-    lock_checkpoint(&control, &spec.checkpoint_key).await?;
+    checkpoint::lock(&control, &spec.checkpoint_key).await?;
     let table = quote_table(&spec.source.table);
     let plan = match (mode, spec.source.kind) {
         (Mode::Stream, SourceKind::Replication) => plan_stream(&control, dsn, spec, &table).await?,
@@ -214,27 +192,6 @@ pub fn enrichment_summary(w: &WorkerSummary) -> EnrichmentSummary {
         backing_off: w.backing_off,
         capped: w.capped,
     }
-}
-
-/// The rows a backfill from `start` will read (for its progress bar); `None` if counting fails.
-async fn rows_after(control: &tokio_postgres::Client, table: &str, start: &Cursor, limit: Option<u64>) -> Option<u64> {
-    let n: i64 = match start {
-        Cursor::Id { last_id } => {
-            control.query_one(&format!("select count(*) from {table} where id > $1"), &[last_id]).await
-        }
-        Cursor::Uen { last_uen, last_id } => {
-            control
-                .query_one(
-                    &format!("select count(*) from {table} where (coalesce(uen, ''), id) > ($1, $2)"),
-                    &[last_uen, last_id],
-                )
-                .await
-        }
-        Cursor::Lsn { .. } => return None,
-    }
-    .ok()?
-    .get(0);
-    Some(limit.map_or(n as u64, |l| l.min(n as u64)))
 }
 
 /// What `drive` needs of its run.
@@ -458,206 +415,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// One engine per checkpoint: a session-level advisory lock, held by the run's control connection and
-/// released by Postgres when that connection ends (also when the process is killed). A lock still held by
-/// a connection that is closing (our own previous attempt) is waited for a few seconds.
-async fn lock_checkpoint(control: &tokio_postgres::Client, key: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let locked: bool = control
-            .query_one("select pg_try_advisory_lock(hashtextextended('acraflow.checkpoint.' || $1, 0))", &[&key])
-            .await
-            .map_err(|e| Error::db("taking the checkpoint lock", e))?
-            .get(0);
-        if locked {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(Error::new(
-                crate::ErrorKind::Schema,
-                format!(
-                    "another acraflow is running with checkpoint key '{key}' on this database; stop it, or give \
-                     this one its own ACRA_DIRECT_CHECKPOINT_KEY (and ACRA_DIRECT_SLOT)"
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The backfill's start: an explicit setting, else the checkpoint, else the beginning.
-async fn backfill_start(control: &tokio_postgres::Client, spec: &PipelineSpec) -> Result<(Cursor, Option<u64>)> {
-    Ok(match (&spec.source.start_after_id, &spec.source.start_from_uen) {
-        (Some(id), _) => (Cursor::Id { last_id: *id }, None),
-        (None, Some(uen)) => (Cursor::Uen { last_uen: uen.clone(), last_id: i64::MAX }, None),
-        (None, None) => match checkpoint::load(control, &spec.checkpoint_key).await? {
-            Some(Checkpoint { cursor: Cursor::Lsn { .. }, .. }) => {
-                return Err(Error::config(format!(
-                    "checkpoint '{}' belongs to the replication stream; a backfill needs ACRA_DIRECT_START_AFTER_ID \
-                     (e.g. 0) or another ACRA_DIRECT_CHECKPOINT_KEY",
-                    spec.checkpoint_key
-                )))
-            }
-            Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
-            None => (Cursor::Id { last_id: 0 }, None),
-        },
-    })
-}
-
-/// Decides how `acraflow run` starts: stream from the checkpoint, or backfill first (creating the slot
-/// with an exported snapshot when it does not exist yet, so the hand-over has no gap and no overlap).
-async fn plan_stream(
-    control: &tokio_postgres::Client,
-    dsn: &str,
-    spec: &PipelineSpec,
-    table: &str,
-) -> Result<SourcePlan> {
-    let relation = split_table(control, &spec.source.table).await?;
-    let src = &spec.source;
-    replication::ensure_publication(control, &src.publication, table, &relation.0, &relation.1).await?;
-    let slot = replication::slot_info_when_free(control, &src.slot).await?;
-    let checkpoint = checkpoint::load(control, &spec.checkpoint_key).await?;
-    Ok(match (slot, checkpoint) {
-        (Some(info), Some(Checkpoint { cursor: Cursor::Lsn { lsn, seq }, .. })) => {
-            replication::check_slot(&src.slot, &info)?;
-            if src.start_after_id.is_some() || src.start_from_uen.is_some() {
-                tracing::warn!("ACRA_DIRECT_START_AFTER_ID/START_FROM_UEN apply to backfills; the stream resumes from its checkpoint");
-            }
-            SourcePlan::Stream(StreamFrom { resume_after: Position { lsn, seq }, relation })
-        }
-        (Some(info), checkpoint) => {
-            // The slot exists but the initial backfill did not finish: finish it (in a fresh snapshot), then
-            // stream everything since the slot's consistent point. Overlap is harmless (idempotent upserts,
-            // history keyed by position, dedupe).
-            replication::check_slot(&src.slot, &info)?;
-            let (start, lsn) = match checkpoint {
-                Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
-                None => backfill_start(control, spec).await?,
-            };
-            SourcePlan::Handover {
-                start,
-                lsn,
-                new_slot: None,
-                stream: StreamFrom { resume_after: Position::default(), relation },
-            }
-        }
-        (None, Some(Checkpoint { cursor: Cursor::Lsn { lsn, .. }, .. })) => {
-            return Err(Error::new(
-                crate::ErrorKind::Schema,
-                format!(
-                    "replication slot '{}' is missing, but checkpoint '{}' is at {} in its stream: changes since then \
-                     cannot be replayed from the WAL. To rebuild, delete the checkpoint (delete from service_progress \
-                     where key = '{}') and run `acraflow run` again: it recreates the slot and replays staging \
-                     (dedupe keeps companies from being processed twice)",
-                    src.slot,
-                    spec.checkpoint_key,
-                    crate::change::lsn_to_text(lsn),
-                    spec.checkpoint_key
-                ),
-            ))
-        }
-        (None, checkpoint) => {
-            let new_slot = replication::create_slot(dsn, &src.slot, &src.publication).await?;
-            let start = match (&src.start_after_id, &src.start_from_uen, checkpoint) {
-                (None, None, Some(cp)) => cp.cursor,
-                _ => backfill_start(control, spec).await?.0,
-            };
-            let lsn = Some(new_slot.consistent_point);
-            let resume_after = Position { lsn: new_slot.consistent_point, seq: 0 };
-            SourcePlan::Handover { start, lsn, new_slot: Some(new_slot), stream: StreamFrom { resume_after, relation } }
-        }
-    })
-}
-
-/// The unquoted schema and name of the staging table (the schema defaults to the current one).
-async fn split_table(control: &tokio_postgres::Client, table: &str) -> Result<(String, String)> {
-    if let Some((schema, name)) = table.split_once('.') {
-        return Ok((schema.to_owned(), name.to_owned()));
-    }
-    let schema: String = control
-        .query_one("select current_schema()::text", &[])
-        .await
-        .map_err(|e| Error::db("reading the current schema", e))?
-        .get(0);
-    Ok((schema, table.to_owned()))
-}
-
-async fn build_source(
-    dsn: &str,
-    spec: &PipelineSpec,
-    table: &str,
-    plan: SourcePlan,
-    progress: Arc<Progress>,
-    stop: watch::Receiver<bool>,
-) -> Result<BatchStream> {
-    let tenant = spec.ops.tenant_id.as_deref();
-    let backfill_opts = |start: Cursor, lsn: Option<u64>, snapshot: Option<String>| backfill::BackfillOptions {
-        table: table.to_owned(),
-        page_size: spec.source.batch_size,
-        start,
-        lsn,
-        limit: spec.source.batch_limit,
-        snapshot,
-    };
-    let stream_opts = |from: StreamFrom| replication::ReplicationOptions {
-        dsn: dsn.to_owned(),
-        slot: spec.source.slot.clone(),
-        publication: spec.source.publication.clone(),
-        schema: from.relation.0,
-        table: from.relation.1,
-        quoted_table: table.to_owned(),
-        batch_size: spec.source.batch_size,
-        batch_deadline: spec.source.batch_deadline,
-        status_interval: spec.source.status_interval,
-        resume_after: from.resume_after,
-    };
-    Ok(match plan {
-        SourcePlan::Backfill { start, lsn } => backfill::stream(
-            db::connect_as(dsn, tenant, "acraflow-backfill").await?,
-            backfill_opts(start, lsn, None),
-            stop,
-        ),
-        SourcePlan::Stream(from) => replication::stream(stream_opts(from), progress, stop),
-        SourcePlan::Handover { start, lsn, new_slot, stream } => {
-            let snapshot = new_slot.as_ref().map(|s| s.snapshot.clone());
-            let reader = db::connect_as(dsn, tenant, "acraflow-backfill").await?;
-            let first = backfill::stream(reader, backfill_opts(start, lsn, snapshot), stop.clone());
-            handover(first, new_slot, stream_opts(stream), progress, stop)
-        }
-    })
-}
-
-/// The backfill, then the stream. The new slot's session (whose exported snapshot the backfill reads in)
-/// is kept until the backfill's first batch: by then the snapshot is imported.
-fn handover(
-    mut backfill: BatchStream,
-    new_slot: Option<NewSlot>,
-    stream_opts: replication::ReplicationOptions,
-    progress: Arc<Progress>,
-    stop: watch::Receiver<bool>,
-) -> BatchStream {
-    Box::pin(async_stream::stream! {
-        let mut new_slot = new_slot;
-        while let Some(item) = backfill.next().await {
-            new_slot = None;
-            let failed = item.is_err();
-            yield item;
-            if failed {
-                return;
-            }
-        }
-        drop(new_slot);
-        if *stop.borrow() {
-            return;
-        }
-        tracing::info!("backfill done; streaming from the replication slot");
-        let mut stream = replication::stream(stream_opts, progress, stop);
-        while let Some(item) = stream.next().await {
-            yield item;
-        }
-    })
 }
 
 /// The registry operators in pipeline order, with their kinds. `enrich` is not one of them: it configures

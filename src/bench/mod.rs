@@ -18,7 +18,9 @@ use crate::ops::filter::DEFAULT_EXCLUDED_STATUSES;
 use crate::seed;
 
 mod enrich;
+mod queue;
 pub use enrich::enrich;
+pub use queue::workers;
 
 const BENCH_DB: &str = "acraflow_bench";
 
@@ -208,28 +210,7 @@ pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Resu
         .await?;
 
     // 1. Latency at a steady rate (first, so it measures a steady state, not the wake of the burst below).
-    let tick = Duration::from_millis(10);
-    let per_tick = (args.rate as f64 * tick.as_secs_f64()).round().max(1.0) as i64;
-    let ticks = args.seconds * 1000 / tick.as_millis() as u64;
-    let mut interval = tokio::time::interval(tick);
-    for i in 0..ticks as i64 {
-        interval.tick().await;
-        insert(&client, "LAT_", i * per_tick, per_tick, false).await?;
-    }
-    insert(&client, "SENTINEL_", 0, 1, false).await?;
-    wait_for(&client, "select count(*) from companies where uen = 'SENTINEL_00000000'", 600).await?;
-    let rows = client
-        .query(
-            "select (extract(epoch from c.created_at - s.ingested_at) * 1e6)::bigint \
-             from staging_acra_companies s join companies c on c.uen = s.uen where s.uen like 'LAT\\_%'",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::db("reading latencies", e))?;
-    let mut hist = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| Error::new(ErrorKind::Data, e.to_string()))?;
-    for r in &rows {
-        let _ = hist.record(r.get::<_, i64>(0).max(0) as u64);
-    }
+    let hist = steady_latency(&client, args.rate, args.seconds, "LAT_", 0).await?;
 
     // 2. Sustained throughput. The reference slot sees exactly the WAL the engine's slot sees from here on.
     client
@@ -431,6 +412,42 @@ fn proc_ticks(pid: u32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Writes eligible staging rows `{prefix}…` at a steady `rate` rows/s for `seconds` (a statement every
+/// 10 ms), then a sentinel row `SENTINEL_{sentinel}`, and waits for it in `companies`. Returns each row's
+/// commit-to-visible latency in microseconds: `companies.created_at` (the upsert's transaction start) minus
+/// the row's commit-time stamp.
+async fn steady_latency(
+    client: &tokio_postgres::Client,
+    rate: u64,
+    seconds: u64,
+    prefix: &str,
+    sentinel: i64,
+) -> Result<hdrhistogram::Histogram<u64>> {
+    let tick = Duration::from_millis(10);
+    let per_tick = (rate as f64 * tick.as_secs_f64()).round().max(1.0) as i64;
+    let ticks = seconds * 1000 / tick.as_millis() as u64;
+    let mut interval = tokio::time::interval(tick);
+    for i in 0..ticks as i64 {
+        interval.tick().await;
+        insert(client, prefix, i * per_tick, per_tick, false).await?;
+    }
+    insert(client, "SENTINEL_", sentinel, 1, false).await?;
+    wait_for(client, &format!("select count(*) from companies where uen = 'SENTINEL_{sentinel:08}'"), 600).await?;
+    let rows = client
+        .query(
+            "select (extract(epoch from c.created_at - s.ingested_at) * 1e6)::bigint \
+             from staging_acra_companies s join companies c on c.uen = s.uen where s.uen like $1 || '%'",
+            &[&prefix.replace('_', "\\_")],
+        )
+        .await
+        .map_err(|e| Error::db("reading latencies", e))?;
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| Error::new(ErrorKind::Data, e.to_string()))?;
+    for r in &rows {
+        let _ = hist.record(r.get::<_, i64>(0).max(0) as u64);
+    }
+    Ok(hist)
 }
 
 /// Inserts `n` staging rows `{prefix}{from..}` in one statement (one transaction), stamped at commit time.

@@ -3,6 +3,7 @@
 
 pub mod backfill;
 pub mod pgoutput;
+pub mod plan;
 pub mod replication;
 
 /// Quotes a possibly schema-qualified table name from configuration as SQL identifiers.
