@@ -135,6 +135,8 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
     let (monitor, notifier) =
         crate::telemetry::alerts::Monitor::new(spec.ops.alert.clone(), &spec.name, std::sync::Arc::default());
     let _running = crate::telemetry::metrics::Running::start();
+    // Ends a pause after its cool-down even while no job finishes.
+    let ticker = monitor.spawn_ticker();
     let started = Instant::now();
     let budget = spec.source.reconnect_budget;
     let mut failing_since: Option<Instant> = None;
@@ -193,6 +195,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
         }
     };
     header.abort();
+    ticker.abort();
     drop(monitor);
     if let Some(n) = notifier {
         n.flush(Duration::from_secs(10)).await;
@@ -260,7 +263,11 @@ async fn refresh(dsn: &str, args: &RefreshArgs) -> Result<()> {
     let done = queue::refresh(&client, &selection, &options, args.tenant_id.as_deref()).await?;
     match selection {
         Selection::Failed => println!("re-queued {} parked jobs as express refreshes", done.enqueued),
-        _ => println!("enqueued {} express refreshes (leased before every other waiting job)", done.enqueued),
+        _ => println!(
+            "enqueued {} express refreshes (leased before every other waiting job by a running `acraflow worker`, \
+             or `acraflow run --pipeline acra_direct`)",
+            done.enqueued
+        ),
     }
     if done.unknown > 0 {
         println!(

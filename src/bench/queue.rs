@@ -146,9 +146,15 @@ pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
             .env("ACRA_DIRECT_CONCURRENCY", "1");
         web_env(&mut cmd);
         let mut engine = cmd.kill_on_drop(true).spawn().map_err(|e| Error::io("starting acraflow run", e))?;
+        // Its backfill has filled the queue and it streams.
         super::wait_for(
             &client,
-            "select count(*) from pg_stat_activity where application_name = 'acraflow-replication'",
+            &format!(
+                "select count(*) from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
+                 where s.slot_name = 'bench_queue' and a.application_name = 'acraflow-replication' \
+                   and (select count(*) from enrichment_jobs) >= {}",
+                args.waiting
+            ),
             600,
         )
         .await?;
@@ -205,12 +211,20 @@ async fn registry_latency(
     let mut engine = cmd.kill_on_drop(true).spawn().map_err(|e| Error::io("starting acraflow run", e))?;
     super::wait_for(
         client,
-        "select count(*) from pg_stat_activity where application_name = 'acraflow-replication'",
+        "select count(*) from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
+         where s.slot_name = 'bench_reference' and a.application_name = 'acraflow-replication'",
         600,
     )
     .await?;
     let hist = super::steady_latency(client, LATENCY_RATE, LATENCY_SECONDS, prefix, sentinel).await?;
     stop_child(&mut engine).await;
+    super::wait_for(
+        client,
+        "select count(*) where not exists \
+           (select 1 from pg_stat_activity where application_name = 'acraflow-replication')",
+        60,
+    )
+    .await?;
     // The walsender may take a moment to go after its client.
     for _ in 0..100 {
         if client.execute("select pg_drop_replication_slot('bench_reference')", &[]).await.is_ok() {

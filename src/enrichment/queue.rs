@@ -17,6 +17,8 @@
 //! - **At-least-once crawls.** A worker that dies holds its jobs until `lease_expires_at` (`ENRICH_LEASE`,
 //!   renewed while the work is in flight); then another worker leases them. Crawling is at-least-once, its
 //!   effects exactly-once.
+//! - **Lock order.** Every statement that locks several jobs (the registry's enqueue, a refresh, the
+//!   sink's fence, renewals, releases) takes them in `company_id` order, so two of them never deadlock.
 //! - **Priority**: express refreshes, then new and changed companies, then retries, then stale companies;
 //!   within a priority, the oldest first.
 
@@ -77,6 +79,7 @@ pub async fn enqueue_changes(
          select t.c, $1, case when c.enriched_at is null then 'new' else 'changed' end, $6, t.l::pg_lsn, t.s, t.i \
          from unnest($2::int8[], $3::text[], $4::int8[], $5::int8[]) as t(c, l, s, i) \
            left join companies c on c.company_id = t.c \
+         order by t.c \
          on conflict (company_id) do update set \
            version = j.version + 1, \
            reason = case when excluded.priority < j.priority then excluded.reason else j.reason end, \
@@ -194,7 +197,8 @@ pub async fn lease(
 pub async fn renew(client: &Client, owner: &str, lease: Duration) -> Result<u64> {
     client
         .execute(
-            "update enrichment_jobs set lease_expires_at = now() + make_interval(secs => $2) where lease_owner = $1",
+            "update enrichment_jobs set lease_expires_at = now() + make_interval(secs => $2) where job_id in \
+               (select job_id from enrichment_jobs where lease_owner = $1 order by company_id for update)",
             &[&owner, &lease.as_secs_f64()],
         )
         .await
@@ -207,7 +211,8 @@ pub async fn release(client: &Client, owner: &str) -> Result<u64> {
     let n = client
         .execute(
             "update enrichment_jobs set lease_owner = null, lease_expires_at = null, updated_at = now() \
-             where lease_owner = $1",
+             where lease_owner = $1 and job_id in \
+               (select job_id from enrichment_jobs where lease_owner = $1 order by company_id for update)",
             &[&owner],
         )
         .await
@@ -275,7 +280,7 @@ pub async fn refresh(
                 .query_one(
                     &format!(
                         "with ins as (insert into enrichment_jobs as j (company_id, tenant_id, reason, priority, overrides) \
-                           select company_id, $2, 'express', $1, $3 from companies where uen = any($4) {UPSERT} \
+                           select company_id, $2, 'express', $1, $3 from companies where uen = any($4) order by company_id {UPSERT} \
                            returning 1) \
                          select (select count(*) from ins), \
                            (select count(*) from unnest($4::text[]) u where not exists \
@@ -293,7 +298,7 @@ pub async fn refresh(
                 .execute(
                     &format!(
                         "insert into enrichment_jobs as j (company_id, tenant_id, reason, priority, overrides) \
-                         select company_id, $2, 'express', $1, $3 from companies where ({predicate}) {UPSERT}"
+                         select company_id, $2, 'express', $1, $3 from companies where ({predicate}) order by company_id {UPSERT}"
                     ),
                     &[&PRIORITY_EXPRESS, &tenant, &overrides],
                 )

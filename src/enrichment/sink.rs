@@ -125,7 +125,7 @@ impl EnrichmentSink {
             .query(
                 "select j.job_id, j.version, j.attempts, j.enqueued_at from enrichment_jobs j \
                  join unnest($1::int8[], $2::int8[]) as t(id, ls) on j.job_id = t.id and j.lease_seq = t.ls \
-                 where j.lease_owner = $3 for update of j",
+                 where j.lease_owner = $3 order by j.company_id for update of j",
                 &[&ids, &seqs, &self.owner],
             )
             .await
