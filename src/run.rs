@@ -85,6 +85,32 @@ impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.counters;
         writeln!(f, "run {} ({}) {}", self.run_id, self.pipeline, self.status)?;
+        // A worker reads no staging rows: its summary is its enrichments.
+        if c.rows_in > 0 || self.enrichment.is_none() {
+            self.fmt_registry(f)?;
+        }
+        if let Some(x) = &self.enrichment {
+            x.fmt_lines(f)?;
+        }
+        write!(f, "  checkpoint      {}", self.checkpoint.as_deref().unwrap_or("unchanged"))
+    }
+}
+
+/// One latency line of a summary (nothing when nothing was measured).
+fn latency_line(f: &mut std::fmt::Formatter<'_>, label: &str, l: &LatencySummary, what: &str) -> std::fmt::Result {
+    if l.count == 0 {
+        return Ok(());
+    }
+    writeln!(
+        f,
+        "  {label:<15} p50 {} ms  p95 {} ms  p99 {} ms  max {} ms  ({what}, {} of them)",
+        l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.count
+    )
+}
+
+impl RunSummary {
+    fn fmt_registry(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.counters;
         writeln!(f, "  rows read       {:>10}", c.rows_in)?;
         writeln!(f, "  processed       {:>10}", c.processed)?;
         writeln!(f, "  filtered        {:>10}", c.filtered)?;
@@ -94,48 +120,34 @@ impl std::fmt::Display for RunSummary {
             writeln!(f, "  ignored         {:>10}  (deletes/truncates on staging)", c.ignored)?;
         }
         writeln!(f, "  duration        {:>9.2}s  ({:.0} rows/s)", self.seconds, self.rows_per_second)?;
-        let l = &self.latency;
-        if l.count > 0 {
+        latency_line(f, "latency", &self.latency, "selection to commit of processed changes")
+    }
+}
+
+impl EnrichmentSummary {
+    fn fmt_lines(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let x = self;
+        writeln!(
+            f,
+            "  enriched        {:>10}  (ok {}, degraded {}, failed {}; retried {}, parked {})",
+            x.ok + x.degraded + x.failed,
+            x.ok,
+            x.degraded,
+            x.failed,
+            x.retried,
+            x.parked
+        )?;
+        latency_line(f, "queue latency", &x.queue_latency, "enqueued to committed jobs")?;
+        if x.backing_off > 0 {
+            writeln!(f, "  retry later     {:>10}  jobs wait for their backoff (ENRICH_RETRY_BACKOFF)", x.backing_off)?;
+        }
+        if x.capped {
             writeln!(
                 f,
-                "  latency         p50 {} ms  p95 {} ms  p99 {} ms  max {} ms  (selection to commit, {} changes)",
-                l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.count
+                "  daily cap       reached: the jobs left wait in the queue for tomorrow (ACRA_DIRECT_DAILY_CAP)"
             )?;
         }
-        if let Some(x) = &self.enrichment {
-            writeln!(
-                f,
-                "  enriched        {:>10}  (ok {}, degraded {}, failed {}; retried {}, parked {})",
-                x.ok + x.degraded + x.failed,
-                x.ok,
-                x.degraded,
-                x.failed,
-                x.retried,
-                x.parked
-            )?;
-            let l = &x.queue_latency;
-            if l.count > 0 {
-                writeln!(
-                    f,
-                    "  queue latency   p50 {} ms  p95 {} ms  p99 {} ms  max {} ms  (enqueued to committed, {} jobs)",
-                    l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.count
-                )?;
-            }
-            if x.backing_off > 0 {
-                writeln!(
-                    f,
-                    "  retry later     {:>10}  jobs wait for their backoff (ENRICH_RETRY_BACKOFF)",
-                    x.backing_off
-                )?;
-            }
-            if x.capped {
-                writeln!(
-                    f,
-                    "  daily cap       reached: the jobs left wait in the queue for tomorrow (ACRA_DIRECT_DAILY_CAP)"
-                )?;
-            }
-        }
-        write!(f, "  checkpoint      {}", self.checkpoint.as_deref().unwrap_or("unchanged"))
+        Ok(())
     }
 }
 

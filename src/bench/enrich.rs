@@ -16,47 +16,20 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::cli::BenchEnrichArgs;
-use crate::db;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fixture_web::{FixtureWeb, SiteSpec};
-use crate::seed;
 
 const DB: &str = "acraflow_bench_enrich";
 
 pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
-    let admin = db::connect(admin_dsn).await?;
-    for sql in [format!("drop database if exists {DB} with (force)"), format!("create database {DB}")] {
-        admin.batch_execute(&sql).await.map_err(|e| Error::db(format!("recreating {DB}"), e))?;
-    }
-    let dsn = db::with_dbname(admin_dsn, DB);
-    let mut client = db::connect(&dsn).await?;
-    db::migrate(&mut client).await?;
+    let (dsn, client) = super::scratch_database(admin_dsn, DB).await?;
     let total: u64 = args.concurrency.iter().map(|c| (*c as u64 * args.per_slot).max(args.per_slot)).sum();
-    seed::seed(&client, "staging_acra_companies", total, 5).await?;
-    // Every row an eligible, distinct company with a name its site can be found by.
-    client
-        .batch_execute(
-            "update staging_acra_companies set entity_status_description = 'Live Company', \
-               registration_incorporation_date = '2012-01-01', uen = 'B' || lpad(id::text, 9, '0'), \
-               entity_name = 'BENCH ' || id || ' TRADING PTE. LTD.'",
-        )
-        .await
-        .map_err(|e| Error::db("preparing bench rows", e))?;
-    let rows = client
-        .query("select id, entity_name, uen from staging_acra_companies order by id", &[])
-        .await
-        .map_err(|e| Error::db("reading bench rows", e))?;
-    let sites: Vec<SiteSpec> = rows
-        .iter()
-        .map(|r| SiteSpec::new(&format!("www.bench{}trading.com.sg", r.get::<_, i64>(0)), r.get(1), r.get(2)))
-        .collect();
-    let web = FixtureWeb::start(sites, args.latency).await.map_err(|e| Error::io("starting the fixture web", e))?;
+    let (web, sites) = super::companies_with_sites(&client, total, 5, "BENCH", args.latency).await?;
     let pages = 4u32; // home, about, contact, careers: what the fixture sites have and CRAWL_MAX_PAGES allows
     let step = args.latency.max(args.host_spacing);
     let per_company = step * pages + args.latency;
     println!(
         "fixture web: {} sites, {} ms latency, {pages} pages + robots.txt per company, host spacing {} ms",
-        rows.len(),
+        sites,
         args.latency.as_millis(),
         args.host_spacing.as_millis()
     );

@@ -14,6 +14,7 @@ use nix::sys::resource::{getrusage, UsageWho};
 use crate::cli::BenchBackfillArgs;
 use crate::db;
 use crate::error::{Error, ErrorKind, Result};
+use crate::fixture_web::{FixtureWeb, SiteSpec};
 use crate::ops::filter::DEFAULT_EXCLUDED_STATUSES;
 use crate::seed;
 
@@ -186,16 +187,7 @@ pub fn ceiling_sql() -> String {
 /// 4. memory: one transaction of `big_txn` rows goes through; peak RSS is the engine's maximum over the run.
 pub async fn stream(admin_dsn: &str, args: &crate::cli::BenchStreamArgs) -> Result<()> {
     const DB: &str = "acraflow_bench_stream";
-    let admin = db::connect(admin_dsn).await?;
-    let _ = admin
-        .execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = $1", &[&DB])
-        .await;
-    for sql in [format!("drop database if exists {DB} with (force)"), format!("create database {DB}")] {
-        admin.batch_execute(&sql).await.map_err(|e| Error::db(format!("recreating {DB}"), e))?;
-    }
-    let dsn = db::with_dbname(admin_dsn, DB);
-    let mut client = db::connect(&dsn).await?;
-    db::migrate(&mut client).await?;
+    let (dsn, client) = scratch_database(admin_dsn, DB).await?;
 
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
     let mut engine = tokio::process::Command::new(exe)
@@ -412,6 +404,54 @@ fn proc_ticks(pid: u32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A scratch database `name`, dropped and created again (with its slots) and migrated: its DSN and a client.
+async fn scratch_database(admin_dsn: &str, name: &str) -> Result<(String, tokio_postgres::Client)> {
+    let admin = db::connect(admin_dsn).await?;
+    let _ = admin
+        .execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = $1", &[&name])
+        .await;
+    for sql in [format!("drop database if exists {name} with (force)"), format!("create database {name}")] {
+        admin.batch_execute(&sql).await.map_err(|e| Error::db(format!("recreating {name}"), e))?;
+    }
+    let dsn = db::with_dbname(admin_dsn, name);
+    let mut client = db::connect(&dsn).await?;
+    db::migrate(&mut client).await?;
+    Ok((dsn, client))
+}
+
+/// `total` seeded staging rows, each an eligible, distinct company named `{word} <id> TRADING PTE. LTD.`
+/// with UEN `{letter}<id>`, and a healthy fixture site for each at `www.{host}<id>trading.com.sg`.
+async fn companies_with_sites(
+    client: &tokio_postgres::Client,
+    total: u64,
+    seed: u64,
+    word: &str,
+    latency: Duration,
+) -> Result<(FixtureWeb, usize)> {
+    seed::seed(client, "staging_acra_companies", total, seed).await?;
+    let letter = &word[..1];
+    let host = word.to_lowercase();
+    client
+        .execute(
+            "update staging_acra_companies set entity_status_description = 'Live Company', \
+               registration_incorporation_date = '2012-01-01', uen = $1 || lpad(id::text, 9, '0'), \
+               entity_name = $2 || ' ' || id || ' TRADING PTE. LTD.'",
+            &[&letter, &word],
+        )
+        .await
+        .map_err(|e| Error::db("preparing bench rows", e))?;
+    let rows = client
+        .query("select id, entity_name, uen from staging_acra_companies order by id", &[])
+        .await
+        .map_err(|e| Error::db("reading bench rows", e))?;
+    let sites: Vec<SiteSpec> = rows
+        .iter()
+        .map(|r| SiteSpec::new(&format!("www.{host}{}trading.com.sg", r.get::<_, i64>(0)), r.get(1), r.get(2)))
+        .collect();
+    let web = FixtureWeb::start(sites, latency).await.map_err(|e| Error::io("starting the fixture web", e))?;
+    Ok((web, rows.len()))
 }
 
 /// Writes eligible staging rows `{prefix}…` at a steady `rate` rows/s for `seconds` (a statement every

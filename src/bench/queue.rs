@@ -14,12 +14,9 @@ use std::time::{Duration, Instant};
 
 use crate::cli::BenchEnrichArgs;
 use crate::config::{Overrides, PipelineSpec};
-use crate::db;
 use crate::enrichment::enrich::JobOptions;
 use crate::enrichment::queue::{self, Selection};
 use crate::error::{Error, ErrorKind, Result};
-use crate::fixture_web::{FixtureWeb, SiteSpec};
-use crate::seed;
 
 const DB: &str = "acraflow_bench_queue";
 /// The steady write rate while the registry's latency is measured (rows/s), and for how long.
@@ -27,36 +24,9 @@ const LATENCY_RATE: u64 = 200;
 const LATENCY_SECONDS: u64 = 10;
 
 pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
-    let admin = db::connect(admin_dsn).await?;
-    let _ = admin
-        .execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = $1", &[&DB])
-        .await;
-    for sql in [format!("drop database if exists {DB} with (force)"), format!("create database {DB}")] {
-        admin.batch_execute(&sql).await.map_err(|e| Error::db(format!("recreating {DB}"), e))?;
-    }
-    let dsn = db::with_dbname(admin_dsn, DB);
-    let mut client = db::connect(&dsn).await?;
-    db::migrate(&mut client).await?;
+    let (dsn, client) = super::scratch_database(admin_dsn, DB).await?;
     let scaling: u64 = args.workers.iter().map(|w| *w as u64 * args.jobs_per_worker).sum();
-    let total = scaling + args.waiting;
-    seed::seed(&client, "staging_acra_companies", total, 7).await?;
-    client
-        .batch_execute(
-            "update staging_acra_companies set entity_status_description = 'Live Company', \
-               registration_incorporation_date = '2012-01-01', uen = 'Q' || lpad(id::text, 9, '0'), \
-               entity_name = 'QUEUE ' || id || ' TRADING PTE. LTD.'",
-        )
-        .await
-        .map_err(|e| Error::db("preparing bench rows", e))?;
-    let rows = client
-        .query("select id, entity_name, uen from staging_acra_companies order by id", &[])
-        .await
-        .map_err(|e| Error::db("reading bench rows", e))?;
-    let sites: Vec<SiteSpec> = rows
-        .iter()
-        .map(|r| SiteSpec::new(&format!("www.queue{}trading.com.sg", r.get::<_, i64>(0)), r.get(1), r.get(2)))
-        .collect();
-    let web = FixtureWeb::start(sites, args.latency).await.map_err(|e| Error::io("starting the fixture web", e))?;
+    let (web, _) = super::companies_with_sites(&client, scaling + args.waiting, 7, "QUEUE", args.latency).await?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
     let web_env = |cmd: &mut tokio::process::Command| {
         cmd.env("POSTGRES_DSN", &dsn)
