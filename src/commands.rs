@@ -528,7 +528,7 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
                coalesce(h.public_emails->>0, '-'), coalesce(h.phones->>0, '-'), \
                coalesce(h.jobs_count::text, '-'), coalesce(c.employees_est::text, '-') \
              from companies c join company_enrichment_runs h using (company_id) \
-             where c.uen = any($1) order by c.uen",
+             where c.uen = any($1) and h.enriched order by c.uen",
             &[&uens],
         )
         .await

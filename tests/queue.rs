@@ -467,3 +467,23 @@ async fn a_failing_job_is_retried_with_backoff_then_parked_shown_and_requeued_by
     .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_while_a_job_outlasts_them_so_no_other_worker_takes_it() {
+    let db = TestDb::new().await;
+    let companies = queued_companies(&db, 6).await;
+    let jobs = db.count("select count(*) from enrichment_jobs").await;
+    // Robots.txt and four pages at 600 ms each: about 3 s a company, three times the lease.
+    let web = FixtureWeb::start(healthy_sites(&companies), Duration::from_millis(600)).await.unwrap();
+    let env = worker_env(&web, &[("ACRA_DIRECT_CONCURRENCY", "3"), ("ENRICH_LEASE", "1s"), ("CRAWLER_TIMEOUT_S", "3")]);
+    let spawn = || acraflow(&db, &["worker", "--exit-when-idle"], &env).stdout(std::process::Stdio::null()).spawn();
+    let (a, b) = (spawn().unwrap(), spawn().unwrap());
+    for child in [a, b] {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+        assert!(out.status.success());
+    }
+    assert_eq!(enriched(&db).await, jobs);
+    assert!(db.count("select min(duration_ms)::int8 from company_enrichment_runs where enriched").await > 1500);
+    // Each job leased once: renewals kept the other worker off it.
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched and job_lease <> 1").await, 0);
+}

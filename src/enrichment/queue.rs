@@ -366,7 +366,8 @@ impl QueueStats {
     }
 }
 
-pub async fn stats(client: &Client) -> Result<QueueStats> {
+/// The queue's depth, leases and parked jobs (what the gauges show): one scan of the job table.
+pub async fn depth(client: &Client) -> Result<QueueStats> {
     let q = |e| Error::db("reading the enrichment queue", e);
     let rows = client
         .query(
@@ -402,6 +403,14 @@ pub async fn stats(client: &Client) -> Result<QueueStats> {
     {
         s.leased.insert(r.get(0), r.get(1));
     }
+    Ok(s)
+}
+
+/// [`depth`], and the parked jobs' last errors and the enqueue-to-done latency over the last hour (what
+/// `acraflow status` shows).
+pub async fn stats(client: &Client) -> Result<QueueStats> {
+    let q = |e| Error::db("reading the enrichment queue", e);
+    let mut s = depth(client).await?;
     for r in client
         .query(
             "select coalesce(c.uen, j.company_id::text), coalesce(j.last_error, '') from enrichment_jobs j \

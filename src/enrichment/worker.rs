@@ -318,7 +318,7 @@ async fn sweep_stale(control: &tokio_postgres::Client, ws: &WorkerSettings) {
 
 /// The queue gauges (`acra_direct_queue_*`), read from the table.
 async fn update_gauges(control: &tokio_postgres::Client) {
-    let Ok(s) = queue::stats(control).await else { return };
+    let Ok(s) = queue::depth(control).await else { return };
     let m = metrics();
     for reason in ["new", "changed", "express", "retry", "stale"] {
         let n = s.waiting.get(reason).copied().unwrap_or(0);
