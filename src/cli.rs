@@ -16,7 +16,9 @@ use crate::telemetry::progress::ProgressMode;
              over PostgreSQL",
     long_about = "Keeps an enriched `companies` table fresh from Singapore's ACRA registry.\n\n\
         Rows the ACRA ingester loads into staging_acra_companies flow through filter -> dedupe -> upsert -> sink, \
-        with the writes and the checkpoint committed together.\n\n\
+        with the writes and the checkpoint committed together. With --pipeline acra_direct the sink also \
+        enqueues an enrichment job per company (table enrichment_jobs), and enrichment workers (inside run and \
+        backfill, and `acraflow worker` on any machine) crawl each company's website and commit what they find.\n\n\
         Without POSTGRES_DSN every command uses a private PostgreSQL that acraflow starts itself \
         (data kept in ACRAFLOW_HOME)."
 )]
@@ -361,6 +363,9 @@ pub struct WorkerArgs {
     /// Pipeline whose `enrich` settings the worker uses [default: acra_direct]
     #[arg(long, env = "ACRA_DIRECT_PIPELINE")]
     pub pipeline: Option<PathBuf>,
+    /// Keep reconnecting this long after losing the database, then exit non-zero [default: 5m]
+    #[arg(long, env = "ACRA_DIRECT_RECONNECT_BUDGET", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub reconnect_budget: Option<std::time::Duration>,
     #[command(flatten)]
     pub enrich: EnrichArgs,
     #[command(flatten)]
@@ -425,7 +430,7 @@ pub enum BenchCommand {
     /// `acraflow run` under concurrent writers: sustained rows/s, commit-to-visible latency, RSS through a
     /// large transaction, against the raw receive-and-decode rate of the same WAL.
     Stream(BenchStreamArgs),
-    /// The enrich operator against the fixture web: companies/s, per-company p50/p95/p99 and peak RSS at
+    /// Enrichment against the fixture web: companies/s, per-company p50/p95/p99 and peak RSS at
     /// each concurrency, against the bound politeness allows.
     Enrich(BenchEnrichArgs),
 }

@@ -138,7 +138,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
     // Ends a pause after its cool-down even while no job finishes.
     let ticker = monitor.spawn_ticker();
     let started = Instant::now();
-    let budget = spec.source.reconnect_budget;
+    let budget = args.reconnect_budget.unwrap_or(spec.source.reconnect_budget);
     let mut failing_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(200);
     let mut total = crate::enrichment::worker::WorkerSummary::default();

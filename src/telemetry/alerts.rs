@@ -6,7 +6,7 @@
 //! - when the failure ratio over the window exceeds the threshold (and the window holds at least
 //!   `min_events` outcomes), it posts one alert, and no other until a window's length has passed;
 //! - when the ratio stays above the threshold for `min_events` further outcomes, it pauses enrichment for
-//!   `cooldown`: the enrich operator defers companies meanwhile (their registry fields are still applied and
+//!   `cooldown`: workers lease no job meanwhile (registry fields are still applied, jobs wait in the queue and
 //!   the checkpoint moves); then enrichment resumes on its own, with a fresh window;
 //! - both transitions are logged and posted.
 
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::config::AlertSpec;
 use crate::telemetry::metrics::metrics;
 
-/// Whether enrichment is paused now; shared by the monitor and the enrich operator.
+/// Whether enrichment is paused now; shared by the monitor and the enrichment worker.
 #[derive(Debug, Default)]
 pub struct PauseGate {
     until: Mutex<Option<Instant>>,
