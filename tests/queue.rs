@@ -487,3 +487,107 @@ async fn leases_are_renewed_while_a_job_outlasts_them_so_no_other_worker_takes_i
     // Each job leased once: renewals kept the other worker off it.
     assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched and job_lease <> 1").await, 0);
 }
+
+/// Values that would fail the sink's transaction (NUL characters, names equal under the database's
+/// `lower()` only, a title too long for the index) are cleaned; a result the database still refuses (here,
+/// a trigger) is dead-lettered and its job parked, and the rest of the batch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_value_stops_the_enrichment_sink() {
+    use acraflow::enrichment::enrich::contacts::Contact;
+    use acraflow::enrichment::enrich::{Enrichment, Status};
+    use acraflow::enrichment::sink::{Done, EnrichmentSink, RetryPolicy};
+    let db = TestDb::new().await;
+    queued_companies(&db, 3).await;
+    db.client
+        .batch_execute(
+            "create function refuse_poison() returns trigger language plpgsql as $$ begin \
+               raise exception 'poison.example is refused by policy'; end $$; \
+             create trigger refuse_poison before update on companies for each row \
+               when (new.website_domain = 'poison.example') execute function refuse_poison();",
+        )
+        .await
+        .unwrap();
+    let mut lease_client = acraflow::db::connect(&db.dsn).await.unwrap();
+    let leased =
+        acraflow::enrichment::queue::lease(&mut lease_client, "test-worker", None, 10, Duration::from_secs(60), None)
+            .await
+            .unwrap();
+    assert!(leased.jobs.len() >= 3, "{leased:?}");
+    let person =
+        |name: &str, title: String| Contact { name: name.into(), title: Some(title), linkedin_url: None, email: None };
+    let done: Vec<Done> = leased
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, job)| {
+            let mut x = Enrichment {
+                status: Status::Ok,
+                website_domain: Some(format!("site{i}.com.sg")),
+                ..Default::default()
+            };
+            match i {
+                0 => {
+                    x.about_text = Some("About\u{0} us\u{1}".into());
+                    x.public_emails = vec!["sales\u{0}@site0.com.sg".into()];
+                    x.contacts = vec![
+                        person("İLKER TAN", "Director".into()),
+                        person("ILKER TAN", "Director".into()),
+                        person("LONG TITLE", "Head of ".repeat(400)),
+                    ];
+                }
+                1 => x.website_domain = Some("poison.example".into()),
+                _ => {}
+            }
+            Done { job, enrichment: x }
+        })
+        .collect();
+    let poisoned = done[1].job.company.id;
+    let cleaned = done[0].job.company.id;
+    let sink_client = acraflow::db::connect(&db.dsn).await.unwrap();
+    let retry = RetryPolicy { max_attempts: 3, backoff: Duration::from_secs(60) };
+    let mut sink = EnrichmentSink::new(sink_client, "test-worker".into(), 0, retry);
+    let out = sink.write(&done).await.expect("a poison value never fails the sink");
+    assert_eq!((out.ok, out.dead_lettered, out.parked), (done.len() as u64 - 1, 1, 1), "{out:?}");
+
+    let about: String = db
+        .client
+        .query_one("select about_text from companies where company_id = $1", &[&cleaned])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(about, "About us");
+    let emails: serde_json::Value = db
+        .client
+        .query_one("select public_emails from company_enrichment_runs where company_id = $1 and enriched", &[&cleaned])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(emails, serde_json::json!(["sales@site0.com.sg"]));
+    assert!(db.count(&format!("select count(*) from contacts where company_id = {cleaned}")).await >= 2);
+    assert!(db.count("select max(char_length(title))::int8 from contacts").await <= 300);
+    // The refused one: a dead letter that says why, its job parked, its company untouched.
+    let reason: String = db
+        .client
+        .query_one("select reason from dead_letters where stage = 'enrich' and source_seq = $1", &[&done[1].job.id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("poison.example is refused by policy") && reason.contains("refresh --failed"), "{reason}");
+    assert_eq!(
+        db.count(&format!("select count(*) from enrichment_jobs where company_id = {poisoned} and state = 'parked'"))
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count(&format!(
+            "select count(*) from companies where company_id = {poisoned} and website_domain is not null"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        db.count("select count(*) from enrichment_jobs where state = 'pending'").await,
+        0,
+        "the others are done"
+    );
+}

@@ -11,6 +11,12 @@
 //!   waits `ENRICH_RETRY_BACKOFF × 2^attempts` and runs again at retry priority; nothing else is written;
 //! - **a transient failure with no attempts left**: parked, with its error and a `failed` history row;
 //!   `acraflow refresh --failed` re-queues it.
+//!
+//! No value may stop the worker. Text is cleaned before it is sent (NUL and other control characters
+//! removed, lengths capped so no index entry overflows), contacts are deduplicated with the database's own
+//! `lower()`, and when a batch is still refused for its data (not its connection), its jobs are committed
+//! one by one: the one refused alone is dead-lettered (`dead_letters`, stage `enrich`) and parked, and the
+//! rest commit. Without this, the same job would be leased, crawled and refused again after every restart.
 
 use std::time::Duration;
 
@@ -18,7 +24,7 @@ use tokio_postgres::Client;
 
 use crate::enrichment::enrich::{Enrichment, Status};
 use crate::enrichment::queue::{Job, PRIORITY_RETRY};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::telemetry::metrics::{metrics, StatusLabel};
 
 /// How failed jobs are retried.
@@ -55,6 +61,8 @@ pub struct Outcomes {
     pub rerun: u64,
     /// Leases lost before the commit (nothing written).
     pub lost: u64,
+    /// Jobs whose results the database refused: dead-lettered and parked.
+    pub dead_lettered: u64,
     /// Enqueue-to-commit seconds of each job removed.
     pub latencies: Vec<f64>,
 }
@@ -68,6 +76,7 @@ impl Outcomes {
         self.parked += o.parked;
         self.rerun += o.rerun;
         self.lost += o.lost;
+        self.dead_lettered += o.dead_lettered;
     }
 
     /// Enrichments finished (a history row written).
@@ -114,8 +123,67 @@ impl EnrichmentSink {
         EnrichmentSink { client, owner, run_id, retry }
     }
 
-    /// Commits `done` (jobs this worker leased) in one transaction; see the module doc.
+    /// Commits `done` (jobs this worker leased) in one transaction; when the database refuses the batch for
+    /// a value in it, job by job, dead-lettering the job it refuses (see the module doc).
     pub async fn write(&mut self, done: &[Done]) -> Result<Outcomes> {
+        match self.write_batch(done).await {
+            Err(e) if refused_for_data(&e) => {
+                tracing::warn!(jobs = done.len(), error = %crate::run::error_chain(&e),
+                    "the database refused a value in this batch; committing its jobs one by one");
+                let mut out = Outcomes::default();
+                for d in done {
+                    let one = match self.write_batch(std::slice::from_ref(d)).await {
+                        Err(e) if refused_for_data(&e) => self.dead_letter(d, &e).await?,
+                        other => other?,
+                    };
+                    out.add(&one);
+                    out.latencies.extend(one.latencies);
+                }
+                Ok(out)
+            }
+            other => other,
+        }
+    }
+
+    /// Dead-letters a job whose result the database refuses, and parks it (its lease still held).
+    async fn dead_letter(&mut self, d: &Done, e: &Error) -> Result<Outcomes> {
+        let q = |e| Error::db("enrichment sink: dead-lettering a refused job", e);
+        let reason = format!(
+            "the database refused this company's enrichment: {}; the job is parked (`acraflow refresh --failed` \
+             re-queues it)",
+            crate::run::error_chain(e)
+        );
+        tracing::error!(job_id = d.job.id, company_id = d.job.company.id, reason = %reason, "dead-lettered");
+        let row = serde_json::json!({
+            "job_id": d.job.id, "company_id": d.job.company.id, "uen": d.job.company.uen, "name": clean(&d.job.company.name, 500),
+            "status": d.enrichment.status.as_str(), "website_domain": d.enrichment.website_domain.as_deref().map(|t| clean(t, 253)),
+        });
+        let tx = self.client.transaction().await.map_err(q)?;
+        let parked = tx
+            .execute(
+                "update enrichment_jobs set lease_owner = null, lease_expires_at = null, state = 'parked', \
+                   attempts = attempts + 1, last_error = $4, updated_at = now() \
+                 where job_id = $1 and lease_owner = $2 and lease_seq = $3",
+                &[&d.job.id, &self.owner, &d.job.lease_seq, &clean(&reason, 2000)],
+            )
+            .await
+            .map_err(q)?;
+        if parked == 0 {
+            return Ok(Outcomes { lost: 1, ..Default::default() });
+        }
+        tx.execute(
+            "insert into dead_letters (run_id, source_lsn, source_seq, uen, stage, reason, row) \
+             values ($1, '0/0', $2, $3, 'enrich', $4, $5) on conflict (source_lsn, source_seq, stage) do nothing",
+            &[&self.run_id, &d.job.id, &d.job.company.uen, &reason, &row],
+        )
+        .await
+        .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        metrics().dead_letters.get_or_create(&crate::telemetry::metrics::StageLabel { stage: "enrich" }).inc();
+        Ok(Outcomes { failed: 1, parked: 1, dead_lettered: 1, ..Default::default() })
+    }
+
+    async fn write_batch(&mut self, done: &[Done]) -> Result<Outcomes> {
         let q = |e| Error::db("enrichment sink: committing finished jobs", e);
         let mut out = Outcomes::default();
         let tx = self.client.transaction().await.map_err(q)?;
@@ -239,6 +307,26 @@ impl EnrichmentSink {
     }
 }
 
+/// The server refused a value (an encoding error, a constraint, a trigger): the same statement fails the
+/// same way every time, unlike a lost connection or a deadlock.
+fn refused_for_data(e: &Error) -> bool {
+    e.kind() == ErrorKind::Database && !e.is_retryable() && e.sql_state().is_some()
+}
+
+/// Text as the database takes it: no NUL or other control characters (newlines and tabs kept), at most
+/// `max` characters.
+pub fn clean(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t')).take(max).collect()
+}
+
+fn clean_opt(text: &Option<String>, max: usize) -> Option<String> {
+    text.as_deref().map(|t| clean(t, max)).filter(|t| !t.trim().is_empty())
+}
+
+fn clean_list(items: &[String], max: usize) -> serde_json::Value {
+    serde_json::json!(items.iter().map(|t| clean(t, max)).filter(|t| !t.is_empty()).take(50).collect::<Vec<_>>())
+}
+
 /// After the commit: the metrics and each committed company's `persist` and `summary` stages, in its span.
 fn record_committed(done: &[Done], held: &foldhash::HashMap<i64, (i64, i32, std::time::SystemTime)>) {
     let m = metrics();
@@ -328,37 +416,41 @@ impl EnrichedRows {
         self.reason.push(d.job.reason.clone());
         self.enqueued.push(enqueued_at);
         self.status.push(x.status.as_str());
-        self.error.push(match (&x.error, parked) {
-            (Some(e), true) => Some(format!("{e} (parked after {} attempts)", d.job.attempts + 1)),
-            (e, _) => e.clone(),
-        });
-        self.domain.push(x.website_domain.clone());
-        self.about.push(x.about_text.clone());
-        self.emails.push(serde_json::json!(x.public_emails));
-        self.phones.push(serde_json::json!(x.phones));
-        self.tech.push(serde_json::json!(x.tech_stack));
+        self.error.push(clean_opt(
+            &match (&x.error, parked) {
+                (Some(e), true) => Some(format!("{e} (parked after {} attempts)", d.job.attempts + 1)),
+                (e, _) => e.clone(),
+            },
+            2_000,
+        ));
+        self.domain.push(clean_opt(&x.website_domain, 253));
+        self.about.push(clean_opt(&x.about_text, 10_000));
+        self.emails.push(clean_list(&x.public_emails, 320));
+        self.phones.push(clean_list(&x.phones, 64));
+        self.tech.push(clean_list(&x.tech_stack, 100));
         self.jobs.push(x.jobs_count);
-        self.linkedin.push(x.linkedin_url.clone());
+        self.linkedin.push(clean_opt(&x.linkedin_url, 500));
         self.pages.push(x.pages_fetched);
         self.duration_ms.push(x.duration.as_millis().min(i32::MAX as u128) as i32);
         self.tokens.push(x.llm_tokens);
         self.employees.push(x.employees_est);
-        self.revenue.push(x.revenue_bucket.clone());
-        self.corpus.push(x.corpus.clone());
-        self.hq_city.push(x.hq_city.clone());
-        self.hq_country.push(x.hq_country.clone());
+        self.revenue.push(clean_opt(&x.revenue_bucket, 50));
+        self.corpus.push(clean_opt(&x.corpus, 200_000));
+        self.hq_city.push(clean_opt(&x.hq_city, 200));
+        self.hq_country.push(clean_opt(&x.hq_country, 100));
         self.seen.push(x.pages_fetched > 0);
         self.success.push(x.status != Status::Failed);
-        let mut seen = std::collections::HashSet::new();
+        // Name and title capped so the unique index entry on (company, lower(name), title) always fits.
         for c in &x.contacts {
-            // One row per (company, name, title): the upsert below may not touch a row twice.
-            if seen.insert((c.name.to_lowercase(), c.title.clone().unwrap_or_default())) {
-                self.contacts.company.push(company_id);
-                self.contacts.name.push(c.name.clone());
-                self.contacts.title.push(c.title.clone());
-                self.contacts.linkedin.push(c.linkedin_url.clone());
-                self.contacts.email.push(c.email.clone());
+            let name = clean(&c.name, 200);
+            if name.trim().is_empty() {
+                continue;
             }
+            self.contacts.company.push(company_id);
+            self.contacts.name.push(name);
+            self.contacts.title.push(clean_opt(&c.title, 300));
+            self.contacts.linkedin.push(clean_opt(&c.linkedin_url, 500));
+            self.contacts.email.push(clean_opt(&c.email, 320));
         }
     }
 
@@ -432,8 +524,12 @@ impl EnrichedRows {
                 return Ok(0);
             }
             tx.execute(
+                // One row per key as the database compares names (its `lower()`, not Rust's): the upsert
+                // may not touch a row twice.
                 "insert into contacts (company_id, name, title, linkedin_url, email) \
-                 select * from unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                 select distinct on (c, lower(n), coalesce(t, '')) c, n, t, l, e \
+                 from unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[]) as u(c, n, t, l, e) \
+                 order by c, lower(n), coalesce(t, '') \
                  on conflict (company_id, lower(name), coalesce(title, '')) do update \
                    set linkedin_url = coalesce(excluded.linkedin_url, contacts.linkedin_url), \
                        email = coalesce(excluded.email, contacts.email), updated_at = now()",
@@ -466,6 +562,14 @@ mod tests {
             },
             enrichment: Enrichment { status, transient, ..Default::default() },
         }
+    }
+
+    #[test]
+    fn text_is_cleaned_of_control_characters_and_capped() {
+        assert_eq!(clean("a\u{0}b\u{7}c\nd\te\r", 100), "abc\nd\te");
+        assert_eq!(clean("İLKER", 3), "İLK");
+        assert_eq!(clean_opt(&Some("\u{0}\u{1}".into()), 10), None, "nothing left is nothing");
+        assert_eq!(clean_list(&["x\u{0}@y.sg".into(), "\u{0}".into()], 50), serde_json::json!(["x@y.sg"]));
     }
 
     #[test]
