@@ -106,7 +106,9 @@ pub struct RobotsCache {
 impl Http {
     pub fn new(settings: HttpSettings) -> crate::Result<Http> {
         let err = |what: &str, e: reqwest::Error| crate::Error::config(format!("{what}: {}", e.without_url()));
-        let builder = || {
+        // `honour_no_proxy`: only for the API client (search, LLM, reader). Crawled URLs come from data: a
+        // host listed in NO_PROXY would be fetched directly, past the proxy and unchecked.
+        let builder = |honour_no_proxy: bool| {
             let mut b = Client::builder()
                 .user_agent(settings.user_agent.clone())
                 .timeout(settings.timeout)
@@ -116,21 +118,21 @@ impl Http {
             if let Some(p) = &settings.proxy {
                 let proxy = reqwest::Proxy::all(p)
                     .map_err(|e| crate::Error::config(format!("ENRICH_HTTP_PROXY is not a proxy URL ({e})")))?
-                    .no_proxy(reqwest::NoProxy::from_env());
+                    .no_proxy(if honour_no_proxy { reqwest::NoProxy::from_env() } else { None });
                 b = b.proxy(proxy);
             } else {
                 b = b.no_proxy();
             }
             Ok::<_, crate::Error>(b)
         };
-        let mut site = builder()?;
+        let mut site = builder(false)?;
         if !settings.allow_private && settings.proxy.is_none() {
             site = site.dns_resolver(Arc::new(PublicOnly));
         }
         let period = settings.host_spacing.max(Duration::from_millis(1));
         Ok(Http {
             site: site.build().map_err(|e| err("building the HTTP client", e))?,
-            api: builder()?.build().map_err(|e| err("building the HTTP client", e))?,
+            api: builder(true)?.build().map_err(|e| err("building the HTTP client", e))?,
             spacing: RateLimiter::keyed(Quota::with_period(period).expect("a non-zero period")),
             acquired: AtomicU64::new(0),
             robots_agent: settings.user_agent.split(['/', ' ']).next().unwrap_or("acraflow").to_owned(),
@@ -397,6 +399,8 @@ impl WithoutUrlRef for reqwest::Error {
 }
 
 /// Whether an address is publicly routable (not private, loopback, link-local, CGNAT, multicast, ...).
+/// IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4) are judged by that address;
+/// special-purpose ranges (IANA's registries) are not public.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -411,18 +415,38 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (64..128).contains(&o[1]))
                 || (o[0] == 198 && (18..20).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+                || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 6to4 relay anycast
                 || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80)
+            let embedded =
+                |hi: u16, lo: u16| IpAddr::V4(std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+            if v6.is_loopback() || v6.is_unspecified() {
+                return false;
+            }
+            // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible)
+            if s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0) {
+                return is_public(embedded(s[6], s[7]));
+            }
+            // NAT64, well-known prefix 64:ff9b::/96
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(s[6], s[7]));
+            }
+            // 6to4, 2002::/16: the IPv4 address follows the prefix
+            if s[0] == 0x2002 {
+                return is_public(embedded(s[1], s[2]));
+            }
+            !(v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64, 64:ff9b:1::/48
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo, 2001::/32
+                || (s[0] == 0x2001 && s[1] == 0xdb8) // documentation, 2001:db8::/32
+                || (s[0] & 0xfff0) == 0x3ff0 // documentation, 3fff::/20
+                || s[..4] == [0x100, 0, 0, 0]) // discard, 100::/64
         }
     }
 }
@@ -470,10 +494,28 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::1",
+            "2001::1",
+            "fec0::1",
+            "100::1",
+            "2001:db8::1",
+            "3fff::1",
+            "192.0.0.8",
+            "192.88.99.1",
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["8.8.8.8", "203.116.1.1", "2001:4860:4860::8888"] {
+        for public in
+            ["8.8.8.8", "203.116.1.1", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8"]
+        {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
