@@ -354,6 +354,8 @@ pub const DEFAULT_CORPUS_CHARS: usize = 12_000;
 pub const DEFAULT_LLM_MODEL: &str = "gpt-4o-mini";
 pub const DEFAULT_LLM_CHUNKS: usize = 4;
 pub const MAX_CONCURRENCY: usize = 1_024;
+/// The longest request timeout accepted (`CRAWLER_TIMEOUT_S`): a longer one is a mistake, not a setting.
+pub const MAX_TIMEOUT_S: f64 = 3_600.0;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -425,7 +427,7 @@ impl EnrichSpec {
         set(&mut self.concurrency, &o.concurrency);
         set_opt(&mut self.daily_cap, &o.daily_cap);
         set(&mut self.max_pages, &o.max_pages);
-        if let Some(s) = o.timeout_s.filter(|s| s.is_finite() && *s > 0.0) {
+        if let Some(s) = o.timeout_s.filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_TIMEOUT_S) {
             self.timeout = Duration::from_secs_f64(s);
         } else if o.timeout_s.is_some() {
             self.timeout = Duration::ZERO; // rejected by validate(), which names the setting
@@ -464,8 +466,8 @@ impl EnrichSpec {
         if self.max_pages == 0 || self.max_pages > 50 {
             return bad(&format!("CRAWL_MAX_PAGES is {}; use 1 to 50", self.max_pages));
         }
-        if self.timeout.is_zero() {
-            return bad("CRAWLER_TIMEOUT_S must be a number of seconds above 0");
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs_f64(MAX_TIMEOUT_S) {
+            return bad(&format!("CRAWLER_TIMEOUT_S must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}"));
         }
         if self.daily_cap == Some(0) {
             return bad("ACRA_DIRECT_DAILY_CAP is 0; leave it unset for no cap");
@@ -723,8 +725,14 @@ impl PipelineSpec {
                 )));
             }
         }
-        if self.source.batch_deadline.is_zero() {
-            return Err(Error::config("source.batch_deadline (ACRA_DIRECT_BATCH_DEADLINE) must be more than 0"));
+        if self.source.batch_deadline < Duration::from_millis(1) {
+            return Err(Error::config(format!(
+                "source.batch_deadline (ACRA_DIRECT_BATCH_DEADLINE) is {:?}; use 1ms or more",
+                self.source.batch_deadline
+            )));
+        }
+        if self.source.status_interval < Duration::from_millis(10) {
+            return Err(Error::config("source.status_interval must be 10ms or more"));
         }
         if self.source.batch_limit == Some(0) {
             return Err(Error::config("ACRA_DIRECT_BATCH_LIMIT is 0; leave it unset for no limit"));
@@ -841,6 +849,7 @@ mod tests {
             (EnrichOverrides { concurrency: Some(0), ..Default::default() }, "ACRA_DIRECT_CONCURRENCY"),
             (EnrichOverrides { search_url: Some("http://x/?q=".into()), ..Default::default() }, "ENRICH_SEARCH_URL"),
             (EnrichOverrides { timeout_s: Some(-1.0), ..Default::default() }, "CRAWLER_TIMEOUT_S"),
+            (EnrichOverrides { timeout_s: Some(1e20), ..Default::default() }, "CRAWLER_TIMEOUT_S"),
             (EnrichOverrides { contacts: Some(true), ..Default::default() }, "APIFY_LINKEDIN_URL"),
         ] {
             let mut p = PipelineSpec::acra_direct();
@@ -894,6 +903,12 @@ mod tests {
         let mut p = PipelineSpec::registry_sync();
         p.source.batch_size = 0;
         assert!(p.validate().unwrap_err().to_string().contains("ACRA_DIRECT_BATCH_SIZE"));
+        let mut p = PipelineSpec::registry_sync();
+        p.apply(&Overrides { batch_deadline: Some(Duration::from_nanos(1)), ..Default::default() });
+        assert!(
+            p.validate().unwrap_err().to_string().contains("ACRA_DIRECT_BATCH_DEADLINE"),
+            "a deadline that would panic"
+        );
         let mut p = PipelineSpec::registry_sync();
         p.operators.swap(1, 2);
         assert!(p.validate().unwrap_err().to_string().contains("'dedupe' must come before 'upsert'"));

@@ -464,7 +464,7 @@ fn record_latencies(latencies: &std::sync::Mutex<Latencies>, batch: &crate::chan
 /// stops the producer). The task ends after an error, or when the consumer goes away.
 pub fn spawn_stage(mut input: BatchStream) -> BatchStream {
     let (tx, mut rx) = mpsc::channel(STAGE_DEPTH);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(item) = input.next().await {
             let failed = item.is_err();
             if tx.send(item).await.is_err() || failed {
@@ -476,5 +476,29 @@ pub fn spawn_stage(mut input: BatchStream) -> BatchStream {
         while let Some(item) = rx.recv().await {
             yield item;
         }
+        // The channel closed: the stage ended, or panicked. A panic fails the run; it is not the end of
+        // the source.
+        if let Err(e) = task.await {
+            if e.is_panic() {
+                let why = crate::source::replication::panic_message(e.into_panic().as_ref());
+                yield Err(Error::new(crate::ErrorKind::Io, format!("a pipeline stage panicked ({why})")));
+            }
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stage_that_panics_fails_the_stream_instead_of_ending_it() {
+        let panicking: BatchStream =
+            Box::pin(futures::stream::poll_fn(|_| -> std::task::Poll<Option<Result<_>>> { panic!("boom in a stage") }));
+        let mut stage = spawn_stage(panicking);
+        let item = stage.next().await.expect("an item, not the end of the stream");
+        let err = item.expect_err("the panic is an error");
+        assert!(err.to_string().contains("boom in a stage"), "{err}");
+        assert!(stage.next().await.is_none());
+    }
 }

@@ -212,3 +212,20 @@ async fn start_and_limit_environment_variables_drive_the_backfill() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("abc"), "the bad value is named");
 }
+
+/// Settings that would make the engine panic (a zero interval, a timeout past what a Duration holds) are
+/// refused at start with the setting's name, and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_would_panic_are_refused_by_name() {
+    let db = TestDb::new().await;
+    for (args, env, named) in [
+        (vec!["run"], ("ACRA_DIRECT_BATCH_DEADLINE", "1ns"), "ACRA_DIRECT_BATCH_DEADLINE"),
+        (vec!["backfill", "--pipeline", "acra_direct"], ("CRAWLER_TIMEOUT_S", "1e20"), "CRAWLER_TIMEOUT_S"),
+    ] {
+        let out = db.cli(&args, &[env]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(named) && !stderr.contains("panicked"), "{stderr}");
+    }
+    assert_eq!(db.count("select count(*) from enrichment_runs").await, 0, "nothing ran");
+}

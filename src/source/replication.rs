@@ -97,14 +97,34 @@ pub fn stream(opts: ReplicationOptions, progress: Arc<Progress>, stop: watch::Re
         });
     });
     Box::pin(async_stream::stream! {
-        if let Err(e) = spawned {
-            yield Err(Error::io("replication: starting its thread", e));
-            return;
-        }
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                yield Err(Error::io("replication: starting its thread", e));
+                return;
+            }
+        };
         while let Some(item) = rx.recv().await {
             yield item;
         }
+        // The channel closed: the session ended, cleanly or by a panic. A panic is a failure of the run,
+        // never the end of the stream.
+        if let Ok(Err(panic)) = tokio::task::spawn_blocking(move || thread.join()).await {
+            yield Err(crate::error::Error::new(
+                crate::ErrorKind::Io,
+                format!("replication: its thread panicked ({})", panic_message(panic.as_ref())),
+            ));
+        }
     })
+}
+
+/// The message of a panic payload (a `&str` or `String`, as `panic!` makes them).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// How long the session sleeps when it caught up with the server inside a transaction, so that changes
@@ -196,7 +216,9 @@ impl<'a> Session<'a> {
             sent,
             acked: 0,
         };
-        let mut tick = tokio::time::interval(s.opts.batch_deadline.min(Duration::from_millis(50)) / 2);
+        let mut tick = tokio::time::interval(
+            (s.opts.batch_deadline.min(Duration::from_millis(50)) / 2).max(Duration::from_micros(500)),
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             s.acknowledge_durable();
