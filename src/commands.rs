@@ -130,6 +130,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
         .await
         .map_err(|e| Error::db("writing the run header", e))?
         .get(0);
+    crate::run::hold(&control, run_id).await?;
     tracing::info!(run_id, worker = worker::owner_id(), "worker started");
     let stop = shutdown_signal();
     let (monitor, notifier) =
@@ -607,6 +608,7 @@ async fn wait_for_enriched(
 async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let client = db::connect(dsn).await?;
     db::schema_facts(&client).await?;
+    crate::run::mark_abandoned(&client).await?;
     let q = |sql: &'static str| {
         let client = &client;
         async move { client.query(sql, &[]).await.map_err(|e| Error::db("reading status", e)) }

@@ -90,6 +90,8 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
         .await
         .map_err(|e| Error::db("writing the run header", e))?
         .get(0);
+    crate::run::hold(&control, run_id).await?;
+    crate::run::mark_abandoned(&control).await?;
     tracing::info!(run_id, pipeline = %spec.name, mode = mode_label, "run started");
 
     let started = Instant::now();

@@ -192,3 +192,34 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+/// The namespace of the advisory locks runs hold ("ACRF").
+const RUN_LOCK_NAMESPACE: i32 = 0x4143_5246;
+
+fn run_lock_key(run_id: i64) -> i32 {
+    (run_id & 0x7fff_ffff) as i32
+}
+
+/// Holds a session-level advisory lock for `run_id` on `control` for as long as that session lives, so a
+/// run whose process is gone (killed, a second signal) can be told from one that is running.
+pub async fn hold(control: &tokio_postgres::Client, run_id: i64) -> crate::Result<()> {
+    control
+        .execute("select pg_advisory_lock($1, $2)", &[&RUN_LOCK_NAMESPACE, &run_lock_key(run_id)])
+        .await
+        .map_err(|e| crate::Error::db("taking the run's lock", e))?;
+    Ok(())
+}
+
+/// Marks `abandoned` the runs still `running` whose process no longer holds their lock; returns how many.
+pub async fn mark_abandoned(client: &tokio_postgres::Client) -> crate::Result<u64> {
+    client
+        .execute(
+            "update enrichment_runs r set status = 'abandoned', ended_at = coalesce(r.ended_at, now()), \
+               error = coalesce(r.error, 'the process ended without closing the run (killed, or stopped by a second signal)') \
+             where r.status = 'running' and not exists (select 1 from pg_locks l where l.locktype = 'advisory' \
+               and l.classid = $1::int8::oid and l.objid = (r.run_id & 2147483647)::oid and l.objsubid = 2)",
+            &[&i64::from(RUN_LOCK_NAMESPACE)],
+        )
+        .await
+        .map_err(|e| crate::Error::db("marking abandoned runs", e))
+}

@@ -508,6 +508,10 @@ async fn sigterm_mid_run_drains_and_loses_nothing() {
     kill(pid, Signal::SIGTERM).unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert_eq!(status.code(), Some(130));
+    // No process holds that run any more: status says so instead of `running` forever.
+    let out = output(command(&db, &["status", "--json"], &[])).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"][0]["status"], "abandoned", "{}", v["runs"][0]);
 
     // The next run finishes: every company enriched exactly once.
     let out = output(command(&db, &["backfill"], &env)).await;
