@@ -597,3 +597,18 @@ async fn engine_sessions_are_named_in_pg_stat_activity_and_plan_generically_with
     let plans: String = session.query_one("show plan_cache_mode", &[]).await.unwrap().get(0);
     assert_eq!(plans, "force_generic_plan", "a custom plan for a large batch scans whole tables");
 }
+
+/// The metrics endpoint does not let a client that says nothing hold a connection (a slowloris).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_closes_a_connection_that_sends_no_request() {
+    use tokio::io::AsyncReadExt;
+    let addr = acraflow::telemetry::metrics::serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "still open after 30 s");
+    assert!(started.elapsed() >= Duration::from_secs(5), "closed before the header timeout");
+    // The endpoint still answers.
+    assert_eq!(get(&format!("http://{addr}/healthz")).await.map(|r| r.0), Some(200));
+}

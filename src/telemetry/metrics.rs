@@ -5,7 +5,8 @@
 //! endpoint is what the setting turns on. Names follow PRD 20 (`acra_direct_...`).
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -198,16 +199,40 @@ pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
     })?;
     let bound = listener.local_addr().map_err(|e| Error::io("reading the metrics address", e))?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            // At most MAX_CONNECTIONS at once: more wait in the listen backlog.
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most often: wait instead of spinning on the error.
+                    tracing::warn!(error = %e, "metrics endpoint: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             tokio::spawn(async move {
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(respond)).await;
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service_fn(respond));
+                // A scraper that keeps its connection is cut after CONNECTION_LIFETIME; it reconnects.
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                drop(slot);
             });
         }
     });
     Ok(bound)
 }
+
+/// Connections served at once; a scraper needs one.
+const MAX_CONNECTIONS: usize = 32;
+/// How long a client may take to send a request's headers (and, between requests, to send the next one).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection is kept, whatever it does.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 async fn respond(req: Request<Incoming>) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let m = metrics();
