@@ -243,16 +243,16 @@ pub struct EnrichArgs {
     #[arg(long, env = "ENRICH_HOST_SPACING", value_name = "DURATION", value_parser = crate::config::parse_duration)]
     pub host_spacing: Option<std::time::Duration>,
     /// Search URL with {query}, answering in DuckDuckGo's HTML format
-    #[arg(long, env = "ENRICH_SEARCH_URL", value_name = "URL")]
+    #[arg(long, env = "ENRICH_SEARCH_URL", value_name = "URL", hide_env_values = true)]
     pub search_url: Option<String>,
     /// Reader URL with {url} (r.jina.ai style), used when a site answers 401/403
-    #[arg(long, env = "ENRICH_READER_URL", value_name = "URL")]
+    #[arg(long, env = "ENRICH_READER_URL", value_name = "URL", hide_env_values = true)]
     pub reader_url: Option<String>,
     /// Let crawled URLs reach private, loopback and link-local addresses [default: false]
     #[arg(long, env = "ENRICH_ALLOW_PRIVATE", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub allow_private: Option<bool>,
     /// Send every enrichment request through this HTTP proxy
-    #[arg(long, env = "ENRICH_HTTP_PROXY", value_name = "URL")]
+    #[arg(long, env = "ENRICH_HTTP_PROXY", value_name = "URL", hide_env_values = true)]
     pub http_proxy: Option<String>,
     /// Keep the merged page text in the history row [default: false]
     #[arg(long, env = "PERSIST_CRAWL_CORPUS", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -261,7 +261,7 @@ pub struct EnrichArgs {
     #[arg(long, env = "EXTRACT_CORPUS_CHAR_LIMIT", value_name = "CHARS")]
     pub corpus_char_limit: Option<usize>,
     /// OpenAI-compatible base URL; turns llm_extract on
-    #[arg(long, env = "LLM_BASE_URL", value_name = "URL")]
+    #[arg(long, env = "LLM_BASE_URL", value_name = "URL", hide_env_values = true)]
     pub llm_base_url: Option<String>,
     /// Model name sent to the LLM [default: gpt-4o-mini]
     #[arg(long, env = "LLM_MODEL", value_name = "NAME")]
@@ -276,7 +276,7 @@ pub struct EnrichArgs {
     #[arg(long, env = "ENABLE_APIFY_LINKEDIN", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub enable_apify_linkedin: Option<bool>,
     /// The contacts endpoint (POST, JSON in, a JSON array of people out)
-    #[arg(long, env = "APIFY_LINKEDIN_URL", value_name = "URL")]
+    #[arg(long, env = "APIFY_LINKEDIN_URL", value_name = "URL", hide_env_values = true)]
     pub apify_linkedin_url: Option<String>,
     /// How long a worker's lease on a job lasts unless renewed; a dead worker's jobs return to the queue after it [default: 60s]
     #[arg(long, env = "ENRICH_LEASE", value_name = "DURATION", value_parser = crate::config::parse_duration)]

@@ -85,11 +85,15 @@ impl Cluster {
         let home = opts.home.clone();
         let pgdata = home.join("pgdata");
         let sock = home.join("sock");
-        make_dir(&home, 0o755, None)?;
+        // The home is the user's when it exists: its mode is theirs to choose. Made here, it is traversable
+        // (the server may run as the postgres OS user), its contents private.
+        if !home.exists() {
+            make_dir(&home, 0o755, None)?;
+        }
         make_dir(&sock, 0o755, user.as_ref())?;
         let password = load_or_create_password(&home)?;
         if !pgdata.join("PG_VERSION").exists() {
-            initdb(&bin, &home, &pgdata, &password, user.as_ref())?;
+            initdb(&bin, &home, &pgdata, &password, user.as_ref(), opts.durable)?;
         }
         wait_for_stopping_server(&pgdata);
         if let Some(port) = running_server_port(&pgdata) {
@@ -102,11 +106,15 @@ impl Cluster {
             None => free_port()?,
         };
         let log_path = home.join("postgres.log");
+        // The server's log can hold statements and their values: readable by its owner only.
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
+        fs::set_permissions(&log_path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("setting permissions on {}", log_path.display()), e))?;
         let mut cmd = Command::new(bin.join("postgres"));
         cmd.arg("-D").arg(&pgdata).arg("-p").arg(port.to_string());
         for (k, v) in [
@@ -299,7 +307,8 @@ fn running_server_port(pgdata: &Path) -> Option<u16> {
     (ready && kill(Pid::from_raw(pid), None).is_ok()).then_some(port)
 }
 
-fn initdb(bin: &Path, home: &Path, pgdata: &Path, password: &str, user: Option<&User>) -> Result<()> {
+/// `durable`: initdb syncs what it wrote (`-N`, no sync, is for throwaway test clusters only).
+fn initdb(bin: &Path, home: &Path, pgdata: &Path, password: &str, user: Option<&User>, durable: bool) -> Result<()> {
     // No PG_VERSION means an earlier initdb did not finish: what it left is ours and incomplete.
     if pgdata.exists() {
         fs::remove_dir_all(pgdata).map_err(|e| Error::io(format!("removing incomplete {}", pgdata.display()), e))?;
@@ -312,7 +321,10 @@ fn initdb(bin: &Path, home: &Path, pgdata: &Path, password: &str, user: Option<&
     // of strcoll: every uen probe and index insert is cheaper. Character classes stay C.UTF-8's, so
     // upper() and lower() still know non-ASCII letters.
     cmd.arg("-D").arg(pgdata).args(["-U", ROLE, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"]);
-    cmd.args(["--lc-collate=C", "-N"]);
+    cmd.arg("--lc-collate=C");
+    if !durable {
+        cmd.arg("-N");
+    }
     cmd.arg(format!("--pwfile={}", pwfile.display()));
     if let Some(u) = user {
         cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());

@@ -229,3 +229,37 @@ async fn settings_that_would_panic_are_refused_by_name() {
     }
     assert_eq!(db.count("select count(*) from enrichment_runs").await, 0, "nothing ran");
 }
+
+/// The embedded cluster leaves the mode of a home the user made alone, and keeps its log private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_cluster_respects_the_users_home_and_keeps_its_log_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = std::env::temp_dir().join(format!("acraflow-home-mode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let out = acraflow().arg("migrate").env_remove("POSTGRES_DSN").env("ACRAFLOW_HOME", &home).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&home), 0o711, "the user's home keeps its mode");
+    assert_eq!(mode(&home.join("postgres.log")), 0o600, "the server log is the owner's only");
+    assert_eq!(mode(&home.join("password")), 0o600);
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// URL settings can carry credentials (a token in a query, a proxy password): `--help` never shows them.
+#[test]
+fn help_hides_the_values_of_url_settings() {
+    let secret = "tok-5ecret-1234";
+    let out = acraflow()
+        .args(["run", "--help"])
+        .env("APIFY_LINKEDIN_URL", format!("https://api.example/run?token={secret}"))
+        .env("ENRICH_HTTP_PROXY", format!("http://user:{secret}@proxy:3128"))
+        .env("ENRICH_SEARCH_URL", format!("https://search.example/?key={secret}&q={{query}}"))
+        .env("ENRICH_READER_URL", format!("https://reader.example/{secret}/{{url}}"))
+        .env("LLM_BASE_URL", format!("https://{secret}@llm.example"))
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("APIFY_LINKEDIN_URL") && !help.contains(secret), "{help}");
+}
