@@ -122,15 +122,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
     let tenant = spec.ops.tenant_id.as_deref();
     let control = std::sync::Arc::new(db::connect_as(dsn, tenant, "acraflow").await?);
     db::schema_facts(&control).await?;
-    let run_id: i64 = control
-        .query_one(
-            "insert into enrichment_runs (tenant_id, mode, pipeline, checkpoint_key) values ($1, 'worker', $2, $3)              returning run_id",
-            &[&tenant, &spec.name, &crate::enrichment::worker::owner_id()],
-        )
-        .await
-        .map_err(|e| Error::db("writing the run header", e))?
-        .get(0);
-    crate::run::hold(&control, run_id).await?;
+    let run_id = crate::run::start(&control, tenant, "worker", &spec.name, worker::owner_id()).await?;
     tracing::info!(run_id, worker = worker::owner_id(), "worker started");
     let stop = shutdown_signal();
     let (monitor, notifier) =

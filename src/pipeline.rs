@@ -81,17 +81,9 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
         _ => None,
     };
     let mode_label = mode.label();
-    let run_id: i64 = control
-        .query_one(
-            "insert into enrichment_runs (tenant_id, mode, pipeline, checkpoint_key) values ($1, $2, $3, $4) \
-             returning run_id",
-            &[&spec.ops.tenant_id, &mode_label, &spec.name, &spec.checkpoint_key],
-        )
-        .await
-        .map_err(|e| Error::db("writing the run header", e))?
-        .get(0);
-    crate::run::hold(&control, run_id).await?;
-    crate::run::mark_abandoned(&control).await?;
+    let run_id =
+        crate::run::start(&control, spec.ops.tenant_id.as_deref(), mode_label, &spec.name, &spec.checkpoint_key)
+            .await?;
     tracing::info!(run_id, pipeline = %spec.name, mode = mode_label, "run started");
 
     let started = Instant::now();

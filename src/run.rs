@@ -196,18 +196,29 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// The namespace of the advisory locks runs hold ("ACRF").
 const RUN_LOCK_NAMESPACE: i32 = 0x4143_5246;
 
-fn run_lock_key(run_id: i64) -> i32 {
-    (run_id & 0x7fff_ffff) as i32
-}
-
-/// Holds a session-level advisory lock for `run_id` on `control` for as long as that session lives, so a
-/// run whose process is gone (killed, a second signal) can be told from one that is running.
-pub async fn hold(control: &tokio_postgres::Client, run_id: i64) -> crate::Result<()> {
-    control
-        .execute("select pg_advisory_lock($1, $2)", &[&RUN_LOCK_NAMESPACE, &run_lock_key(run_id)])
+/// Writes a run's header and, in the same statement, takes a session-level advisory lock for it on
+/// `control`, held for as long as that session lives: a run whose process is gone (killed, a second signal)
+/// can be told from one that runs, and no other process sees the header before its lock exists. Then
+/// marks the runs no process holds any more. Returns the run's id.
+pub async fn start(
+    control: &tokio_postgres::Client,
+    tenant: Option<&str>,
+    mode: &str,
+    pipeline: &str,
+    checkpoint_key: &str,
+) -> crate::Result<i64> {
+    let run_id: i64 = control
+        .query_one(
+            "with r as (insert into enrichment_runs (tenant_id, mode, pipeline, checkpoint_key) \
+               values ($1, $2, $3, $4) returning run_id) \
+             select run_id, pg_advisory_lock($5, (run_id & 2147483647)::int4) is not null from r",
+            &[&tenant, &mode, &pipeline, &checkpoint_key, &RUN_LOCK_NAMESPACE],
+        )
         .await
-        .map_err(|e| crate::Error::db("taking the run's lock", e))?;
-    Ok(())
+        .map_err(|e| crate::Error::db("writing the run header", e))?
+        .get(0);
+    mark_abandoned(control).await?;
+    Ok(run_id)
 }
 
 /// Marks `abandoned` the runs still `running` whose process no longer holds their lock; returns how many.
