@@ -600,7 +600,10 @@ async fn wait_for_enriched(
 async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let client = db::connect(dsn).await?;
     db::schema_facts(&client).await?;
-    crate::run::mark_abandoned(&client).await?;
+    // Status may run as a read-only role: marking abandoned runs is a courtesy, not a requirement.
+    if let Err(e) = crate::run::mark_abandoned(&client).await {
+        tracing::debug!(error = %e, "could not mark abandoned runs");
+    }
     let q = |sql: &'static str| {
         let client = &client;
         async move { client.query(sql, &[]).await.map_err(|e| Error::db("reading status", e)) }
