@@ -18,6 +18,9 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("005_queue", include_str!("../sql/005_queue.sql")),
 ];
 
+/// How long a connection may take to start when the DSN sets no `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 const SSIC_CSV: &str = include_str!("../data/ssic2020_classification_structure.csv");
 
 /// `user@host:port/dbname` for logs and errors; the password never appears.
@@ -57,10 +60,28 @@ pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
     if config.get_application_name().is_none() {
         config.application_name(app);
     }
+    // `connect_timeout` bounds the whole start-up (TCP, authentication), not only the TCP connect: a server
+    // that accepts and then says nothing must not hang a command.
+    let timeout = config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let mut delay = Duration::from_millis(200);
     let mut attempt = 1;
     loop {
-        match config.connect(NoTls).await {
+        let connected = match tokio::time::timeout(timeout, config.connect(NoTls)).await {
+            Ok(c) => c,
+            Err(_) => {
+                // Not retried here: a server silent this long is not about to answer.
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "connecting to {}: no answer within {} s (connect_timeout in POSTGRES_DSN; default {} s)",
+                        describe(dsn),
+                        timeout.as_secs_f64(),
+                        DEFAULT_CONNECT_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        };
+        match connected {
             Ok((client, conn)) => {
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -263,3 +263,29 @@ fn help_hides_the_values_of_url_settings() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("APIFY_LINKEDIN_URL") && !help.contains(secret), "{help}");
 }
+
+/// A database address that accepts the connection and never answers: the command ends non-zero within its
+/// `connect_timeout`, naming the setting, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_database_times_out_by_connect_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and hold every connection, answering nothing.
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            open.push(s);
+        }
+    });
+    let dsn = format!("host=127.0.0.1 port={port} user=x password=pw-not-shown dbname=x connect_timeout=2");
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || acraflow().arg("status").env("POSTGRES_DSN", dsn).output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(stderr.contains("no answer within 2 s") && stderr.contains("connect_timeout"), "{stderr}");
+    assert!(!stderr.contains("pw-not-shown"), "{stderr}");
+    held.abort();
+}
