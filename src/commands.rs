@@ -132,8 +132,6 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
     let ticker = monitor.spawn_ticker();
     let started = Instant::now();
     let budget = args.reconnect_budget.unwrap_or(spec.source.reconnect_budget);
-    let mut failing_since: Option<Instant> = None;
-    let mut delay = Duration::from_millis(200);
     let mut total = crate::enrichment::worker::WorkerSummary::default();
     let live: std::sync::Arc<std::sync::Mutex<crate::enrichment::sink::Outcomes>> = Default::default();
     let header_counters = |o: &crate::enrichment::sink::Outcomes| crate::sink::Counters {
@@ -154,39 +152,22 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
             }
         })
     };
-    let result = loop {
-        let attempt = Instant::now();
-        let (_done_tx, done_rx) = watch::channel(true);
+    let result = with_reconnects(budget, &stop, "the worker starts again", || {
+        let (done_tx, done_rx) = watch::channel(true);
         let until = if args.exit_when_idle { Until::Drained(done_rx) } else { Until::Stopped };
         let ctx = worker::RunContext { run_id, monitor: monitor.clone(), live: std::sync::Arc::clone(&live) };
-        let run = worker::run(dsn, settings.clone(), ws.clone(), ctx, until, stop.clone()).await;
-        match run {
-            Ok(s) => {
-                total.latency = s.latency;
-                total.backing_off = s.backing_off;
-                total.capped = s.capped;
-                break Ok(());
-            }
-            Err(e) if e.is_retryable() && !*stop.borrow() => {
-                if attempt.elapsed() > Duration::from_secs(30) {
-                    failing_since = None;
-                    delay = Duration::from_millis(200);
-                }
-                if failing_since.get_or_insert(attempt).elapsed() >= budget {
-                    break Err(Error::with_source(
-                        crate::ErrorKind::Connect,
-                        format!("gave up after {}s of reconnecting (ACRA_DIRECT_RECONNECT_BUDGET)", budget.as_secs()),
-                        e,
-                    ));
-                }
-                tracing::warn!(error = %pipeline::error_chain(&e), retry_in_ms = delay.as_millis() as u64,
-                    "lost the database; the worker starts again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(e) => break Err(e),
+        let run = worker::run(dsn, settings.clone(), ws.clone(), ctx, until, stop.clone());
+        async move {
+            let _done_tx = done_tx;
+            run.await
         }
-    };
+    })
+    .await
+    .map(|s| {
+        total.latency = s.latency;
+        total.backing_off = s.backing_off;
+        total.capped = s.capped;
+    });
     header.abort();
     ticker.abort();
     drop(monitor);
@@ -296,44 +277,76 @@ async fn run_pipeline(database: &Database, args: &RunArgs, mode: Mode) -> Result
 }
 
 /// Runs the pipeline; after a lost connection (a database restart, a network cut) starts it again from
-/// the checkpoint, with exponential backoff and jitter, until `reconnect_budget` has passed without a
-/// successful start. Then it gives up with the cause.
+/// the checkpoint (see [`with_reconnects`]).
 pub async fn supervise(
     dsn: &str,
     spec: &PipelineSpec,
     mode: Mode,
     stop: watch::Receiver<bool>,
 ) -> Result<pipeline::RunSummary> {
+    with_reconnects(spec.source.reconnect_budget, &stop, "restarting from the checkpoint", || {
+        pipeline::run(dsn, spec, mode, stop.clone())
+    })
+    .await
+}
+
+/// How long a process that has never reached its database keeps trying: a wrong address or a server that
+/// is down should fail a fresh start in seconds, not after the budget meant for an outage.
+const FIRST_CONNECT_BUDGET: Duration = Duration::from_secs(30);
+
+/// Runs `attempt` again after a lost connection, with exponential backoff and jitter, until it succeeds,
+/// fails for another reason, a stop is requested (SIGINT/SIGTERM end the waits too), or `budget` passes
+/// without a start that lasted. Until this process has reached the database once, the budget is at most
+/// [`FIRST_CONNECT_BUDGET`].
+pub async fn with_reconnects<T, F, Fut>(
+    budget: Duration,
+    stop: &watch::Receiver<bool>,
+    what: &str,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     use rand::Rng;
-    let budget = spec.source.reconnect_budget;
     let mut failing_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(200);
+    let mut stop = stop.clone();
     loop {
-        let attempt = Instant::now();
-        match pipeline::run(dsn, spec, mode, stop.clone()).await {
-            Ok(summary) => return Ok(summary),
-            Err(e) if e.is_retryable() && !*stop.borrow() => {
-                if attempt.elapsed() > Duration::from_secs(30) {
-                    // It ran for a while: this is a new outage, not the same one.
-                    failing_since = None;
-                    delay = Duration::from_millis(200);
-                }
-                let since = *failing_since.get_or_insert(attempt);
-                if since.elapsed() >= budget {
-                    return Err(Error::with_source(
-                        crate::ErrorKind::Connect,
-                        format!("gave up after {}s of reconnecting (ACRA_DIRECT_RECONNECT_BUDGET)", budget.as_secs()),
-                        e,
-                    ));
-                }
-                let wait = delay + delay.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
-                tracing::warn!(error = %pipeline::error_chain(&e), retry_in_ms = wait.as_millis() as u64,
-                    "lost the database; restarting from the checkpoint");
-                tokio::time::sleep(wait).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
+        let started = Instant::now();
+        let e = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && !*stop.borrow() => e,
             Err(e) => return Err(e),
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            // It ran for a while: this is a new outage, not the same one.
+            failing_since = None;
+            delay = Duration::from_millis(200);
         }
+        let since = *failing_since.get_or_insert(started);
+        let (budget, setting) = if db::ever_connected() {
+            (budget, "ACRA_DIRECT_RECONNECT_BUDGET")
+        } else {
+            (budget.min(FIRST_CONNECT_BUDGET), "never reached the database; a first start tries for at most 30s")
+        };
+        if since.elapsed() >= budget {
+            return Err(Error::with_source(
+                crate::ErrorKind::Connect,
+                format!("gave up after {}s of reconnecting ({setting})", budget.as_secs()),
+                e,
+            ));
+        }
+        let wait = delay + delay.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
+        tracing::warn!(error = %pipeline::error_chain(&e), retry_in_ms = wait.as_millis() as u64,
+            "lost the database; {what}");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => {
+                return Err(Error::with_source(crate::ErrorKind::Connect, "stopped while waiting to reconnect", e));
+            }
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

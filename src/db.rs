@@ -18,6 +18,14 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("005_queue", include_str!("../sql/005_queue.sql")),
 ];
 
+/// Whether this process has connected to its database at least once (a fresh start that never did fails
+/// sooner: see `commands::with_reconnects`).
+static EVER_CONNECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn ever_connected() -> bool {
+    EVER_CONNECTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How long a connection may take to start when the DSN sets no `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,6 +91,7 @@ pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
         };
         match connected {
             Ok((client, conn)) => {
+                EVER_CONNECTED.store(true, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection closed");

@@ -289,3 +289,32 @@ async fn a_silent_database_times_out_by_connect_timeout() {
     assert!(!stderr.contains("pw-not-shown"), "{stderr}");
     held.abort();
 }
+
+/// A fresh `run` that never reaches its database gives up within the first-start budget (not the 5 minutes
+/// meant for an outage), and SIGTERM ends its waits at once.
+#[test]
+fn a_run_that_never_connects_fails_soon_and_sigterm_ends_its_waits() {
+    let dsn = "host=127.0.0.1 port=1 user=ops password=pw dbname=crm connect_timeout=1";
+    let started = std::time::Instant::now();
+    let out = acraflow().arg("run").env("POSTGRES_DSN", dsn).env("RUST_LOG", "warn").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("gave up after 30s") && stderr.contains("never reached the database"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(90), "took {:?}", started.elapsed());
+
+    let child = acraflow()
+        .arg("run")
+        .env("POSTGRES_DSN", dsn)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let signalled = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(signalled.elapsed() < Duration::from_secs(15), "SIGTERM took {:?}", signalled.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("connecting to ops@127.0.0.1:1/crm"), "the cause is named: {stderr}");
+}
