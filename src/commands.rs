@@ -175,7 +175,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
         n.flush(Duration::from_secs(10)).await;
     }
     total.outcomes = live.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let enrichment = pipeline::enrichment_summary(&total);
+    let enrichment = total.summary();
     let counters = header_counters(&total.outcomes);
     let status = match (&result, *stop.borrow()) {
         (Err(_), _) => "failed",

@@ -30,7 +30,7 @@ use crate::ops::filter::Filter;
 use crate::ops::upsert::Upsert;
 use crate::ops::{BatchStream, Operator};
 pub use crate::run::{error_chain, RunSummary};
-use crate::run::{write_header, EnrichmentSummary, Latencies};
+use crate::run::{write_header, Latencies};
 use crate::sink::{Counters, PostgresSink};
 use crate::source::plan::{backfill_start, build_source, plan_stream, rows_after, SourcePlan};
 use crate::source::quote_table;
@@ -120,7 +120,7 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
     let registry = async {
         let result = drive(&run, &table, facts, plan, stop.clone()).await;
         let _ = registry_done.send(true);
-        result.map_err(|(_, e)| e)
+        result
     };
     let enrichment = async {
         match worker {
@@ -128,24 +128,26 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
             None => Ok(None),
         }
     };
+    // Ends a pause after its cool-down while either dataflow runs (a draining backfill's worker too).
+    let _ticker = AbortOnDrop(monitor.spawn_ticker());
     // Either side failing ends both (the worker's leases are given back by the next attempt, or expire).
     let result = tokio::select! {
         r = futures::future::try_join(registry, enrichment) => r,
         _ = run.keep_reporting() => unreachable!("reporting never ends"),
     };
     let seconds = started.elapsed().as_secs_f64();
-    let counters_so_far = run.counters();
+    // Both dataflows' counters, as they stood after their last commits.
+    let counters = run.counters();
     let latencies = run.latencies.lock().unwrap_or_else(|p| p.into_inner()).summary();
     drop(run);
+    drop(_ticker);
     drop(monitor);
     if let Some(n) = notifier {
         n.flush(Duration::from_secs(10)).await;
     }
-    let mut counters = counters_so_far;
     let (status, last, error, enrichment) = match &result {
-        Ok(((c, last), w)) => {
-            counters = Counters { enriched: counters.enriched, failed: counters.failed, ..*c };
-            let enrichment = w.as_ref().map(enrichment_summary);
+        Ok((last, w)) => {
+            let enrichment = w.as_ref().map(WorkerSummary::summary);
             (if *stop.borrow() { "interrupted" } else { "completed" }, last.clone(), None, enrichment)
         }
         Err(e) => ("failed", None, Some(error_chain(e)), None),
@@ -171,20 +173,6 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
             checkpoint: last.map(|c| c.cursor.to_string()),
             enrichment,
         }),
-    }
-}
-
-pub fn enrichment_summary(w: &WorkerSummary) -> EnrichmentSummary {
-    let o = &w.outcomes;
-    EnrichmentSummary {
-        ok: o.ok,
-        degraded: o.degraded,
-        failed: o.failed,
-        retried: o.retried,
-        parked: o.parked,
-        queue_latency: w.latency,
-        backing_off: w.backing_off,
-        capped: w.capped,
     }
 }
 
@@ -271,7 +259,7 @@ async fn drive(
     facts: db::SchemaFacts,
     plan: SourcePlan,
     stop: watch::Receiver<bool>,
-) -> std::result::Result<(Counters, Option<Checkpoint>), (Counters, Error)> {
+) -> Result<Option<Checkpoint>> {
     let (dsn, spec, tenant) = (run.dsn, run.spec, run.spec.ops.tenant_id.as_deref());
     let mut counters = Counters::default();
     let streaming = !matches!(plan, SourcePlan::Backfill { .. });
@@ -285,7 +273,7 @@ async fn drive(
             run.run_id,
             Arc::clone(&progress),
         );
-        if spec.enrich().is_some() {
+        if enriching {
             sink = sink.enqueueing(spec.ops.tenant_id.clone());
         }
         let source = build_source(dsn, spec, table, plan, progress, stop.clone()).await?;
@@ -301,9 +289,8 @@ async fn drive(
         }
         Ok::<_, Error>((spawn_stage(stream), sink))
     };
-    let (mut stream, mut sink) = setup.await.map_err(|e| (counters, e))?;
+    let (mut stream, mut sink) = setup.await?;
     let _running = Running::start();
-    let _ticker = AbortOnDrop(run.monitor.spawn_ticker());
     let _lag = streaming.then(|| AbortOnDrop(spawn_lag_poller(dsn.to_owned(), spec.source.slot.clone())));
     let mut reporter = progress::Reporter::new(spec.ops.progress, run.total, spec.ops.progress_every);
     let mut stopping = stop.clone();
@@ -341,8 +328,8 @@ async fn drive(
             },
             item = stream.next() => {
                 let Some(batch) = item else { break };
-                let batch = batch.map_err(|e| (counters, e))?;
-                let c = sink.write(&batch).await.map_err(|e| (counters, e))?;
+                let batch = batch?;
+                let c = sink.write(&batch).await?;
                 counters.add(&c);
                 *run.latest.lock().unwrap_or_else(|p| p.into_inner()) = counters;
                 record_latencies(&run.latencies, &batch);
@@ -358,7 +345,7 @@ async fn drive(
             }
         }
     }
-    Ok((counters, last))
+    Ok(last)
 }
 
 /// Polls the slot's lag (`acra_direct_slot_lag_bytes`) every 5 s on a connection of its own.

@@ -31,7 +31,7 @@ use crate::enrichment::queue::{self, Job};
 use crate::enrichment::sink::{Done, EnrichmentSink, Outcomes, RetryPolicy};
 use crate::enrichment::usage::{self, Usage};
 use crate::error::Result;
-use crate::run::{Latencies, LatencySummary};
+use crate::run::{EnrichmentSummary, Latencies, LatencySummary};
 use crate::telemetry::alerts::Monitor;
 use crate::telemetry::metrics::{metrics, ReasonLabel};
 
@@ -93,6 +93,23 @@ pub struct WorkerSummary {
     pub backing_off: i64,
     /// It stopped leasing at the daily cap.
     pub capped: bool,
+}
+
+impl WorkerSummary {
+    /// What a run's summary shows of it.
+    pub fn summary(&self) -> EnrichmentSummary {
+        let o = &self.outcomes;
+        EnrichmentSummary {
+            ok: o.ok,
+            degraded: o.degraded,
+            failed: o.failed,
+            retried: o.retried,
+            parked: o.parked,
+            queue_latency: self.latency,
+            backing_off: self.backing_off,
+            capped: self.capped,
+        }
+    }
 }
 
 /// This process's worker name, as leases record it: host, pid and a random tag (pids repeat across
