@@ -32,10 +32,6 @@ const SEEDED_PATHS: &[(PageKind, &str)] =
 
 #[derive(Debug, Clone)]
 pub struct EnrichSettings {
-    /// `ACRA_DIRECT_CONCURRENCY`: companies doing network work at once.
-    pub concurrency: usize,
-    /// `ACRA_DIRECT_DAILY_CAP`: enrichments per UTC day, across runs.
-    pub daily_cap: Option<u64>,
     /// `CRAWL_MAX_PAGES`, the homepage included.
     pub max_pages: usize,
     /// `ENRICH_SEARCH_URL`: a URL with `{query}`, answering in DuckDuckGo's HTML format.
@@ -77,8 +73,6 @@ impl EnrichSettings {
             _ => None,
         };
         Ok(EnrichSettings {
-            concurrency: spec.concurrency,
-            daily_cap: spec.daily_cap,
             max_pages: spec.max_pages,
             search_url: spec.search_url.clone(),
             reader_url: spec.reader_url.clone(),
@@ -196,10 +190,6 @@ impl Enricher {
     pub fn new(settings: EnrichSettings, tokens: Usage) -> Result<Arc<Self>> {
         let http = Http::new(settings.http.clone())?;
         Ok(Arc::new(Enricher { settings, http, tokens }))
-    }
-
-    pub fn settings(&self) -> &EnrichSettings {
-        &self.settings
     }
 
     /// One company's enrichment, in its `company` span. The span's stage events follow PRD 20:
