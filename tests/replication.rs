@@ -175,6 +175,12 @@ async fn sigkill_at_several_points_loses_and_duplicates_nothing() {
         }
     });
     for (round, threshold) in [(1, 5_000i64), (2, 20_000), (3, 35_000)].into_iter() {
+        // Kill only a run that has started: a kill before its header exists tests nothing.
+        let started = wait_until(Duration::from_secs(60), || async {
+            db.count("select count(*) from enrichment_runs").await >= round
+        })
+        .await;
+        assert!(started, "round {round}: the run never started");
         let progressed = wait_checkpoint(
             &db,
             &format!(
@@ -189,6 +195,10 @@ async fn sigkill_at_several_points_loses_and_duplicates_nothing() {
         engine = db.spawn_cli_run(&[("ACRA_DIRECT_BATCH_SIZE", "500")]);
     }
     writer.await.unwrap();
+    let started =
+        wait_until(Duration::from_secs(60), || async { db.count("select count(*) from enrichment_runs").await >= 4 })
+            .await;
+    assert!(started, "the last run never started");
     db.wait_caught_up(CATCH_UP).await;
     engine.kill().unwrap();
     engine.wait().unwrap();
@@ -196,16 +206,18 @@ async fn sigkill_at_several_points_loses_and_duplicates_nothing() {
     assert_eq!(db.count("select count(*) from staging_acra_companies where uen like 'K%'").await, 50_000);
     db.assert_companies_match_rules().await;
     db.assert_one_history_row_per_company().await;
-    // The killed runs are marked abandoned (by each restart, and by `status`) once the server has noticed
-    // their sessions are gone.
+    // Every killed run is marked abandoned (by each restart, and by `status`) once the server has noticed
+    // its session is gone.
+    let started = db.count("select count(*) from enrichment_runs").await;
+    assert!(started >= 4, "only {started} runs started");
     let marked = wait_until(Duration::from_secs(30), || async {
         acraflow::run::mark_abandoned(&db.client).await.unwrap();
-        db.count("select count(*) from enrichment_runs where status = 'abandoned'").await >= 4
+        db.count("select count(*) from enrichment_runs where status = 'abandoned'").await == started
     })
     .await;
     assert!(
         marked,
-        "killed runs: {}",
+        "{} of {started} killed runs marked abandoned",
         db.count("select count(*) from enrichment_runs where status = 'abandoned'").await
     );
     assert_eq!(db.count("select count(*) from enrichment_runs where status = 'running'").await, 0);
