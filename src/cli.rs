@@ -299,6 +299,21 @@ pub struct EnrichArgs {
     /// How often the stale sweeper runs [default: 10m]
     #[arg(long, env = "ENRICH_REFRESH_EVERY", value_name = "DURATION", value_parser = crate::config::parse_duration)]
     pub refresh_every: Option<std::time::Duration>,
+    /// The search provider's budget per worker, e.g. 200/hour, 10/s, or off [default: 200/hour]
+    #[arg(long, env = "ENRICH_SEARCH_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
+    pub search_rate: Option<crate::config::RateSetting>,
+    /// The reader provider's budget per worker [default: 120/hour]
+    #[arg(long, env = "ENRICH_READER_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
+    pub reader_rate: Option<crate::config::RateSetting>,
+    /// Store a website only when its verification confidence reaches this, 0 to 1 [default: 0.5]
+    #[arg(long, env = "ENRICH_MIN_CONFIDENCE", value_name = "0..1")]
+    pub min_confidence: Option<f64>,
+    /// Deadline for one company's whole enrichment (provider waits excluded) [default: 3m]
+    #[arg(long, env = "ENRICH_COMPANY_TIMEOUT", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub company_timeout: Option<std::time::Duration>,
+    /// Search results fetched and verified per company at most [default: 3]
+    #[arg(long, env = "ENRICH_MAX_CANDIDATES", value_name = "N")]
+    pub max_candidates: Option<usize>,
 }
 
 impl EnrichArgs {
@@ -328,6 +343,11 @@ impl EnrichArgs {
             retry_backoff: self.retry_backoff,
             refresh_after_days: self.refresh_after_days,
             refresh_batch: self.refresh_batch,
+            search_rate: self.search_rate.map(|r| r.0),
+            reader_rate: self.reader_rate.map(|r| r.0),
+            min_confidence: self.min_confidence,
+            company_timeout: self.company_timeout,
+            max_candidates: self.max_candidates,
             refresh_every: self.refresh_every,
         }
     }

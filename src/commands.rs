@@ -113,7 +113,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
         )));
     };
     let settings = crate::enrichment::enrich::EnrichSettings::from_spec(e)?;
-    let ws = WorkerSettings::from_spec(e, &spec.ops);
+    let ws = WorkerSettings::from_spec(e, &spec.ops, &spec.source.table);
     serve_metrics(&args.ops).await?;
     if database.embedded {
         db::migrate(&mut db::connect(&database.dsn).await?).await?;

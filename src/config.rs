@@ -222,7 +222,7 @@ pub enum SourceKind {
     Replication,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OperatorSpec {
     Filter(FilterSpec),
@@ -271,7 +271,7 @@ pub struct UpsertSpec {}
 /// The enrich operator's settings (pipelines/acra_direct.toml documents each with its env name).
 /// Credentials are never read from a pipeline file: `LLM_API_KEY`/`OPENAI_API_KEY` and `APIFY_TOKEN` come
 /// from the environment only.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrichSpec {
     #[serde(default = "one")]
@@ -333,6 +333,100 @@ pub struct EnrichSpec {
     /// How often the stale sweeper runs.
     #[serde(default = "default_refresh_every", deserialize_with = "duration")]
     pub refresh_every: Duration,
+    /// The search provider's budget, shared by every company a worker has in flight.
+    #[serde(default = "default_search_rate", deserialize_with = "rate")]
+    pub search_rate: Option<Rate>,
+    /// The reader provider's budget.
+    #[serde(default = "default_reader_rate", deserialize_with = "rate")]
+    pub reader_rate: Option<Rate>,
+    /// A website is stored only when its verification confidence reaches this (0 to 1).
+    #[serde(default = "default_min_confidence")]
+    pub min_confidence: f64,
+    /// One company's enrichment, all its requests included (waits for a provider's budget excluded).
+    #[serde(default = "default_company_timeout", deserialize_with = "duration")]
+    pub company_timeout: Duration,
+    /// Search results verified per company at most.
+    #[serde(default = "default_max_candidates")]
+    pub max_candidates: usize,
+}
+
+/// A provider's budget: `calls` per `per`, spread evenly (no bursts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub calls: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The spacing between two calls.
+    pub fn interval(&self) -> Duration {
+        (self.per / self.calls.max(1)).max(Duration::from_micros(1))
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.calls, humantime::format_duration(self.per))
+    }
+}
+
+/// `200/hour`, `120/h`, `10/s`, `5/min`, `3/10s`; `off` (or `unlimited`) for no budget.
+pub fn parse_rate(text: &str) -> std::result::Result<Option<Rate>, String> {
+    let t = text.trim().to_ascii_lowercase();
+    if t == "off" || t == "unlimited" || t == "none" {
+        return Ok(None);
+    }
+    let bad = || format!("'{text}' is not a rate like 200/hour, 10/s or 5/min (or off)");
+    let (calls, per) = t.split_once('/').ok_or_else(bad)?;
+    let calls: u32 = calls.trim().parse().map_err(|_| bad())?;
+    let per = match per.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        other => humantime::parse_duration(other).map_err(|_| bad())?,
+    };
+    if calls == 0 || per.is_zero() {
+        return Err(bad());
+    }
+    Ok(Some(Rate { calls, per }))
+}
+
+/// A rate setting as given on the command line: a budget or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSetting(pub Option<Rate>);
+
+pub fn parse_rate_setting(text: &str) -> std::result::Result<RateSetting, String> {
+    parse_rate(text).map(RateSetting)
+}
+
+fn rate<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Rate>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_rate(&text).map_err(serde::de::Error::custom)
+}
+
+/// PRD 02: "DuckDuckGo's 200 requests/hour envelope".
+pub const DEFAULT_SEARCH_RATE: Rate = Rate { calls: 200, per: Duration::from_secs(3600) };
+/// PRD 02: the reader's 120 calls/hour.
+pub const DEFAULT_READER_RATE: Rate = Rate { calls: 120, per: Duration::from_secs(3600) };
+pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.5;
+pub const DEFAULT_COMPANY_TIMEOUT: Duration = Duration::from_secs(180);
+pub const DEFAULT_MAX_CANDIDATES: usize = 3;
+
+fn default_search_rate() -> Option<Rate> {
+    Some(DEFAULT_SEARCH_RATE)
+}
+fn default_reader_rate() -> Option<Rate> {
+    Some(DEFAULT_READER_RATE)
+}
+fn default_min_confidence() -> f64 {
+    DEFAULT_MIN_CONFIDENCE
+}
+fn default_company_timeout() -> Duration {
+    DEFAULT_COMPANY_TIMEOUT
+}
+fn default_max_candidates() -> usize {
+    DEFAULT_MAX_CANDIDATES
 }
 
 impl Default for EnrichSpec {
@@ -410,6 +504,12 @@ pub struct EnrichOverrides {
     pub refresh_after_days: Option<u32>,
     pub refresh_batch: Option<u64>,
     pub refresh_every: Option<Duration>,
+    /// `Some(None)`: no budget.
+    pub search_rate: Option<Option<Rate>>,
+    pub reader_rate: Option<Option<Rate>>,
+    pub min_confidence: Option<f64>,
+    pub company_timeout: Option<Duration>,
+    pub max_candidates: Option<usize>,
 }
 
 impl EnrichSpec {
@@ -456,6 +556,11 @@ impl EnrichSpec {
         }
         set(&mut self.refresh_batch, &o.refresh_batch);
         set(&mut self.refresh_every, &o.refresh_every);
+        set(&mut self.search_rate, &o.search_rate);
+        set(&mut self.reader_rate, &o.reader_rate);
+        set(&mut self.min_confidence, &o.min_confidence);
+        set(&mut self.company_timeout, &o.company_timeout);
+        set(&mut self.max_candidates, &o.max_candidates);
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -515,6 +620,18 @@ impl EnrichSpec {
                     return bad(&format!("{env} is not a URL"));
                 }
             }
+        }
+        if !(0.0..=1.0).contains(&self.min_confidence) {
+            return bad(&format!("ENRICH_MIN_CONFIDENCE is {}; use a number from 0 to 1", self.min_confidence));
+        }
+        if self.company_timeout < self.timeout {
+            return bad(&format!(
+                "ENRICH_COMPANY_TIMEOUT ({:?}) is shorter than one request's timeout (CRAWLER_TIMEOUT_S, {:?})",
+                self.company_timeout, self.timeout
+            ));
+        }
+        if !(1..=10).contains(&self.max_candidates) {
+            return bad(&format!("ENRICH_MAX_CANDIDATES is {}; use 1 to 10", self.max_candidates));
         }
         if self.contacts && self.contacts_url.is_none() {
             return bad(

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("003_engine", include_str!("../sql/003_engine.sql")),
     ("004_enrichment", include_str!("../sql/004_enrichment.sql")),
     ("005_queue", include_str!("../sql/005_queue.sql")),
+    ("006_trust", include_str!("../sql/006_trust.sql")),
 ];
 
 /// Whether this process has connected to its database at least once (a fresh start that never did fails

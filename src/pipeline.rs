@@ -95,7 +95,7 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
     let worker = match spec.enrich() {
         Some(e) => {
             let settings = EnrichSettings::from_spec(e)?;
-            let ws = WorkerSettings::from_spec(e, &spec.ops);
+            let ws = WorkerSettings::from_spec(e, &spec.ops, &spec.source.table);
             let until = match mode {
                 Mode::Backfill => Until::Drained(registry_done_rx),
                 Mode::Stream => Until::Stopped,

@@ -103,6 +103,7 @@ pub async fn lease(
     n: usize,
     lease: Duration,
     cap: Option<u64>,
+    staging_table: &str,
 ) -> Result<Leased> {
     let q = |e| Error::db("leasing enrichment jobs", e);
     let tx = client.transaction().await.map_err(q)?;
@@ -135,7 +136,7 @@ pub async fn lease(
     }
     let rows = tx
         .query(
-            "with picked as ( \
+            &format!("with picked as ( \
                select job_id from enrichment_jobs \
                where state = 'pending' and not_before <= now() \
                  and (lease_expires_at is null or lease_expires_at < now()) \
@@ -147,11 +148,23 @@ pub async fn lease(
                  lease_expires_at = now() + make_interval(secs => $3) \
                from picked where j.job_id = picked.job_id \
                returning j.job_id, j.company_id, j.reason, j.priority, j.lease_seq, j.version, j.attempts, \
-                 j.overrides, j.enqueued_at) \
+                 j.overrides, j.enqueued_at, j.staging_id) \
              select l.job_id, l.company_id, l.reason, l.priority, l.lease_seq, l.version, l.attempts, l.overrides, \
-               c.name, c.uen, c.website_domain \
+               c.name, c.uen, c.website_domain, r.postal_code, r.street_name, r.building_name, r.former_names \
              from leased l left join companies c on c.company_id = l.company_id \
-             order by l.priority, l.enqueued_at, l.job_id",
+             left join lateral ( \
+               select nullif(btrim(s.postal_code), 'na') as postal_code, \
+                 nullif(btrim(s.street_name), 'na') as street_name, \
+                 nullif(btrim(s.building_name), 'na') as building_name, \
+                 array_remove(array[nullif(btrim(s.former_entity_name1), 'na'), \
+                   nullif(btrim(s.former_entity_name2), 'na'), nullif(btrim(s.former_entity_name3), 'na')], null) \
+                   as former_names \
+               from {staging_table} s \
+               where s.id = coalesce(l.staging_id, (select h.staging_id from company_enrichment_runs h \
+                   where h.company_id = l.company_id and h.staging_id is not null \
+                   order by h.updated_at desc limit 1)) \
+                 and upper(btrim(s.uen)) is not distinct from c.uen) r on true \
+             order by l.priority, l.enqueued_at, l.job_id"),
             &[&want, &owner, &lease.as_secs_f64(), &tenant],
         )
         .await
@@ -171,7 +184,16 @@ pub async fn lease(
         });
         jobs.push(Job {
             id,
-            company: Company { id: r.get(1), name, uen: r.get(9), known_domain: r.get(10) },
+            company: Company {
+                id: r.get(1),
+                name,
+                uen: r.get(9),
+                known_domain: r.get(10),
+                postal_code: r.get(11),
+                street: r.get(12),
+                building: r.get(13),
+                former_names: r.get::<_, Option<Vec<String>>>(14).unwrap_or_default(),
+            },
             reason: r.get(2),
             priority: r.get(3),
             lease_seq: r.get(4),

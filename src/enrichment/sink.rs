@@ -391,6 +391,11 @@ struct EnrichedRows {
     corpus: Vec<Option<String>>,
     hq_city: Vec<Option<String>>,
     hq_country: Vec<Option<String>>,
+    hq_postal: Vec<Option<String>>,
+    confidence: Vec<Option<f32>>,
+    evidence: Vec<Option<serde_json::Value>>,
+    source: Vec<Option<&'static str>>,
+    notes: Vec<Option<serde_json::Value>>,
     seen: Vec<bool>,
     /// A success: `companies.enriched_at` moves (what the stale sweeper reads).
     success: Vec<bool>,
@@ -438,6 +443,11 @@ impl EnrichedRows {
         self.corpus.push(clean_opt(&x.corpus, 200_000));
         self.hq_city.push(clean_opt(&x.hq_city, 200));
         self.hq_country.push(clean_opt(&x.hq_country, 100));
+        self.hq_postal.push(clean_opt(&x.hq_postal, 12));
+        self.confidence.push(x.domain_confidence.map(|c| c as f32));
+        self.evidence.push(x.domain_confidence.map(|_| serde_json::json!(x.domain_evidence)));
+        self.source.push(x.domain_source);
+        self.notes.push((!x.notes.is_empty()).then(|| clean_list(&x.notes[..x.notes.len().min(20)], 500)));
         self.seen.push(x.pages_fetched > 0);
         self.success.push(x.status != Status::Failed);
         // Name and title capped so the unique index entry on (company, lower(name), title) always fits.
@@ -458,7 +468,7 @@ impl EnrichedRows {
         if self.company.is_empty() {
             return Ok(());
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 21] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 26] = [
             &run_id,
             &self.company,
             &self.job,
@@ -480,21 +490,31 @@ impl EnrichedRows {
             &self.employees,
             &self.revenue,
             &self.corpus,
+            &self.confidence,
+            &self.evidence,
+            &self.source,
+            &self.hq_postal,
+            &self.notes,
         ];
         let history = tx.execute(
             "insert into company_enrichment_runs (run_id, company_id, job_id, job_lease, job_reason, enqueued_at, \
                status, error, enriched, website_domain, about_text, public_emails, phones, tech_stack, jobs_count, \
-               linkedin_url, pages_fetched, duration_ms, llm_tokens, employees_est, revenue_bucket, corpus) \
-             select $1, c, jb, ls, rs, eq, st, er, true, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co \
+               linkedin_url, pages_fetched, duration_ms, llm_tokens, employees_est, revenue_bucket, corpus, \
+               domain_confidence, domain_evidence, domain_source, hq_postal_code, notes) \
+             select $1, c, jb, ls, rs, eq, st, er, true, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co, dc, de, ds, \
+               hp, nt \
              from unnest($2::int8[], $3::int8[], $4::int8[], $5::text[], $6::timestamptz[], $7::text[], $8::text[], \
                $9::text[], $10::text[], $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::int4[], $15::text[], \
-               $16::int4[], $17::int4[], $18::int8[], $19::int4[], $20::text[], $21::text[]) \
-               as t(c, jb, ls, rs, eq, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co)",
+               $16::int4[], $17::int4[], $18::int8[], $19::int4[], $20::text[], $21::text[], $22::float4[], \
+               $23::jsonb[], $24::text[], $25::text[], $26::jsonb[]) \
+               as t(c, jb, ls, rs, eq, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co, dc, de, ds, hp, nt)",
             &params,
         );
-        // Fields found replace what was there; fields not found leave it. A failed enrichment changes no
-        // field: a domain whose pages could not be read is not one we know (its history row keeps it).
-        let company_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        // A successful enrichment replaces the website and its evidence with what it verified, none
+        // included: "I don't know" replaces a guess. Without a website, nothing read from one stays (about,
+        // LinkedIn, HQ, the LLM's estimates). With one, fields found replace what was there and fields not
+        // found leave it. A failed enrichment changes no field (its history row keeps what it saw).
+        let company_params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
             &self.company,
             &self.domain,
             &self.about,
@@ -505,16 +525,26 @@ impl EnrichedRows {
             &self.hq_country,
             &self.seen,
             &self.success,
+            &self.confidence,
+            &self.evidence,
+            &self.source,
+            &self.hq_postal,
         ];
         let companies = tx.execute(
-            "update companies c set website_domain = coalesce(t.d, c.website_domain), \
-               about_text = coalesce(t.a, c.about_text), employees_est = coalesce(t.ee, c.employees_est), \
-               revenue_bucket = coalesce(t.rb, c.revenue_bucket), linkedin_url = coalesce(t.li, c.linkedin_url), \
-               hq_city = coalesce(t.hc, c.hq_city), hq_country = coalesce(t.hn, c.hq_country), \
+            "update companies c set website_domain = t.d, domain_confidence = t.dc, domain_evidence = t.de, \
+               domain_source = t.ds, \
+               about_text = case when t.d is null then null else coalesce(t.a, c.about_text) end, \
+               employees_est = case when t.d is null then null else coalesce(t.ee, c.employees_est) end, \
+               revenue_bucket = case when t.d is null then null else coalesce(t.rb, c.revenue_bucket) end, \
+               linkedin_url = case when t.d is null then null else coalesce(t.li, c.linkedin_url) end, \
+               hq_city = case when t.d is null then null else coalesce(t.hc, c.hq_city) end, \
+               hq_country = case when t.d is null then null else coalesce(t.hn, c.hq_country) end, \
+               hq_postal_code = case when t.d is null then null else coalesce(t.hp, c.hq_postal_code) end, \
                last_seen = case when t.seen then now() else c.last_seen end, \
                enriched_at = case when t.ok then now() else c.enriched_at end, updated_at = now() \
              from unnest($1::int8[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], \
-               $8::text[], $9::bool[], $10::bool[]) as t(id, d, a, ee, rb, li, hc, hn, seen, ok) \
+               $8::text[], $9::bool[], $10::bool[], $11::float4[], $12::jsonb[], $13::text[], $14::text[]) \
+               as t(id, d, a, ee, rb, li, hc, hn, seen, ok, dc, de, ds, hp) \
              where c.company_id = t.id and t.ok",
             &company_params,
         );
@@ -552,7 +582,7 @@ mod tests {
         Done {
             job: Job {
                 id: 1,
-                company: Company { id: 1, name: "X".into(), uen: None, known_domain: None },
+                company: Company { id: 1, name: "X".into(), ..Default::default() },
                 reason: "new".into(),
                 priority: 100,
                 lease_seq: 1,

@@ -55,10 +55,12 @@ pub struct WorkerSettings {
     pub refresh_every: Duration,
     pub tenant: Option<String>,
     pub drain_timeout: Duration,
+    /// The staging table (quoted), read for the registry facts a website is verified against.
+    pub staging_table: String,
 }
 
 impl WorkerSettings {
-    pub fn from_spec(e: &EnrichSpec, ops: &OpsSpec) -> Self {
+    pub fn from_spec(e: &EnrichSpec, ops: &OpsSpec, staging_table: &str) -> Self {
         WorkerSettings {
             concurrency: e.concurrency.max(1),
             lease: e.lease,
@@ -70,6 +72,7 @@ impl WorkerSettings {
             refresh_every: e.refresh_every,
             tenant: ops.tenant_id.clone(),
             drain_timeout: ops.drain_timeout,
+            staging_table: crate::source::quote_table(staging_table),
         }
     }
 }
@@ -197,7 +200,7 @@ pub async fn run(
             if monitor.gate().is_paused() {
                 next_lease = Instant::now() + ws.poll;
             } else {
-                let leased = queue::lease(&mut lease_client, owner, tenant, room, ws.lease, ws.daily_cap).await?;
+                let leased = queue::lease(&mut lease_client, owner, tenant, room, ws.lease, ws.daily_cap, &ws.staging_table).await?;
                 let got = leased.jobs.len();
                 metrics().worker_leases.inc_by(got as i64);
                 for job in leased.jobs {

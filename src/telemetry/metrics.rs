@@ -45,6 +45,18 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: &'static str,
+    /// ok, refused (rate limit, bot check, 429), error
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderNameLabel {
+    pub provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: &'static str,
 }
@@ -87,6 +99,13 @@ pub struct Metrics {
     pub worker_leases: Gauge,
     /// From a job's enqueue to the commit of its enrichment, in seconds.
     pub queue_latency: Histogram,
+    /// Calls to external providers (search, reader), by provider and outcome.
+    pub provider_calls: Family<ProviderLabel, Counter>,
+    /// Seconds spent waiting for a provider's rate budget, by provider.
+    pub provider_wait: Family<ProviderNameLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Pages whose HTML was extracted, and the CPU seconds extraction took.
+    pub extract_pages: Counter,
+    pub extract_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -114,6 +133,10 @@ impl Metrics {
             worker_leases: Gauge::default(),
             // 100 ms .. about 9 days.
             queue_latency: Histogram::new(exponential_buckets(0.1, 2.0, 24)),
+            provider_calls: Family::default(),
+            provider_wait: Family::default(),
+            extract_pages: Counter::default(),
+            extract_seconds: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -148,6 +171,14 @@ impl Metrics {
             "Seconds from a job's enqueue to the commit of its enrichment",
             m.queue_latency.clone(),
         );
+        r.register("provider_calls", "Calls to search and reader providers, by outcome", m.provider_calls.clone());
+        r.register(
+            "provider_wait_seconds",
+            "Seconds spent waiting for a provider's rate budget",
+            m.provider_wait.clone(),
+        );
+        r.register("extract_pages", "Pages whose HTML was extracted", m.extract_pages.clone());
+        r.register("extract_seconds", "Seconds of CPU spent extracting pages", m.extract_seconds.clone());
         Metrics { registry, ..m }
     }
 

@@ -1,5 +1,5 @@
-//! find_domain's decisions: reading a DuckDuckGo HTML result page, scoring results against the company
-//! name, and the candidate domains the heuristic probe tries. Pure; the fetching is in the parent module.
+//! find_domain's decisions: reading a DuckDuckGo HTML result page (results, or a refusal), choosing the
+//! results worth verifying, and the candidate domains the heuristic probe tries. Pure; the fetching is in the parent module.
 
 use std::sync::LazyLock;
 
@@ -7,6 +7,7 @@ use scraper::{Html, Selector};
 use url::Url;
 
 use super::extract::registrable;
+
 
 /// Results on these sites are about the company, not the company's own site.
 pub const DIRECTORIES: &[&str] = &[
@@ -70,28 +71,62 @@ const LEGAL_WORDS: &[&str] = &[
 pub struct SearchResult {
     pub url: Url,
     pub title: String,
+    pub snippet: String,
 }
 
-static RESULT_LINK: LazyLock<Selector> = LazyLock::new(|| Selector::parse("a.result__a").expect("valid selector"));
+/// A result page that is not results: DuckDuckGo's rate-limit and bot-check pages (`anomaly-modal`, a
+/// `/wr.do` form, `anomalyDetectionBlock`), or any page without its results markup. Never "no website".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the search provider answered with {0} instead of results (a rate limit or a bot check)")]
+pub struct Refused(pub &'static str);
 
-/// Parses DuckDuckGo's HTML results (`a.result__a`, whose href is either the target or a
-/// `//duckduckgo.com/l/?uddg=<target>` redirect). Anything unparsable is skipped.
-pub fn parse_search(html: &str) -> Vec<SearchResult> {
-    let doc = Html::parse_document(html);
+static RESULT: LazyLock<Selector> = LazyLock::new(|| Selector::parse(".result").expect("valid selector"));
+static RESULT_LINK: LazyLock<Selector> = LazyLock::new(|| Selector::parse("a.result__a").expect("valid selector"));
+static SNIPPET: LazyLock<Selector> = LazyLock::new(|| Selector::parse(".result__snippet").expect("valid selector"));
+
+/// Parses DuckDuckGo's HTML results (`.result` blocks with `a.result__a`, whose href is either the target or
+/// a `//duckduckgo.com/l/?uddg=<target>` redirect, and `.result__snippet`). A page with neither results
+/// nor DuckDuckGo's "no results" markup is a refusal. Anything unparsable in a result is skipped.
+pub fn parse_search(html: &str) -> Result<Vec<SearchResult>, Refused> {
+    let doc = Html::parse_document(&super::extract::limit_depth(html, super::extract::MAX_DEPTH));
     let ddg = Url::parse("https://duckduckgo.com/").expect("valid url");
-    doc.select(&RESULT_LINK)
-        .filter_map(|a| {
-            let href = ddg.join(a.value().attr("href")?.trim()).ok()?;
-            let target = match href.query_pairs().find(|(k, _)| k == "uddg") {
-                Some((_, v)) if href.host_str().is_some_and(|h| h.ends_with("duckduckgo.com")) => {
-                    Url::parse(&v).ok()?
-                }
-                _ => href,
-            };
-            matches!(target.scheme(), "http" | "https")
-                .then(|| SearchResult { url: target, title: super::extract::squash(&a.text().collect::<String>()) })
-        })
-        .collect()
+    let mut out = Vec::new();
+    let mut links = 0;
+    let blocks: Vec<_> = doc.select(&RESULT).collect();
+    let mut read = |a: scraper::ElementRef<'_>, snippet: String| {
+        links += 1;
+        let Some(href) = a.value().attr("href").and_then(|h| ddg.join(h.trim()).ok()) else { return };
+        let target = match href.query_pairs().find(|(k, _)| k == "uddg") {
+            Some((_, v)) if href.host_str().is_some_and(|h| h.ends_with("duckduckgo.com")) => match Url::parse(&v) {
+                Ok(u) => u,
+                Err(_) => return,
+            },
+            _ => href,
+        };
+        if matches!(target.scheme(), "http" | "https") && out.len() < 30 {
+            let title = super::extract::truncate_chars(&super::extract::squash(&a.text().collect::<String>()), 300);
+            out.push(SearchResult { url: target, title, snippet: super::extract::truncate_chars(&snippet, 500) });
+        }
+    };
+    if blocks.is_empty() {
+        doc.select(&RESULT_LINK).for_each(|a| read(a, String::new()));
+    } else {
+        for b in blocks {
+            let Some(a) = b.select(&RESULT_LINK).next() else { continue };
+            let snippet = b.select(&SNIPPET).next().map(|s| super::extract::squash(&s.text().collect::<String>()));
+            read(a, snippet.unwrap_or_default());
+        }
+    }
+    if links > 0 {
+        return Ok(out);
+    }
+    if html.contains("anomaly-modal") || html.contains("anomalyDetectionBlock") || html.contains("/wr.do") {
+        return Err(Refused("a bot check (anomaly page)"));
+    }
+    if html.contains("no-results") || html.contains("No results.") {
+        return Ok(out);
+    }
+    Err(Refused("a page without results markup"))
 }
 
 /// The distinctive lowercase words of a registered name: `"ACME LOGISTICS PTE. LTD."` -> `["acme", "logistics"]`.
@@ -133,24 +168,44 @@ pub fn score(host: &str, tokens: &[String]) -> f64 {
     share + if site.ends_with(".sg") { 0.05 } else { 0.0 }
 }
 
-/// The best non-directory result whose domain matches at least half the name.
-pub fn best_result(results: &[SearchResult], name: &str) -> Option<Url> {
-    let tokens = name_tokens(name);
-    results
+/// A search result worth fetching: its homepage, whether its host is made of the name's words, and
+/// whether its title or snippet names the company.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub home: Url,
+    pub rank: usize,
+    pub domain_name: bool,
+    pub listing: bool,
+}
+
+/// The results worth verifying, in the order to try them: those whose host matches the name or whose
+/// listing names the company (a brand domain), not directories, one per site, best evidence first and
+/// rank breaking ties; at most `max`.
+pub fn candidates(results: &[SearchResult], reg: &super::verify::Registered, max: usize) -> Vec<Candidate> {
+    let tokens = name_tokens(&reg.name);
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<Candidate> = results
         .iter()
-        .filter_map(|r| {
+        .enumerate()
+        .filter_map(|(rank, r)| {
             let host = r.url.host_str()?.to_ascii_lowercase();
-            (!is_directory(&host)).then(|| (score(&host, &tokens), r))
+            if is_directory(&host) || !seen.insert(registrable(&host)) {
+                return None;
+            }
+            let domain_name = score(&host, &tokens) >= 0.5;
+            let listing = super::verify::listing_names(reg, &format!("{} {}", r.title, r.snippet));
+            (domain_name || listing).then(|| {
+                let mut home = r.url.clone();
+                home.set_path("/");
+                home.set_query(None);
+                home.set_fragment(None);
+                Candidate { home, rank, domain_name, listing }
+            })
         })
-        .filter(|(s, _)| *s >= 0.5)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, r)| {
-            let mut u = r.url.clone();
-            u.set_path("/");
-            u.set_query(None);
-            u.set_fragment(None);
-            u
-        })
+        .collect();
+    out.sort_by_key(|c| (!(c.domain_name && c.listing), c.rank));
+    out.truncate(max);
+    out
 }
 
 /// Domains the heuristic probe tries, most likely first: the joined name tokens under .com.sg, .sg, .com.
@@ -161,16 +216,6 @@ pub fn candidate_domains(name: &str) -> Vec<String> {
         return Vec::new();
     }
     ["com.sg", "sg", "com"].iter().map(|tld| format!("{joined}.{tld}")).collect()
-}
-
-/// Whether a page is about the company: its UEN appears, or most of its name tokens do.
-pub fn mentions(text: &str, name: &str, uen: Option<&str>) -> bool {
-    let lower = text.to_lowercase();
-    if uen.is_some_and(|u| !u.is_empty() && lower.contains(&u.to_lowercase())) {
-        return true;
-    }
-    let tokens = name_tokens(name);
-    !tokens.is_empty() && tokens.iter().filter(|t| lower.contains(t.as_str())).count() * 3 >= tokens.len() * 2
 }
 
 #[cfg(test)]
@@ -192,20 +237,46 @@ mod tests {
         <h2 class="result__title"><a class="result__a" href="https://logistics-news.com/acme">News</a></h2></div></div>
     </div></div></body></html>"#;
 
+    fn reg(name: &str) -> super::super::verify::Registered {
+        super::super::verify::Registered { name: name.into(), ..Default::default() }
+    }
+
     #[test]
     fn parses_duckduckgo_and_skips_directories() {
-        let results = parse_search(DDG);
+        let results = parse_search(DDG).unwrap();
         assert_eq!(results.len(), 4);
         assert_eq!(results[0].url.host_str(), Some("www.sgpbusiness.com"));
+        assert_eq!(results[0].snippet, "UEN 199801234K");
         assert_eq!(results[2].url.as_str(), "http://www.acmelogistics.com.sg/about?ref=ddg");
         assert_eq!(results[3].title, "News");
-        let best = best_result(&results, "ACME LOGISTICS PTE. LTD.").unwrap();
-        assert_eq!(best.as_str(), "http://www.acmelogistics.com.sg/");
-        assert_eq!(best_result(&results[..2], "ACME LOGISTICS PTE. LTD."), None, "directories only");
-        assert_eq!(best_result(&results, "ZENITH BAKERY PTE LTD"), None, "nothing matches the name");
+        let found = candidates(&results, &reg("ACME LOGISTICS PTE. LTD."), 3);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].home.as_str(), "http://www.acmelogistics.com.sg/", "host and listing name it: first");
+        assert!(found[0].domain_name && found[0].listing);
+        assert!(candidates(&results[..2], &reg("ACME LOGISTICS PTE. LTD."), 3).is_empty(), "directories only");
+        assert!(candidates(&results, &reg("ZENITH BAKERY PTE LTD"), 3).is_empty(), "nothing matches the name");
         assert_eq!(score("www.straitstimes.com", &name_tokens("STRAITS ELECTRICAL PTE. LTD.")), 0.0);
         assert!(score("acme.com.sg", &name_tokens("ACME LOGISTICS PTE LTD")) >= 0.5);
-        assert!(parse_search("<html><a class='result__a' href='javascript:alert(1)'>x</a>").is_empty());
+        assert!(parse_search("<html><div class='result'><a class='result__a' href='javascript:alert(1)'>x</a></div>")
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_brand_domain_is_a_candidate_by_its_listing() {
+        let html = r#"<div class="results"><div class="result"><a class="result__a" href="https://www.bluewhale.sg/">Blue Whale | Movers</a>
+            <a class="result__snippet">Acme Logistics Pte Ltd trading as Blue Whale, UEN 199801234K</a></div></div>"#;
+        let found = candidates(&parse_search(html).unwrap(), &reg("ACME LOGISTICS PTE. LTD."), 3);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].listing && !found[0].domain_name);
+    }
+
+    #[test]
+    fn rate_limit_and_bot_check_pages_are_refusals_not_empty_results() {
+        let anomaly = r#"<html><body><div class="anomaly-modal__title">Unfortunately, bots use DuckDuckGo too.</div></body></html>"#;
+        assert!(parse_search(anomaly).is_err());
+        assert!(parse_search("<html><body>Ratelimit</body></html>").is_err());
+        assert_eq!(parse_search(r#"<html><body><div class="no-results">No results.</div></body></html>"#), Ok(vec![]));
     }
 
     #[test]
@@ -218,11 +289,4 @@ mod tests {
         assert!(candidate_domains("S PTE LTD").is_empty());
     }
 
-    #[test]
-    fn mentions_need_the_uen_or_most_of_the_name() {
-        assert!(mentions("Welcome to ACME Logistics", "ACME LOGISTICS PTE LTD", None));
-        assert!(mentions("reg. no 199801234K", "ZENITH PTE LTD", Some("199801234K")));
-        assert!(!mentions("Parked domain for sale", "ACME LOGISTICS PTE LTD", Some("199801234K")));
-        assert!(!mentions("acme", "ACME GLOBAL LOGISTICS PTE LTD", None));
-    }
 }

@@ -1,9 +1,10 @@
 //! The crawler's HTTP: politeness, robots.txt, the SSRF guard, retries, and bounded bodies.
 //!
-//! - **Politeness**: every request to a crawled host (robots.txt, pages, retries, redirects) first takes a
-//!   slot from a keyed GCRA limiter: at most one request per host per `host_spacing`, whatever the
-//!   concurrency. Configured endpoints (search, LLM, reader, contacts) are services with their own quotas:
-//!   they are not spaced, but their 429s are honoured.
+//! - **Politeness**: every request to a crawled site (robots.txt, pages, retries, redirects) first takes a
+//!   slot from a GCRA limiter keyed by the registrable domain (`x.sg` and `www.x.sg` are one site): at
+//!   most one request per site per `host_spacing`, whatever the concurrency. Configured endpoints (LLM,
+//!   contacts) are services with their own quotas: they are not spaced, but their 429s are honoured;
+//!   search and reader have budgets of their own (`providers`).
 //! - **robots.txt** is fetched once per origin per company and obeyed for every page and redirect target.
 //!   Unreachable (5xx, timeout) counts as a failure of the site, as RFC 9309 says to assume full disallow.
 //! - **SSRF**: crawled URLs come from data (search results, links, redirects), so they may not reach
@@ -46,6 +47,9 @@ pub enum FetchError {
     Redirects(usize),
     #[error("not HTML ({content_type}) at {url}")]
     NotHtml { content_type: String, url: String },
+    /// A provider (search, reader) refused for now: a rate limit or a bot check. Retried later.
+    #[error("{0}")]
+    Provider(String),
     #[error("{0}")]
     Other(String),
 }
@@ -53,7 +57,7 @@ pub enum FetchError {
 impl FetchError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            FetchError::Timeout(_) | FetchError::Connect(_) => true,
+            FetchError::Timeout(_) | FetchError::Connect(_) | FetchError::Provider(_) => true,
             FetchError::Status { status, .. } => *status == 408 || *status == 429 || *status >= 500,
             _ => false,
         }
@@ -140,6 +144,7 @@ impl Http {
         })
     }
 
+    /// Settings of this client.
     pub fn settings(&self) -> &HttpSettings {
         &self.settings
     }
@@ -171,6 +176,16 @@ impl Http {
         let resp = self.send(url, false, || self.api.get(url.clone())).await?;
         let (body, _) = self.read_capped(url, resp).await?;
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// One GET of a configured endpoint, no retries: its status, Retry-After and body (capped). For
+    /// providers whose refusals (202, 403, challenge pages) only the caller can recognise.
+    pub async fn get_once(&self, url: &Url) -> Result<(u16, Option<Duration>, String), FetchError> {
+        let resp = self.api.get(url.clone()).send().await.map_err(|e| transport_error(url, &e))?;
+        let status = resp.status().as_u16();
+        let wait = retry_after(&resp);
+        let (body, _) = self.read_capped(url, resp).await?;
+        Ok((status, wait, String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// POSTs JSON to a configured endpoint (LLM, contacts) with an optional bearer token; returns the JSON.
@@ -233,9 +248,11 @@ impl Http {
         }
     }
 
+    /// Waits for the site's politeness slot. A site is its registrable domain: `x.sg` and `www.x.sg` are
+    /// one server, one spacing.
     async fn space(&self, url: &Url) {
-        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-        self.spacing.until_key_ready(&host).await;
+        let site = super::extract::registrable(url.host_str().unwrap_or(""));
+        self.spacing.until_key_ready(&site).await;
         // Keep the limiter's memory to recently seen hosts.
         if self.acquired.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             self.spacing.retain_recent();

@@ -21,10 +21,15 @@ pub mod contacts;
 pub mod discover;
 pub mod extract;
 pub mod http;
+pub mod phones;
+pub mod providers;
+pub mod verify;
 pub mod llm;
 
 use extract::{Extracted, PageKind};
 use http::{FetchError, Http, HttpSettings, RobotsCache};
+use providers::{Provider, Waited};
+use verify::Registered;
 
 /// Pages tried at well-known paths when the homepage does not link that kind of page.
 const SEEDED_PATHS: &[(PageKind, &str)] =
@@ -47,6 +52,15 @@ pub struct EnrichSettings {
     pub llm: Option<llm::LlmSettings>,
     pub llm_daily_tokens: Option<u64>,
     pub contacts: Option<contacts::ContactsSettings>,
+    /// `ENRICH_SEARCH_RATE`, `ENRICH_READER_RATE`.
+    pub search_rate: Option<crate::config::Rate>,
+    pub reader_rate: Option<crate::config::Rate>,
+    /// `ENRICH_MIN_CONFIDENCE`.
+    pub min_confidence: f64,
+    /// `ENRICH_COMPANY_TIMEOUT`.
+    pub company_timeout: Duration,
+    /// `ENRICH_MAX_CANDIDATES`.
+    pub max_candidates: usize,
 }
 
 impl EnrichSettings {
@@ -94,6 +108,11 @@ impl EnrichSettings {
             llm,
             llm_daily_tokens: spec.llm_daily_tokens,
             contacts,
+            search_rate: spec.search_rate,
+            reader_rate: spec.reader_rate,
+            min_confidence: spec.min_confidence,
+            company_timeout: spec.company_timeout,
+            max_candidates: spec.max_candidates,
         })
     }
 }
@@ -130,6 +149,13 @@ pub struct Enrichment {
     pub website_domain: Option<String>,
     /// known, search or probe.
     pub domain_source: Option<&'static str>,
+    /// How sure the verifier is that the website is the company's (0 to 1), and why.
+    pub domain_confidence: Option<f64>,
+    pub domain_evidence: Vec<&'static str>,
+    /// The HQ postal code the site gives.
+    pub hq_postal: Option<String>,
+    /// What the crawl had to work around (an https site read over http, a meta refresh, the reader).
+    pub notes: Vec<String>,
     pub about_text: Option<String>,
     pub public_emails: Vec<String>,
     pub phones: Vec<String>,
@@ -183,13 +209,17 @@ pub struct Enricher {
     settings: EnrichSettings,
     http: Http,
     tokens: Usage,
+    search: Provider,
+    reader: Provider,
 }
 
 impl Enricher {
     /// `tokens` counts LLM tokens against `OPENAI_DAILY_TOKENS_CAP`, in the database.
     pub fn new(settings: EnrichSettings, tokens: Usage) -> Result<Arc<Self>> {
         let http = Http::new(settings.http.clone())?;
-        Ok(Arc::new(Enricher { settings, http, tokens }))
+        let search = Provider::new("search", settings.search_rate);
+        let reader = Provider::new("reader", settings.reader_rate);
+        Ok(Arc::new(Enricher { settings, http, tokens, search, reader }))
     }
 
     /// One company's enrichment, in its `company` span. The span's stage events follow PRD 20:
@@ -201,7 +231,37 @@ impl Enricher {
             let _in_flight = InFlight::start();
             let started = Instant::now();
             let mut out = Enrichment::default();
-            run_stages(&self, &company, options, &mut out).await;
+            let waited = Waited::default();
+            let limit = self.settings.company_timeout;
+            let over = {
+                let stages = run_stages(&self, &company, options, &mut out, &waited);
+                tokio::pin!(stages);
+                loop {
+                    // The deadline moves by the time spent waiting for providers' budgets.
+                    let until = started + limit + waited.get();
+                    tokio::select! {
+                        () = &mut stages => break false,
+                        () = tokio::time::sleep_until(until.into()) => {
+                            if Instant::now() >= started + limit + waited.get() {
+                                break true;
+                            }
+                        }
+                    }
+                }
+            };
+            if over {
+                tracing::warn!(stage = "enriched", timeout = ?limit, "company deadline passed");
+                out = Enrichment {
+                    status: Status::Failed,
+                    error: Some(format!(
+                        "gave up after ENRICH_COMPANY_TIMEOUT ({}) with the crawl unfinished",
+                        humantime::format_duration(limit)
+                    )),
+                    transient: true,
+                    pages_fetched: out.pages_fetched,
+                    ..Default::default()
+                };
+            }
             out.duration = started.elapsed();
             tracing::debug!(
                 stage = "enriched",
@@ -217,12 +277,30 @@ impl Enricher {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Company {
     pub id: i64,
     pub name: String,
     pub uen: Option<String>,
     pub known_domain: Option<String>,
+    /// From the company's latest staging row: what a website is verified against.
+    pub postal_code: Option<String>,
+    pub street: Option<String>,
+    pub building: Option<String>,
+    pub former_names: Vec<String>,
+}
+
+impl Company {
+    pub fn registered(&self) -> Registered {
+        Registered {
+            name: self.name.clone(),
+            uen: self.uen.clone(),
+            postal_code: self.postal_code.clone(),
+            street: self.street.clone(),
+            building: self.building.clone(),
+            former_names: self.former_names.clone(),
+        }
+    }
 }
 
 /// Counts an enrichment in `acra_direct_enrichments_in_flight` while it lives (also when it is aborted).
@@ -241,50 +319,63 @@ impl Drop for InFlight {
     }
 }
 
-async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out: &mut Enrichment) {
-    let mut robots = RobotsCache::default();
-    let Some((home_url, home_page)) = find_domain(ctx, company, options.force, out, &mut robots).await else {
-        out.degrade("no website found");
-        return;
-    };
-    out.website_domain = home_url.host_str().map(|h| h.trim_start_matches("www.").to_ascii_lowercase());
+/// Emails and phones kept per company at most (the site's own domain first).
+const MAX_EMAILS: usize = 20;
+const MAX_PHONES: usize = 10;
+/// A candidate this sure needs no rival checked.
+const CERTAIN: f64 = 0.9;
 
-    // crawl: the homepage, then about/contact/careers (linked from the homepage, else at seeded paths).
-    let home = match home_page {
-        Some(page) => Ok(page),
-        None => fetch_counted(ctx, &home_url, &mut robots, out).await,
-    };
-    let home = match home {
-        Ok(page) => page,
-        Err(e @ FetchError::Robots(_)) => {
-            out.degrade(e.to_string());
+async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out: &mut Enrichment, waited: &Waited) {
+    let mut robots = RobotsCache::default();
+    let reg = company.registered();
+    let site = match find_site(ctx, company, &reg, options.force, out, &mut robots, waited).await {
+        Ok(site) => site,
+        Err(e) => {
+            tracing::info!(stage = "find_domain", error = %e, "failed");
+            out.fail(&e);
             return;
         }
-        Err(e) => match read_via_reader(ctx, &home_url, &e, out).await {
-            Some(text) => {
-                out.about_text = Some(extract::truncate_chars(&text, 1_000));
-                return;
-            }
-            None => {
-                out.fail(&e);
-                return;
-            }
-        },
     };
-    let home_x = extract::page(&home.body, &home.url, PageKind::Home);
-    tracing::info!(stage = "crawl", page = "home", url = %http::strip(&home.url), links = home_x.links.len(), truncated = home.truncated, "fetched");
-    let mut pages: Vec<(PageKind, Extracted)> = vec![(PageKind::Home, home_x)];
-    for (kind, url) in crawl_plan(&home.url, &pages[0].1, options.max_pages.unwrap_or(ctx.settings.max_pages)) {
-        match fetch_counted(ctx, &url, &mut robots, out).await {
-            Ok(page) => {
-                let x = extract::page(&page.body, &page.url, kind);
-                tracing::info!(stage = "crawl", page = ?kind, url = %http::strip(&page.url), "fetched");
-                pages.push((kind, x));
+    let Some(site) = site else { return };
+
+    // crawl: the rest of the site (about/contact/careers, linked from the homepage by path or text, else
+    // at seeded paths).
+    let mut pages: Vec<(PageKind, Extracted)> = vec![(PageKind::Home, site.home_x)];
+    if !site.via_reader {
+        for (kind, url) in crawl_plan(&site.home, &pages[0].1, options.max_pages.unwrap_or(ctx.settings.max_pages)) {
+            match fetch_counted(ctx, &url, &mut robots, out).await {
+                Ok(page) => {
+                    let x = extract_off_runtime(page.body, page.url.clone(), kind).await;
+                    tracing::debug!(stage = "crawl", page = ?kind, url = %http::strip(&page.url), "fetched");
+                    pages.push((kind, x));
+                }
+                Err(FetchError::Status { status: 404 | 410, .. }) | Err(FetchError::Robots(_)) => {}
+                Err(e) => out.degrade(format!("{kind:?} page: {e}")),
             }
-            Err(FetchError::Status { status: 404 | 410, .. }) | Err(FetchError::Robots(_)) => {}
-            Err(e) => out.degrade(format!("{kind:?} page: {e}")),
         }
     }
+
+    // verify again over every page read: the evidence may sit on the contact page.
+    let host = site.home.host_str().unwrap_or("").to_ascii_lowercase();
+    let all: Vec<&Extracted> = pages.iter().map(|(_, x)| x).collect();
+    let verdict = verify::verify(&reg, &all, site.domain_name, site.listing);
+    let domain = host.trim_start_matches("www.").to_owned();
+    if !verdict.passes(ctx.settings.min_confidence) {
+        tracing::info!(stage = "find_domain", domain, confidence = verdict.confidence, "not verified");
+        out.degrade(format!(
+            "no website verified: {domain} scored {:.2} ({}) below ENRICH_MIN_CONFIDENCE {}",
+            verdict.confidence,
+            evidence_text(&verdict),
+            ctx.settings.min_confidence
+        ));
+        out.pages_fetched = out.pages_fetched.max(0);
+        return;
+    }
+    tracing::info!(stage = "find_domain", source = site.source, domain, confidence = verdict.confidence, "verified");
+    out.website_domain = Some(domain.clone());
+    out.domain_source = Some(site.source);
+    out.domain_confidence = Some(verdict.confidence);
+    out.domain_evidence = verdict.evidence;
 
     // extract: merge what the pages say.
     let by_kind = |k: PageKind| pages.iter().find(|(pk, _)| *pk == k).map(|(_, x)| x);
@@ -296,14 +387,19 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         phones.extend(x.phones.iter().cloned());
         tech.extend(x.tech.iter().map(|t| t.to_string()));
         out.linkedin_url = out.linkedin_url.take().or_else(|| x.linkedin_url.clone());
-        if out.hq_city.is_none() {
-            out.hq_city.clone_from(&x.hq_city);
-            out.hq_country.clone_from(&x.hq_country);
-        }
+        out.hq_postal = out.hq_postal.take().or_else(|| x.hq_postal.clone());
     }
-    let domain = out.website_domain.clone().unwrap_or_default();
+    if out.hq_postal.is_some() {
+        out.hq_city = Some("Singapore".into());
+        out.hq_country = Some("Singapore".into());
+    }
     out.public_emails = extract::rank_emails(&emails, &domain);
-    out.phones = phones.into_iter().collect();
+    out.public_emails.truncate(MAX_EMAILS);
+    // Singapore numbers first, then the rest, each in order.
+    let (mut sg, mut abroad): (Vec<String>, Vec<String>) = phones.into_iter().partition(|p| phones::is_singapore(p));
+    sg.append(&mut abroad);
+    sg.truncate(MAX_PHONES);
+    out.phones = sg;
     out.tech_stack = tech.into_iter().collect();
     out.jobs_count = by_kind(PageKind::Careers).and_then(|x| x.jobs_count).map(|n| n as i32);
     out.about_text = extract::about_text(by_kind(PageKind::About), by_kind(PageKind::Home));
@@ -353,6 +449,23 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     }
 }
 
+fn evidence_text(v: &verify::Verdict) -> String {
+    if v.evidence.is_empty() {
+        "no evidence".into()
+    } else {
+        v.evidence.join(", ")
+    }
+}
+
+/// Extraction is CPU work: it runs on the blocking pool, never on the async runtime's workers.
+async fn extract_off_runtime(body: String, url: Url, kind: PageKind) -> Extracted {
+    let started = Instant::now();
+    let x = tokio::task::spawn_blocking(move || extract::page(&body, &url, kind)).await.unwrap_or_default();
+    metrics().extract_pages.inc();
+    metrics().extract_seconds.inc_by(started.elapsed().as_secs_f64());
+    x
+}
+
 /// The pages after the homepage: for each kind, its first link on the homepage, else its seeded path.
 fn crawl_plan(home: &Url, x: &Extracted, max_pages: usize) -> Vec<(PageKind, Url)> {
     let mut plan = Vec::new();
@@ -381,88 +494,189 @@ async fn fetch_counted(
     page
 }
 
-/// find_domain: the known domain, else search, else the heuristic probe. Returns the homepage URL and,
-/// when the probe already fetched it, the page.
-async fn find_domain(
+/// A candidate site, fetched and verified on its homepage.
+struct Site {
+    /// The homepage's final URL (after redirects, a meta refresh, or https -> http).
+    home: Url,
+    home_x: Extracted,
+    source: &'static str,
+    domain_name: bool,
+    listing: bool,
+    verdict: verify::Verdict,
+    /// Read through the reader (the site refused us): there is nothing more to crawl.
+    via_reader: bool,
+}
+
+/// find_domain: the known domain, then search results, then the probe's guesses, each fetched and
+/// verified against the registry; the best verified one wins (rank breaks ties) and the search stops at
+/// a certain one, the probe at the first verified one. `Ok(None)`: no website, with the reason recorded
+/// on `out`. `Err`: a failure that may pass (the search provider refused, the only candidate timed out).
+async fn find_site(
     ctx: &Enricher,
     company: &Company,
+    reg: &Registered,
     force: bool,
     out: &mut Enrichment,
     robots: &mut RobotsCache,
-) -> Option<(Url, Option<http::Page>)> {
+    waited: &Waited,
+) -> std::result::Result<Option<Site>, FetchError> {
+    let threshold = ctx.settings.min_confidence;
+    let tokens = discover::name_tokens(&company.name);
+    let mut best: Option<Site> = None;
+    let mut tried: Vec<String> = Vec::new();
+    let mut failure: Option<FetchError> = None;
+    let consider = |site: Site, best: &mut Option<Site>, tried: &mut Vec<String>| {
+        let host = site.home.host_str().unwrap_or("").to_owned();
+        tried.push(match site.verdict.rejected {
+            Some(why) => format!("{host} ({why})"),
+            None => format!("{host} ({:.2})", site.verdict.confidence),
+        });
+        if site.verdict.rejected.is_none()
+            && best.as_ref().is_none_or(|b| site.verdict.confidence > b.verdict.confidence)
+        {
+            *best = Some(site);
+        }
+    };
+
     if let Some(domain) = company.known_domain.as_deref().filter(|d| !force && !d.trim().is_empty()) {
         let text = if domain.contains("://") { domain.to_owned() } else { format!("http://{}/", domain.trim()) };
         if let Ok(url) = Url::parse(&text) {
-            out.domain_source = Some("known");
-            tracing::info!(stage = "find_domain", source = "known", domain, "found");
-            return Some((url, None));
+            let domain_name = discover::score(url.host_str().unwrap_or(""), &tokens) >= 0.5;
+            match try_site(ctx, &url, "known", domain_name, false, reg, robots, out, waited).await {
+                Ok(site) => consider(site, &mut best, &mut tried),
+                Err(e) => {
+                    tried.push(format!("{} ({e})", url.host_str().unwrap_or("")));
+                    failure.get_or_insert(e);
+                }
+            }
+            if best.as_ref().is_some_and(|b| b.verdict.passes(threshold)) {
+                return Ok(best);
+            }
         }
     }
     if let Some(template) = &ctx.settings.search_url {
-        let query = format!("{} singapore", discover::name_tokens(&company.name).join(" "));
+        let query = format!("{} singapore", tokens.join(" "));
         let encoded: String = url::form_urlencoded::byte_serialize(query.as_bytes()).collect();
         match Url::parse(&template.replace("{query}", &encoded)) {
-            Ok(search) => match ctx.http.get_text(&search).await {
-                Ok(html) => {
-                    let results = discover::parse_search(&html);
-                    if let Some(url) = discover::best_result(&results, &company.name) {
-                        match ctx.http.guard(&url) {
-                            Ok(()) => {
-                                out.domain_source = Some("search");
-                                tracing::info!(
-                                    stage = "find_domain",
-                                    source = "search",
-                                    results = results.len(),
-                                    domain = url.host_str().unwrap_or(""),
-                                    "found"
-                                );
-                                return Some((url, None));
-                            }
-                            Err(e) => {
-                                tracing::warn!(stage = "find_domain", error = %e, "search result refused");
-                                out.degrade(e.to_string());
-                            }
+            Ok(search) => {
+                // A refusal that outlasts the retries fails the company for now: never "no website".
+                let results = ctx.search.search(&ctx.http, &search, waited).await?;
+                let found = discover::candidates(&results, reg, ctx.settings.max_candidates);
+                tracing::debug!(stage = "find_domain", results = results.len(), candidates = found.len(), "searched");
+                for c in found {
+                    if let Err(e) = ctx.http.guard(&c.home) {
+                        tracing::warn!(stage = "find_domain", error = %e, "search result refused");
+                        out.notes.push(e.to_string());
+                        continue;
+                    }
+                    match try_site(ctx, &c.home, "search", c.domain_name, c.listing, reg, robots, out, waited).await {
+                        Ok(site) => consider(site, &mut best, &mut tried),
+                        Err(e) => {
+                            tried.push(format!("{} ({e})", c.home.host_str().unwrap_or("")));
+                            failure.get_or_insert(e);
                         }
                     }
+                    if best.as_ref().is_some_and(|b| b.verdict.confidence >= CERTAIN) {
+                        break;
+                    }
                 }
-                Err(e) => out.degrade(format!("search: {e}")),
-            },
+            }
             Err(e) => out.degrade(format!("ENRICH_SEARCH_URL does not make a URL ({e})")),
+        }
+        if best.as_ref().is_some_and(|b| b.verdict.passes(threshold)) {
+            return Ok(best);
         }
     }
     if ctx.settings.probe {
         for candidate in discover::candidate_domains(&company.name) {
             let Ok(url) = Url::parse(&format!("http://{candidate}/")) else { continue };
-            match fetch_counted(ctx, &url, robots, out).await {
-                Ok(page) if discover::mentions(&page.body, &company.name, company.uen.as_deref()) => {
-                    out.domain_source = Some("probe");
-                    tracing::info!(stage = "find_domain", source = "probe", domain = %candidate, "found");
-                    return Some((page.url.clone(), Some(page)));
-                }
-                Ok(_) => {
-                    tracing::debug!(stage = "find_domain", domain = %candidate, "probe: page does not mention the company")
-                }
+            // A guess that does not answer says nothing: its errors are not the company's.
+            match try_site(ctx, &url, "probe", true, false, reg, robots, out, waited).await {
+                Ok(site) => consider(site, &mut best, &mut tried),
                 Err(e) => tracing::debug!(stage = "find_domain", domain = %candidate, error = %e, "probe failed"),
+            }
+            if best.as_ref().is_some_and(|b| b.verdict.passes(threshold)) {
+                return Ok(best);
             }
         }
     }
-    tracing::info!(stage = "find_domain", "no website found");
-    None
+    // The best candidate short of the threshold gets its other pages read: the evidence may be there.
+    if let Some(site) = best.filter(|b| b.verdict.confidence >= threshold / 2.0) {
+        return Ok(Some(site));
+    }
+    if let Some(e) = failure.filter(|e| e.is_retryable()) {
+        return Err(e);
+    }
+    let reason = if tried.is_empty() {
+        "no website found".to_owned()
+    } else {
+        format!("no website verified; tried {}", tried.join(", "))
+    };
+    tracing::info!(stage = "find_domain", reason, "no website");
+    out.degrade(reason);
+    Ok(None)
+}
+
+/// Fetches a candidate's homepage (https falling back to http once when the connection itself fails,
+/// then a `<meta http-equiv="refresh">`, the reader when the site refuses us) and verifies it.
+#[allow(clippy::too_many_arguments)]
+async fn try_site(
+    ctx: &Enricher,
+    url: &Url,
+    source: &'static str,
+    domain_name: bool,
+    listing: bool,
+    reg: &Registered,
+    robots: &mut RobotsCache,
+    out: &mut Enrichment,
+    waited: &Waited,
+) -> std::result::Result<Site, FetchError> {
+    let page = match fetch_counted(ctx, url, robots, out).await {
+        Err(FetchError::Connect(_)) if url.scheme() == "https" => {
+            let mut plain = url.clone();
+            let _ = plain.set_scheme("http");
+            let page = fetch_counted(ctx, &plain, robots, out).await?;
+            out.notes.push(format!("could not connect to {} over https; read over http", http::strip(url)));
+            page
+        }
+        Err(e @ FetchError::Status { status: 401 | 403, .. }) => {
+            let Some(text) = read_via_reader(ctx, url, waited).await else { return Err(e) };
+            out.pages_fetched += 1;
+            out.notes.push(format!("{e}; read through ENRICH_READER_URL"));
+            let html = format!("<html><body><pre>{}</pre></body></html>", escape(&text));
+            let home_x = extract_off_runtime(html, url.clone(), PageKind::Home).await;
+            let verdict = verify::verify(reg, &[&home_x], domain_name, listing);
+            return Ok(Site { home: url.clone(), home_x, source, domain_name, listing, verdict, via_reader: true });
+        }
+        other => other?,
+    };
+    let mut home = page.url.clone();
+    let mut home_x = extract_off_runtime(page.body, page.url, PageKind::Home).await;
+    for _ in 0..2 {
+        let Some(target) = home_x.refresh.take().filter(|t| *t != home) else { break };
+        let next = fetch_counted(ctx, &target, robots, out).await?;
+        out.notes.push(format!("{} refreshes to {}", http::strip(&home), http::strip(&next.url)));
+        home = next.url.clone();
+        home_x = extract_off_runtime(next.body, next.url, PageKind::Home).await;
+    }
+    // The final host is what is judged (a redirect may lead elsewhere).
+    let tokens = discover::name_tokens(&reg.name);
+    let domain_name = domain_name && discover::score(home.host_str().unwrap_or(""), &tokens) >= 0.5;
+    let verdict = verify::verify(reg, &[&home_x], domain_name, listing);
+    tracing::debug!(stage = "find_domain", source, url = %http::strip(&home), confidence = verdict.confidence, evidence = ?verdict.evidence, "candidate");
+    Ok(Site { home, home_x, source, domain_name, listing, verdict, via_reader: false })
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// The reader fallback for a site that refuses us (401/403): its text through `ENRICH_READER_URL`.
-async fn read_via_reader(ctx: &Enricher, url: &Url, error: &FetchError, out: &mut Enrichment) -> Option<String> {
+async fn read_via_reader(ctx: &Enricher, url: &Url, waited: &Waited) -> Option<String> {
     let template = ctx.settings.reader_url.as_deref()?;
-    if !matches!(error, FetchError::Status { status: 401 | 403, .. }) {
-        return None;
-    }
     let reader = Url::parse(&template.replace("{url}", url.as_str())).ok()?;
-    match ctx.http.get_text(&reader).await {
-        Ok(text) if !text.trim().is_empty() => {
-            out.degrade(format!("{error}; read through ENRICH_READER_URL"));
-            out.pages_fetched += 1;
-            Some(extract::squash(&text))
-        }
+    match ctx.reader.read(&ctx.http, &reader, waited).await {
+        Ok(text) if !text.trim().is_empty() => Some(text),
         _ => None,
     }
 }
