@@ -444,6 +444,9 @@ async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
             search_url: Some(web.search_url()),
             reader_url: Some(web.reader_url()),
             llm_base_url: Some(web.llm_url()),
+            // The local web's search and reader are ours: no budget to keep to.
+            search_rate: Some(None),
+            reader_rate: Some(None),
             ..Default::default()
         },
         ..Default::default()

@@ -101,7 +101,7 @@ impl SiteSpec {
         let slug = self.domain().split('.').next().unwrap_or("x").to_owned();
         Expected {
             emails: vec![format!("hello@{}", self.domain()), format!("sales@{}", self.domain())],
-            phone: format!("+65 6{:03} {:04}", s % 1000, (s / 1000) % 10_000),
+            phone: format!("+656{:03}{:04}", s % 1000, (s / 1000) % 10_000),
             linkedin_url: format!("https://www.linkedin.com/company/{slug}"),
             jobs: (s % 6) as i32,
         }
@@ -601,11 +601,11 @@ mod pages {
         let e = site.expected();
         let s = site.seed();
         let domain = site.domain();
-        let (local, rest) = e.phone[4..].split_at(4);
+        let (local, rest) = e.phone[3..].split_at(4);
         let phone = match s % 3 {
-            0 => e.phone.clone(),
-            1 => format!("(65) {local}-{}", rest.trim()),
-            _ => format!("+65{local}{}", rest.trim()),
+            0 => format!("+65 {local} {rest}"),
+            1 => format!("(65) {local}-{rest}"),
+            _ => format!("+65{local}{rest}"),
         };
         let sales = match s % 2 {
             0 => {

@@ -18,6 +18,8 @@ fn web_env(web: &FixtureWeb) -> Vec<(&'static str, String)> {
         ("ACRA_DIRECT_PIPELINE", "acra_direct".into()),
         ("ENRICH_HTTP_PROXY", web.proxy_url()),
         ("ENRICH_SEARCH_URL", web.search_url()),
+        ("ENRICH_SEARCH_RATE", "off".into()),
+        ("ENRICH_READER_RATE", "off".into()),
         ("ENRICH_READER_URL", web.reader_url()),
         ("ENRICH_HOST_SPACING", "50ms".into()),
         ("CRAWLER_TIMEOUT_S", "1".into()),

@@ -29,6 +29,7 @@ fn worker_env(web: &FixtureWeb, extra: &[(&str, &str)]) -> Vec<(String, String)>
     let mut env: Vec<(String, String)> = [
         ("ENRICH_HTTP_PROXY", web.proxy_url()),
         ("ENRICH_SEARCH_URL", web.search_url()),
+        ("ENRICH_SEARCH_RATE", "off".into()),
         ("ENRICH_HOST_SPACING", "50ms".into()),
         ("CRAWLER_TIMEOUT_S", "1".into()),
         ("ENRICH_POLL_INTERVAL", "100ms".into()),
@@ -508,10 +509,17 @@ async fn no_value_stops_the_enrichment_sink() {
         .await
         .unwrap();
     let mut lease_client = acraflow::db::connect(&db.dsn).await.unwrap();
-    let leased =
-        acraflow::enrichment::queue::lease(&mut lease_client, "test-worker", None, 10, Duration::from_secs(60), None)
-            .await
-            .unwrap();
+    let leased = acraflow::enrichment::queue::lease(
+        &mut lease_client,
+        "test-worker",
+        None,
+        10,
+        Duration::from_secs(60),
+        None,
+        "\"staging_acra_companies\"",
+    )
+    .await
+    .unwrap();
     assert!(leased.jobs.len() >= 3, "{leased:?}");
     let person =
         |name: &str, title: String| Contact { name: name.into(), title: Some(title), linkedin_url: None, email: None };

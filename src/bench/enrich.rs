@@ -65,6 +65,8 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
             .env("ACRA_DIRECT_CONCURRENCY", c.to_string())
             .env("ENRICH_HTTP_PROXY", web.proxy_url())
             .env("ENRICH_SEARCH_URL", web.search_url())
+            .env("ENRICH_SEARCH_RATE", "off")
+            .env("ENRICH_READER_RATE", "off")
             .env("ENRICH_HOST_SPACING", format!("{}ms", args.host_spacing.as_millis()))
             .env("CRAWL_MAX_PAGES", pages.to_string())
             .stdout(std::process::Stdio::null())

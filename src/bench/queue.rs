@@ -33,6 +33,8 @@ pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
             .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
             .env("ENRICH_HTTP_PROXY", web.proxy_url())
             .env("ENRICH_SEARCH_URL", web.search_url())
+            .env("ENRICH_SEARCH_RATE", "off")
+            .env("ENRICH_READER_RATE", "off")
             .env("ENRICH_HOST_SPACING", format!("{}ms", args.host_spacing.as_millis()))
             .env("ENRICH_POLL_INTERVAL", "100ms")
             .stdout(std::process::Stdio::null());

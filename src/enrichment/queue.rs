@@ -136,7 +136,8 @@ pub async fn lease(
     }
     let rows = tx
         .query(
-            &format!("with picked as ( \
+            &format!(
+                "with picked as ( \
                select job_id from enrichment_jobs \
                where state = 'pending' and not_before <= now() \
                  and (lease_expires_at is null or lease_expires_at < now()) \
@@ -164,7 +165,8 @@ pub async fn lease(
                    where h.company_id = l.company_id and h.staging_id is not null \
                    order by h.updated_at desc limit 1)) \
                  and upper(btrim(s.uen)) is not distinct from c.uen) r on true \
-             order by l.priority, l.enqueued_at, l.job_id"),
+             order by l.priority, l.enqueued_at, l.job_id"
+            ),
             &[&want, &owner, &lease.as_secs_f64(), &tenant],
         )
         .await

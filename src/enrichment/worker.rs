@@ -200,7 +200,9 @@ pub async fn run(
             if monitor.gate().is_paused() {
                 next_lease = Instant::now() + ws.poll;
             } else {
-                let leased = queue::lease(&mut lease_client, owner, tenant, room, ws.lease, ws.daily_cap, &ws.staging_table).await?;
+                let leased =
+                    queue::lease(&mut lease_client, owner, tenant, room, ws.lease, ws.daily_cap, &ws.staging_table)
+                        .await?;
                 let got = leased.jobs.len();
                 metrics().worker_leases.inc_by(got as i64);
                 for job in leased.jobs {

@@ -8,7 +8,6 @@ use url::Url;
 
 use super::extract::registrable;
 
-
 /// Results on these sites are about the company, not the company's own site.
 pub const DIRECTORIES: &[&str] = &[
     "linkedin.com",
@@ -288,5 +287,4 @@ mod tests {
         );
         assert!(candidate_domains("S PTE LTD").is_empty());
     }
-
 }

@@ -273,7 +273,7 @@ pub fn page(html: &str, base: &Url, kind: PageKind) -> Extracted {
         if out.linkedin_url.is_none() {
             out.linkedin_url = linkedin_company(url.as_str());
         }
-        if same_site(&url, base) && matches!(url.scheme(), "http" | "https") && url.path().trim_matches('/') != "" {
+        if same_site(&url, base) && matches!(url.scheme(), "http" | "https") && !url.path().trim_matches('/').is_empty() {
             let kind = PageKind::of_path(url.path()).or_else(|| {
                 let text: String = a.text().take(8).collect();
                 PageKind::of_text(&text).filter(|_| url.path().trim_matches('/').split('/').count() <= 2)
@@ -324,8 +324,9 @@ pub fn page(html: &str, base: &Url, kind: PageKind) -> Extracted {
 /// tags do not nest. The result is what a browser would show of a sane page; a pathological page (100k
 /// nested `<div>`) loses only its structure.
 pub fn limit_depth(html: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    const VOID: &[&str] =
-        &["area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr", "param"];
+    const VOID: &[&str] = &[
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr", "param",
+    ];
     let b = html.as_bytes();
     let mut out: Option<String> = None;
     let mut depth = 0usize;
@@ -394,10 +395,11 @@ fn find_ascii_ci(hay: &str, needle: &str) -> Option<usize> {
 /// Cloudflare's email protection: hex bytes, the first the XOR key of the rest.
 pub fn cloudflare_email(hex: &str) -> Option<String> {
     let hex = hex.trim();
-    if hex.len() < 4 || hex.len() % 2 != 0 || hex.len() > 512 {
+    if hex.len() < 4 || !hex.len().is_multiple_of(2) || hex.len() > 512 {
         return None;
     }
-    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect::<Option<_>>()?;
+    let bytes: Vec<u8> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect::<Option<_>>()?;
     let key = bytes[0];
     let decoded: Vec<u8> = bytes[1..].iter().map(|b| b ^ key).collect();
     String::from_utf8(decoded).ok().filter(|s| s.contains('@'))
@@ -497,7 +499,8 @@ pub fn rank_emails(emails: &BTreeSet<String>, domain: &str) -> Vec<String> {
 fn visible_text(doc: &Html) -> String {
     let mut out = String::new();
     let mut hidden = 0usize;
-    let is_hidden = |n: &Node| n.as_element().is_some_and(|e| matches!(e.name(), "script" | "style" | "noscript" | "template"));
+    let is_hidden =
+        |n: &Node| n.as_element().is_some_and(|e| matches!(e.name(), "script" | "style" | "noscript" | "template"));
     for edge in doc.tree.root().traverse() {
         match edge {
             Edge::Open(n) if is_hidden(n.value()) => hidden += 1,
@@ -786,7 +789,8 @@ mod tests {
 
     #[test]
     fn nesting_is_cut_in_linear_time() {
-        let deep = "<div>".repeat(100_000) + "<p>deep text about Acme Logistics in Singapore</p>" + &"</div>".repeat(100_000);
+        let deep =
+            "<div>".repeat(100_000) + "<p>deep text about Acme Logistics in Singapore</p>" + &"</div>".repeat(100_000);
         let cut = limit_depth(&deep, MAX_DEPTH);
         assert!(cut.len() < 3 * MAX_DEPTH * 6 + 200, "{} bytes left", cut.len());
         let started = std::time::Instant::now();

@@ -21,10 +21,10 @@ pub mod contacts;
 pub mod discover;
 pub mod extract;
 pub mod http;
+pub mod llm;
 pub mod phones;
 pub mod providers;
 pub mod verify;
-pub mod llm;
 
 use extract::{Extracted, PageKind};
 use http::{FetchError, Http, HttpSettings, RobotsCache};
@@ -340,13 +340,23 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
 
     // crawl: the rest of the site (about/contact/careers, linked from the homepage by path or text, else
     // at seeded paths).
+    tracing::info!(
+        stage = "find_domain",
+        source = site.source,
+        domain = site.home.host_str().unwrap_or(""),
+        confidence = site.verdict.confidence,
+        "candidate"
+    );
+    tracing::info!(stage = "crawl", page = "home", url = %http::strip(&site.home), links = site.home_x.links.len(), "fetched");
     let mut pages: Vec<(PageKind, Extracted)> = vec![(PageKind::Home, site.home_x)];
-    if !site.via_reader {
+    if let Some(why) = &site.via_reader {
+        out.degrade(why.clone());
+    } else {
         for (kind, url) in crawl_plan(&site.home, &pages[0].1, options.max_pages.unwrap_or(ctx.settings.max_pages)) {
             match fetch_counted(ctx, &url, &mut robots, out).await {
                 Ok(page) => {
                     let x = extract_off_runtime(page.body, page.url.clone(), kind).await;
-                    tracing::debug!(stage = "crawl", page = ?kind, url = %http::strip(&page.url), "fetched");
+                    tracing::info!(stage = "crawl", page = ?kind, url = %http::strip(&page.url), "fetched");
                     pages.push((kind, x));
                 }
                 Err(FetchError::Status { status: 404 | 410, .. }) | Err(FetchError::Robots(_)) => {}
@@ -361,7 +371,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     let verdict = verify::verify(&reg, &all, site.domain_name, site.listing);
     let domain = host.trim_start_matches("www.").to_owned();
     if !verdict.passes(ctx.settings.min_confidence) {
-        tracing::info!(stage = "find_domain", domain, confidence = verdict.confidence, "not verified");
+        tracing::info!(stage = "verify", domain, confidence = verdict.confidence, "not verified");
         out.degrade(format!(
             "no website verified: {domain} scored {:.2} ({}) below ENRICH_MIN_CONFIDENCE {}",
             verdict.confidence,
@@ -371,7 +381,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         out.pages_fetched = out.pages_fetched.max(0);
         return;
     }
-    tracing::info!(stage = "find_domain", source = site.source, domain, confidence = verdict.confidence, "verified");
+    tracing::info!(stage = "verify", source = site.source, domain, confidence = verdict.confidence, evidence = ?verdict.evidence, "verified");
     out.website_domain = Some(domain.clone());
     out.domain_source = Some(site.source);
     out.domain_confidence = Some(verdict.confidence);
@@ -503,8 +513,8 @@ struct Site {
     domain_name: bool,
     listing: bool,
     verdict: verify::Verdict,
-    /// Read through the reader (the site refused us): there is nothing more to crawl.
-    via_reader: bool,
+    /// Read through the reader (the site refused us: why): there is nothing more to crawl.
+    via_reader: Option<String>,
 }
 
 /// find_domain: the known domain, then search results, then the probe's guesses, each fetched and
@@ -544,10 +554,7 @@ async fn find_site(
             let domain_name = discover::score(url.host_str().unwrap_or(""), &tokens) >= 0.5;
             match try_site(ctx, &url, "known", domain_name, false, reg, robots, out, waited).await {
                 Ok(site) => consider(site, &mut best, &mut tried),
-                Err(e) => {
-                    tried.push(format!("{} ({e})", url.host_str().unwrap_or("")));
-                    failure.get_or_insert(e);
-                }
+                Err(e) => unreadable(&url, e, &mut tried, &mut failure),
             }
             if best.as_ref().is_some_and(|b| b.verdict.passes(threshold)) {
                 return Ok(best);
@@ -566,15 +573,12 @@ async fn find_site(
                 for c in found {
                     if let Err(e) = ctx.http.guard(&c.home) {
                         tracing::warn!(stage = "find_domain", error = %e, "search result refused");
-                        out.notes.push(e.to_string());
+                        unreadable(&c.home, e, &mut tried, &mut failure);
                         continue;
                     }
                     match try_site(ctx, &c.home, "search", c.domain_name, c.listing, reg, robots, out, waited).await {
                         Ok(site) => consider(site, &mut best, &mut tried),
-                        Err(e) => {
-                            tried.push(format!("{} ({e})", c.home.host_str().unwrap_or("")));
-                            failure.get_or_insert(e);
-                        }
+                        Err(e) => unreadable(&c.home, e, &mut tried, &mut failure),
                     }
                     if best.as_ref().is_some_and(|b| b.verdict.confidence >= CERTAIN) {
                         break;
@@ -604,7 +608,8 @@ async fn find_site(
     if let Some(site) = best.filter(|b| b.verdict.confidence >= threshold / 2.0) {
         return Ok(Some(site));
     }
-    if let Some(e) = failure.filter(|e| e.is_retryable()) {
+    // The candidates that could not be read decide: the company failed (retried when it may pass).
+    if let Some(e) = failure {
         return Err(e);
     }
     let reason = if tried.is_empty() {
@@ -615,6 +620,14 @@ async fn find_site(
     tracing::info!(stage = "find_domain", reason, "no website");
     out.degrade(reason);
     Ok(None)
+}
+
+/// Records a candidate that could not be read. robots.txt refusing us is not a failure of the site.
+fn unreadable(url: &Url, e: FetchError, tried: &mut Vec<String>, failure: &mut Option<FetchError>) {
+    tried.push(format!("{} ({e})", url.host_str().unwrap_or("")));
+    if !matches!(e, FetchError::Robots(_)) {
+        failure.get_or_insert(e);
+    }
 }
 
 /// Fetches a candidate's homepage (https falling back to http once when the connection itself fails,
@@ -642,11 +655,14 @@ async fn try_site(
         Err(e @ FetchError::Status { status: 401 | 403, .. }) => {
             let Some(text) = read_via_reader(ctx, url, waited).await else { return Err(e) };
             out.pages_fetched += 1;
-            out.notes.push(format!("{e}; read through ENRICH_READER_URL"));
-            let html = format!("<html><body><pre>{}</pre></body></html>", escape(&text));
+            let why = format!("{e}; read through ENRICH_READER_URL");
+            out.notes.push(why.clone());
+            let paragraphs: String = text.lines().map(|l| format!("<p>{}</p>", escape(l))).collect();
+            let html = format!("<html><body>{paragraphs}</body></html>");
             let home_x = extract_off_runtime(html, url.clone(), PageKind::Home).await;
             let verdict = verify::verify(reg, &[&home_x], domain_name, listing);
-            return Ok(Site { home: url.clone(), home_x, source, domain_name, listing, verdict, via_reader: true });
+            let via_reader = Some(why);
+            return Ok(Site { home: url.clone(), home_x, source, domain_name, listing, verdict, via_reader });
         }
         other => other?,
     };
@@ -664,7 +680,7 @@ async fn try_site(
     let domain_name = domain_name && discover::score(home.host_str().unwrap_or(""), &tokens) >= 0.5;
     let verdict = verify::verify(reg, &[&home_x], domain_name, listing);
     tracing::debug!(stage = "find_domain", source, url = %http::strip(&home), confidence = verdict.confidence, evidence = ?verdict.evidence, "candidate");
-    Ok(Site { home, home_x, source, domain_name, listing, verdict, via_reader: false })
+    Ok(Site { home, home_x, source, domain_name, listing, verdict, via_reader: None })
 }
 
 fn escape(text: &str) -> String {

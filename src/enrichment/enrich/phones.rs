@@ -16,7 +16,8 @@ static RUN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:\+|\(\s?\+?)?\d[\
 static FAX_LABEL: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)(?:fax|facsimile|传真)[^0-9]{0,6}$|(?:^|[^a-z])f\s?[:.]\s*$").unwrap());
 /// Singapore numbers written without a country code, inside a run that holds more than one number.
-static SG_LOCAL: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:^|[^0-9])([3689]\d{3})[ .\-]?(\d{4})(?:$|[^0-9])").unwrap());
+static SG_LOCAL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:^|[^0-9])([3689]\d{3})[ .\-]?(\d{4})(?:$|[^0-9])").unwrap());
 
 /// Most numbers kept from one page: a directory of numbers is not a company's phone list.
 pub const MAX_PER_PAGE: usize = 40;
@@ -97,7 +98,14 @@ pub fn parse(raw: &str) -> Option<String> {
         return None;
     };
     let number = phonenumber::parse(Some(Id::SG), &text).ok()?;
-    phonenumber::is_valid(&number).then(|| number.format().mode(phonenumber::Mode::E164).to_string())
+    let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+    // Singapore's numbering plan is checked by its shape (8 digits from 3, 6, 8 or 9; 1800 numbers), not
+    // by the library's list of allocated blocks, which lags new allocations; other countries by the list.
+    let national = e164.strip_prefix("+65");
+    let singapore = national.is_some_and(|n| {
+        (n.len() == 8 && n.starts_with(['3', '6', '8', '9'])) || (n.len() == 11 && n.starts_with("1800"))
+    });
+    (singapore || (national.is_none() && phonenumber::is_valid(&number))).then_some(e164)
 }
 
 /// Whether an E.164 number is Singapore's.

@@ -117,8 +117,7 @@ pub fn verify(reg: &Registered, pages: &[&Extracted], domain_name: bool, search_
         add("name", 0.35, &mut evidence);
     } else if reg.former_names.iter().any(|f| names_phrase(&words, &name_tokens(f))) {
         add("former_name", 0.30, &mut evidence);
-    } else if !tokens.is_empty() && tokens.iter().filter(|t| contains_word(&words, t)).count() * 3 >= tokens.len() * 2
-    {
+    } else if !tokens.is_empty() && tokens.iter().filter(|t| contains_word(&words, t)).count() * 3 >= tokens.len() * 2 {
         add("name_words", 0.10, &mut evidence);
     }
     if domain_name {
@@ -205,7 +204,9 @@ mod tests {
 
     #[test]
     fn namesakes_abroad_parked_pages_and_directories_are_not() {
-        let london = x("<html><body><h1>Acme Logistics Ltd</h1><p>1 King St, London EC2V 8AU. +44 20 7946 0958</p></body></html>");
+        let london = x(
+            "<html><body><h1>Acme Logistics Ltd</h1><p>1 King St, London EC2V 8AU. +44 20 7946 0958</p></body></html>",
+        );
         let v = verify(&reg(), &[&london], true, false);
         assert_eq!(v.evidence, ["name", "domain_name", "abroad"]);
         assert!(!v.passes(0.5), "{v:?}");
