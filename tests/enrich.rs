@@ -653,3 +653,179 @@ async fn after_streamed_enrichments_an_idle_slot_still_advances() {
     db.wait_caught_up(Duration::from_secs(30)).await;
     engine.stop().await;
 }
+
+/// Precision and recall of one field over (company, value) pairs.
+#[derive(Default)]
+struct Score {
+    stored: usize,
+    right: usize,
+    truth: usize,
+    found: usize,
+}
+
+impl Score {
+    fn add(&mut self, stored: &[String], truth: &[String]) {
+        self.stored += stored.len();
+        self.right += stored.iter().filter(|s| truth.contains(s)).count();
+        self.truth += truth.len();
+        self.found += truth.iter().filter(|t| stored.contains(t)).count();
+    }
+    fn precision(&self) -> f64 {
+        if self.stored == 0 {
+            1.0
+        } else {
+            self.right as f64 / self.stored as f64
+        }
+    }
+    fn recall(&self) -> f64 {
+        if self.truth == 0 {
+            1.0
+        } else {
+            self.found as f64 / self.truth as f64
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise() {
+    use acraflow::fixture_web::trust::{trust_web, Registered, CASES};
+    let db = TestDb::new().await;
+    live_companies(&db, 900).await;
+    let registered: Vec<Registered> = db
+        .client
+        .query(
+            "select distinct on (upper(btrim(uen))) btrim(entity_name), upper(btrim(uen)), postal_code, street_name \
+             from staging_acra_companies order by upper(btrim(uen)), id desc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Registered { name: r.get(0), uen: r.get(1), postal: r.get(2), street: r.get(3) })
+        .collect();
+    let (sites, mut truth) = trust_web(&registered);
+    truth.truncate(CASES.len() * 10);
+    assert_eq!(truth.len(), 180, "enough distinct names for 10 companies per case");
+    let uens: Vec<String> = truth.iter().map(|t| t.uen.clone()).collect();
+    db.client
+        .execute("delete from staging_acra_companies where upper(btrim(uen)) <> all($1)", &[&uens])
+        .await
+        .unwrap();
+    let web = FixtureWeb::start(sites, Duration::ZERO).await.unwrap();
+    let mut enrich = web_overrides(&web, 24);
+    enrich.llm_base_url = None;
+    enrich.host_spacing = Some(Duration::from_millis(50));
+    let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    assert_eq!(s.counters.processed, 180, "{:?}", s.counters);
+
+    let rows = db
+        .client
+        .query(
+            "select c.uen, c.website_domain, c.domain_confidence, c.domain_evidence, c.linkedin_url, \
+               c.hq_postal_code, h.public_emails, h.phones, h.status, h.error \
+             from companies c join company_enrichment_runs h using (company_id) where h.enriched",
+            &[],
+        )
+        .await
+        .unwrap();
+    let list = |v: Option<serde_json::Value>| -> Vec<String> {
+        v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default()
+    };
+    let by_uen: HashMap<String, &tokio_postgres::Row> = rows.iter().map(|r| (r.get(0), r)).collect();
+    let (mut domain, mut email, mut phone, mut linkedin, mut hq) =
+        (Score::default(), Score::default(), Score::default(), Score::default(), Score::default());
+    let mut per_case: HashMap<&str, (usize, usize)> = HashMap::new();
+    // Each case's own fields: every format must be read, not only most of them overall.
+    let mut case_fields: HashMap<(&str, &str), Score> = HashMap::new();
+    let mut misses = Vec::new();
+    for t in &truth {
+        let r = by_uen[&t.uen];
+        let got_domain: Option<String> = r.get(1);
+        let opt = |o: Option<String>| o.into_iter().collect::<Vec<_>>();
+        domain.add(&opt(got_domain.clone()), &opt(t.domain.clone()));
+        email.add(&list(r.get(6)), &t.emails);
+        phone.add(&list(r.get(7)), &t.phones);
+        linkedin.add(&opt(r.get(4)), &opt(t.linkedin_url.clone()));
+        hq.add(&opt(r.get(5)), &opt(t.hq_postal.clone()));
+        for (field, got, want) in [
+            ("email", list(r.get(6)), t.emails.clone()),
+            ("phone", list(r.get(7)), t.phones.clone()),
+            ("linkedin", opt(r.get(4)), opt(t.linkedin_url.clone())),
+            ("hq", opt(r.get(5)), opt(t.hq_postal.clone())),
+        ] {
+            case_fields.entry((t.case, field)).or_default().add(&got, &want);
+        }
+        let right = got_domain == t.domain;
+        let e = per_case.entry(t.case).or_default();
+        e.0 += usize::from(right);
+        e.1 += 1;
+        if !right {
+            misses.push(format!(
+                "{} [{}]: stored {got_domain:?}, truth {:?} ({}: {:?})",
+                t.name,
+                t.case,
+                t.domain,
+                r.get::<_, String>(8),
+                r.get::<_, Option<String>>(9)
+            ));
+        }
+        if got_domain.is_some() {
+            let confidence: f32 = r.get::<_, Option<f32>>(2).expect("a stored domain has its confidence");
+            let evidence = list(r.get(3));
+            assert!(confidence >= 0.5 && !evidence.is_empty(), "{}: {confidence} {evidence:?}", t.name);
+        }
+    }
+    eprintln!("field      precision  recall");
+    for (field, sc) in [("domain", &domain), ("email", &email), ("phone", &phone), ("linkedin", &linkedin), ("hq", &hq)] {
+        eprintln!("{field:<10} {:>9.3}  {:>6.3}   ({} stored, {} true)", sc.precision(), sc.recall(), sc.stored, sc.truth);
+    }
+    let mut cases: Vec<_> = per_case.iter().collect();
+    cases.sort();
+    for (case, (right, all)) in cases {
+        eprintln!("  {case:<26} {right}/{all}");
+    }
+    for m in &misses {
+        eprintln!("  miss: {m}");
+    }
+    for ((case, field), sc) in &case_fields {
+        assert!(sc.recall() >= 0.9 && sc.precision() >= 0.95, "{case}: {field} {:.2}/{:.2}", sc.precision(), sc.recall());
+    }
+    for (case, (right, all)) in &per_case {
+        assert!(right * 10 >= all * 9, "{case}: {right} of {all} domains right");
+    }
+    // The work-arounds are recorded in the history rows: https read over http, the meta refresh followed.
+    for (case, note) in [("https that fails", "read over http"), ("meta refresh", "refreshes to")] {
+        let uens: Vec<String> = truth.iter().filter(|t| t.case == case).map(|t| t.uen.clone()).collect();
+        let noted = db
+            .count(&format!(
+                "select count(*) from company_enrichment_runs h join companies c using (company_id) \
+                 where c.uen = any('{{{}}}') and h.notes::text like '%{note}%'",
+                uens.join(",")
+            ))
+            .await;
+        assert_eq!(noted, uens.len() as i64, "{case}: '{note}' recorded");
+    }
+    // `x.sg` and `www.x.sg` are one site: one politeness spacing between them.
+    let hits = web.hits();
+    for t in truth.iter().filter(|t| t.case == "www and bare host") {
+        let site = t.domain.clone().unwrap();
+        let mut times: Vec<Instant> = hits
+            .iter()
+            .filter(|h| h.host == site || h.host == format!("www.{site}"))
+            .map(|h| h.at)
+            .collect();
+        times.sort();
+        assert!(hits.iter().any(|h| h.host == site), "{site}: the bare host was crawled too");
+        for w in times.windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(25), "{site}: requests {:?} apart", w[1] - w[0]);
+        }
+    }
+    // No company without a website is given one.
+    let invented = truth.iter().filter(|t| t.domain.is_none() && by_uen[&t.uen].get::<_, Option<String>>(1).is_some());
+    assert_eq!(invented.count(), 0, "domains recorded for companies without a site");
+    assert!(domain.precision() >= 0.97 && domain.recall() >= 0.95, "domain {:.3}/{:.3}", domain.precision(), domain.recall());
+    for (field, sc) in [("email", &email), ("phone", &phone), ("linkedin", &linkedin), ("hq", &hq)] {
+        assert!(sc.precision() >= 0.95, "{field} precision {:.3}", sc.precision());
+        assert!(sc.recall() >= 0.90, "{field} recall {:.3}", sc.recall());
+    }
+}

@@ -72,6 +72,17 @@ pub struct SiteSpec {
     pub in_search: bool,
     pub robots_disallow: bool,
     pub fault: Option<Fault>,
+    /// What kind of site it is (the formats of [`trust`]); `Plain` for the standard templates.
+    pub kind: SiteKind,
+    /// The address printed: the registered postal code and street when known.
+    pub postal: Option<String>,
+    pub street: Option<String>,
+    /// Search lists lower ranks first.
+    pub rank: u32,
+    /// The search listing's title and snippet, when not the company's name.
+    pub listing: Option<(String, String)>,
+    /// Search lists the site as `https://`.
+    pub https: bool,
 }
 
 impl SiteSpec {
@@ -83,6 +94,12 @@ impl SiteSpec {
             in_search: true,
             robots_disallow: false,
             fault: None,
+            kind: SiteKind::Plain,
+            postal: None,
+            street: None,
+            rank: 10,
+            listing: None,
+            https: false,
         }
     }
 
@@ -99,11 +116,24 @@ impl SiteSpec {
     pub fn expected(&self) -> Expected {
         let s = self.seed();
         let slug = self.domain().split('.').next().unwrap_or("x").to_owned();
+        let phone = format!("+656{:03}{:04}", s % 1000, (s / 1000) % 10_000);
+        let mut phones = vec![phone.clone()];
+        match self.kind {
+            SiteKind::WhatsApp => phones.push(trust::mobile(self)),
+            SiteKind::FaxAndAbroad => phones.push(trust::london(self)),
+            _ => {}
+        }
+        let mut emails = vec![format!("hello@{}", self.domain()), format!("sales@{}", self.domain())];
+        if self.kind == SiteKind::JsonLd {
+            emails.remove(0);
+        }
         Expected {
-            emails: vec![format!("hello@{}", self.domain()), format!("sales@{}", self.domain())],
-            phone: format!("+656{:03}{:04}", s % 1000, (s / 1000) % 10_000),
+            emails,
+            phone,
+            phones,
             linkedin_url: format!("https://www.linkedin.com/company/{slug}"),
             jobs: (s % 6) as i32,
+            hq_postal: Some(self.postal.clone().unwrap_or_else(|| format!("{:06}", 10_000 + s % 800_000))),
         }
     }
 }
@@ -111,10 +141,17 @@ impl SiteSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
     pub emails: Vec<String>,
+    /// The main line (E.164).
     pub phone: String,
+    /// Every phone the site gives (E.164), faxes excluded.
+    pub phones: Vec<String>,
     pub linkedin_url: String,
     pub jobs: i32,
+    pub hq_postal: Option<String>,
 }
+
+pub mod trust;
+pub use trust::SiteKind;
 
 /// A request as the server saw it.
 #[derive(Debug, Clone)]
@@ -164,7 +201,14 @@ impl FixtureWeb {
             by_tokens.entry(name_tokens(&s.company).join(" ")).or_default().push(s.host.clone());
         }
         let state = Arc::new(State {
-            sites: sites.into_iter().map(|s| (s.host.clone(), s)).collect(),
+            // A `www.` site that links to its bare host answers there too (one server).
+            sites: sites
+                .into_iter()
+                .flat_map(|s| {
+                    let bare = (s.kind == SiteKind::WwwAndBare).then(|| (s.domain(), s.clone()));
+                    std::iter::once((s.host.clone(), s)).chain(bare)
+                })
+                .collect(),
             by_tokens,
             latency,
             own: addr.to_string(),
@@ -291,14 +335,14 @@ fn hash<T: Hash>(t: &T) -> u64 {
     h.finish()
 }
 
-enum Body {
+pub(crate) enum Body {
     Bytes(Vec<u8>),
     Slow(Vec<u8>, Duration),
     Huge(usize),
     Hang,
 }
 
-struct Response {
+pub(crate) struct Response {
     status: u16,
     content_type: &'static str,
     headers: Vec<(&'static str, String)>,
@@ -306,10 +350,10 @@ struct Response {
 }
 
 impl Response {
-    fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
+    pub(crate) fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
         Response { status, content_type, headers: Vec::new(), body: Body::Bytes(body.into()) }
     }
-    fn html(body: String) -> Self {
+    pub(crate) fn html(body: String) -> Self {
         Self::new(200, "text/html; charset=utf-8", body)
     }
     fn redirect(status: u16, to: String) -> Self {
@@ -317,7 +361,7 @@ impl Response {
         r.headers.push(("Location", to));
         r
     }
-    fn not_found() -> Self {
+    pub(crate) fn not_found() -> Self {
         Self::new(404, "text/html", "<html><body><h1>Not found</h1></body></html>")
     }
 }
@@ -449,6 +493,7 @@ async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
 }
 
 fn site_response(state: &State, site: &SiteSpec, path: &str) -> Response {
+    let path = if path.is_empty() { "/" } else { path };
     let path = path.split('?').next().unwrap_or("/");
     let count = {
         let mut seen = state.seen.lock().unwrap();
@@ -502,10 +547,14 @@ fn site_response(state: &State, site: &SiteSpec, path: &str) -> Response {
         }
         _ => {}
     }
+    if let Some(r) = trust::page(site, path) {
+        return r;
+    }
     match path.trim_end_matches('/') {
         "" => Response::html(pages::home(site)),
-        p if p == pages::about_path(site) => Response::html(pages::about(site)),
-        "/contact" | "/contact-us" => Response::html(pages::contact(site)),
+        p if p == pages::about_path(site).trim_end_matches('/') => Response::html(pages::about(site)),
+        p if p == pages::contact_path(site).trim_end_matches('/') => Response::html(pages::contact(site)),
+        "/contact-us" if site.kind != SiteKind::OddPaths => Response::html(pages::contact(site)),
         "/careers" => Response::html(pages::careers(site)),
         _ => Response::not_found(),
     }
@@ -525,7 +574,7 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
                 .get(&key)
                 .map(|hs| hs.iter().filter_map(|h| state.sites.get(h)).filter(|s| s.in_search).collect())
                 .unwrap_or_default();
-            Response::html(pages::search(&key, &hosts))
+            Response::html(pages::search(&hosts))
         }
         ("POST", "/v1/chat/completions") => {
             state.llm_calls.fetch_add(1, Ordering::SeqCst);
@@ -583,21 +632,66 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
     }
 }
 
-mod pages {
-    use super::SiteSpec;
+pub(crate) mod pages {
+    use super::{trust, SiteKind, SiteSpec};
 
     pub fn about_path(site: &SiteSpec) -> &'static str {
-        ["/about-us", "/about", "/company"][(site.seed() % 3) as usize]
+        match site.kind {
+            SiteKind::OddPaths => "/gsjj.html",
+            _ => ["/about-us", "/about", "/company"][(site.seed() % 3) as usize],
+        }
+    }
+
+    pub fn contact_path(site: &SiteSpec) -> &'static str {
+        match site.kind {
+            SiteKind::OddPaths => ["/get-in-touch/", "/findus.html", "/lxwm.html"][(site.seed() % 3) as usize],
+            _ => "/contact",
+        }
+    }
+
+    /// Where the site's links point: the bare host for a `www.` site that links without it.
+    fn base(site: &SiteSpec) -> String {
+        match site.kind {
+            SiteKind::WwwAndBare => format!("http://{}", site.domain()),
+            _ => String::new(),
+        }
     }
 
     fn nav(site: &SiteSpec) -> String {
+        let b = base(site);
+        let (about, contact) = match (site.kind, site.seed() % 2) {
+            (SiteKind::OddPaths, 0) => ("关于我们", "联系我们"),
+            (SiteKind::OddPaths, _) => ("Our story", "Get in touch"),
+            _ => ("About us", "Contact"),
+        };
         format!(
-            r#"<nav><a href="/">Home</a> <a href="{}">About us</a> <a href="/services">Services</a> <a href="/contact">Contact</a> <a href="/careers">Careers</a> <a href="https://www.facebook.com/x">Facebook</a></nav>"#,
-            about_path(site)
+            r#"<nav><a href="{b}/">Home</a> <a href="{b}{}">{about}</a> <a href="{b}/services">Services</a> <a href="{b}{}">{contact}</a> <a href="{b}/careers">Careers</a> <a href="https://www.facebook.com/x">Facebook</a></nav>"#,
+            about_path(site),
+            contact_path(site)
         )
     }
 
-    fn footer(site: &SiteSpec) -> String {
+    /// The address line in the site's own way of writing it.
+    fn address(site: &SiteSpec) -> String {
+        let s = site.seed();
+        let street = site.street.clone().unwrap_or_else(|| {
+            format!("{} Road", ["Anson", "Ubi", "Kallang", "Jurong East", "Tampines"][(s % 5) as usize])
+        });
+        let postal = site.expected().hq_postal.unwrap_or_default();
+        let unit = format!("{} {street}, #{:02}-{:02}", 1 + s % 200, s % 30, s % 90);
+        match site.kind {
+            SiteKind::HqVariants => match s % 4 {
+                0 => format!("{unit} S({postal})"),
+                1 => format!("{unit}, S {postal}"),
+                2 => format!("{unit} SG {postal}"),
+                _ => format!("新加坡 {postal} {unit}"),
+            },
+            _ => format!("{unit}, Singapore {postal}"),
+        }
+    }
+
+    /// The contact lines: phone(s) and emails, in the kind's format.
+    fn contact_lines(site: &SiteSpec) -> String {
         let e = site.expected();
         let s = site.seed();
         let domain = site.domain();
@@ -614,19 +708,50 @@ mod pages {
             }
             _ => format!("sales(at){domain}"),
         };
-        format!(
-            r#"<footer><p>{} {} Road, #{:02}-{:02}, Singapore {:06}</p><p>Tel: {phone} | Email: {sales}</p>
-            <a href="mailto:hello@{domain}">hello@{domain}</a> <a href="{}">LinkedIn</a>
-            <p>&copy; 2024 {}. UEN {}</p></footer>"#,
-            1 + s % 200,
-            ["Anson", "Ubi", "Kallang", "Jurong East", "Tampines"][(s % 5) as usize],
-            s % 30,
-            s % 90,
-            10_000 + s % 800_000,
-            e.linkedin_url,
-            site.company,
-            site.uen.as_deref().unwrap_or("-"),
-        )
+        let hello = format!(r#"<a href="mailto:hello@{domain}">hello@{domain}</a>"#);
+        match site.kind {
+            SiteKind::CloudflareEmail => format!(
+                r#"<p>Tel: {phone} | Email: <a href="/cdn-cgi/l/email-protection#{}">[email&#160;protected]</a></p>
+                <span class="__cf_email__" data-cfemail="{}">[email&#160;protected]</span>"#,
+                trust::cf_encode(&format!("sales@{domain}"), s),
+                trust::cf_encode(&format!("hello@{domain}"), s / 7),
+            ),
+            SiteKind::JsonLd => String::new(),
+            SiteKind::WhatsApp => format!(
+                r#"<p>Email: {sales}</p>{hello} <a href="tel:{}">Call us</a> <a href="https://wa.me/{}">WhatsApp us</a>"#,
+                e.phone,
+                trust::mobile(site).trim_start_matches('+')
+            ),
+            SiteKind::FaxAndAbroad => {
+                let fax = format!("+65 {local} {:04}", (rest.parse::<u32>().unwrap_or(0) + 1) % 10_000);
+                let london = trust::london(site);
+                format!(
+                    "<p>Tel: {phone} | Fax: {fax} | Email: {sales}</p><p>London office: +44 20 {} {}</p>{hello}",
+                    &london[5..9],
+                    &london[9..]
+                )
+            }
+            _ => format!("<p>Tel: {phone} | Email: {sales}</p>{hello}"),
+        }
+    }
+
+    fn footer(site: &SiteSpec) -> String {
+        let e = site.expected();
+        let uen = site.uen.as_deref().unwrap_or("-");
+        match site.kind {
+            SiteKind::JsonLd => format!("<footer><p>&copy; 2024 {}</p></footer>", site.company),
+            // Contact details on the contact page only.
+            SiteKind::OddPaths => {
+                format!("<footer><p>{}</p><p>&copy; 2024 {}. UEN {uen}</p></footer>", address(site), site.company)
+            }
+            _ => format!(
+                r#"<footer><p>{}</p>{}<a href="{}">LinkedIn</a><p>&copy; 2024 {}. UEN {uen}</p></footer>"#,
+                address(site),
+                contact_lines(site),
+                e.linkedin_url,
+                site.company,
+            ),
+        }
     }
 
     fn head(site: &SiteSpec, title: &str) -> String {
@@ -639,15 +764,16 @@ mod pages {
             2 => r#"<script src="https://cdn.shopify.com/s/x.js"></script>"#,
             _ => "",
         };
+        let ld = if site.kind == SiteKind::JsonLd { trust::json_ld(site) } else { String::new() };
         format!(
             r#"<!doctype html><html><head><meta charset="utf-8"><title>{title} | {}</title>
             <meta name="description" content="{} provides trusted services to businesses in Singapore and across Asia.">
-            {generator}<script async src="https://www.googletagmanager.com/gtag/js?id=G-{s}"></script></head>"#,
+            {generator}{ld}<script async src="https://www.googletagmanager.com/gtag/js?id=G-{s}"></script></head>"#,
             site.company, site.company
         )
     }
 
-    pub fn home(site: &SiteSpec) -> String {
+    pub(crate) fn home(site: &SiteSpec) -> String {
         format!(
             "{}<body>{}<h1>Welcome to {}</h1><p>{} has served customers in Singapore for many years with a team that cares about quality.</p>{}</body></html>",
             head(site, "Home"),
@@ -671,11 +797,17 @@ mod pages {
     }
 
     pub fn contact(site: &SiteSpec) -> String {
+        let details = match site.kind {
+            SiteKind::OddPaths => {
+                format!("{}<a href=\"{}\">LinkedIn</a>", contact_lines(site), site.expected().linkedin_url)
+            }
+            SiteKind::CloudflareEmail | SiteKind::JsonLd => String::new(),
+            _ => format!("<a href=\"mailto:sales@{}\">our sales team</a>", site.domain()),
+        };
         format!(
-            "{}<body>{}<h1>Contact</h1><p>Write to <a href=\"mailto:sales@{}\">our sales team</a> or call us on weekdays between 9am and 6pm.</p>{}</body></html>",
+            "{}<body>{}<h1>Contact</h1><p>Write to us or call us on weekdays between 9am and 6pm.</p>{details}{}</body></html>",
             head(site, "Contact"),
             nav(site),
-            site.domain(),
             footer(site)
         )
     }
@@ -692,21 +824,29 @@ mod pages {
         )
     }
 
-    pub fn search(query: &str, sites: &[&SiteSpec]) -> String {
-        let result = |url: &str, title: &str| {
+    pub fn search(sites: &[&SiteSpec]) -> String {
+        let result = |url: &str, title: &str, snippet: &str| {
             let enc: String = url::form_urlencoded::byte_serialize(url.as_bytes()).collect();
             format!(
-                r#"<div class="result results_links results_links_deep web-result"><div class="links_main links_deep result__body"><h2 class="result__title"><a rel="nofollow" class="result__a" href="//duckduckgo.com/l/?uddg={enc}&amp;rut=f">{title}</a></h2><a class="result__snippet" href="x">{title}</a></div></div>"#
+                r#"<div class="result results_links results_links_deep web-result"><div class="links_main links_deep result__body"><h2 class="result__title"><a rel="nofollow" class="result__a" href="//duckduckgo.com/l/?uddg={enc}&amp;rut=f">{title}</a></h2><a class="result__snippet" href="x">{snippet}</a></div></div>"#
             )
         };
-        let slug = query.replace(' ', "-");
+        let slug = sites.first().map(|s| super::name_tokens(&s.company).join("-")).unwrap_or_default();
         let mut out = String::from(r#"<html><body><div class="serp__results"><div id="links" class="results">"#);
-        out.push_str(&result(&format!("https://www.sgpbusiness.com/company/{slug}"), "SGPBusiness"));
-        out.push_str(&result(&format!("https://sg.linkedin.com/company/{slug}"), "LinkedIn"));
-        for s in sites {
-            out.push_str(&result(&format!("http://{}/", s.host), &s.company));
+        out.push_str(&result(&format!("https://www.sgpbusiness.com/company/{slug}"), "SGPBusiness", ""));
+        out.push_str(&result(&format!("https://sg.linkedin.com/company/{slug}"), "LinkedIn", ""));
+        let mut listed: Vec<&&SiteSpec> = sites.iter().collect();
+        listed.sort_by_key(|s| s.rank);
+        for s in listed {
+            let scheme = if s.https { "https" } else { "http" };
+            let path = if s.kind == SiteKind::Directory { format!("company/{slug}") } else { String::new() };
+            let (title, snippet) = s.listing.clone().unwrap_or_else(|| (s.company.clone(), s.company.clone()));
+            out.push_str(&result(&format!("{scheme}://{}/{path}", s.host), &title, &snippet));
         }
-        out.push_str(&result("https://www.straitstimes.com/business/economy", "Business news"));
+        out.push_str(&result("https://www.straitstimes.com/business/economy", "Business news", ""));
+        if sites.is_empty() {
+            out = r#"<html><body><div class="serp__results"><div id="links" class="results"><div class="no-results">No results.</div>"#.into();
+        }
         out.push_str("</div></div></body></html>");
         out
     }
