@@ -707,10 +707,7 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
     truth.truncate(CASES.len() * 10);
     assert_eq!(truth.len(), 180, "enough distinct names for 10 companies per case");
     let uens: Vec<String> = truth.iter().map(|t| t.uen.clone()).collect();
-    db.client
-        .execute("delete from staging_acra_companies where upper(btrim(uen)) <> all($1)", &[&uens])
-        .await
-        .unwrap();
+    db.client.execute("delete from staging_acra_companies where upper(btrim(uen)) <> all($1)", &[&uens]).await.unwrap();
     let web = FixtureWeb::start(sites, Duration::ZERO).await.unwrap();
     let mut enrich = web_overrides(&web, 24);
     enrich.llm_base_url = None;
@@ -776,8 +773,15 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
         }
     }
     eprintln!("field      precision  recall");
-    for (field, sc) in [("domain", &domain), ("email", &email), ("phone", &phone), ("linkedin", &linkedin), ("hq", &hq)] {
-        eprintln!("{field:<10} {:>9.3}  {:>6.3}   ({} stored, {} true)", sc.precision(), sc.recall(), sc.stored, sc.truth);
+    for (field, sc) in [("domain", &domain), ("email", &email), ("phone", &phone), ("linkedin", &linkedin), ("hq", &hq)]
+    {
+        eprintln!(
+            "{field:<10} {:>9.3}  {:>6.3}   ({} stored, {} true)",
+            sc.precision(),
+            sc.recall(),
+            sc.stored,
+            sc.truth
+        );
     }
     let mut cases: Vec<_> = per_case.iter().collect();
     cases.sort();
@@ -788,7 +792,12 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
         eprintln!("  miss: {m}");
     }
     for ((case, field), sc) in &case_fields {
-        assert!(sc.recall() >= 0.9 && sc.precision() >= 0.95, "{case}: {field} {:.2}/{:.2}", sc.precision(), sc.recall());
+        assert!(
+            sc.recall() >= 0.9 && sc.precision() >= 0.95,
+            "{case}: {field} {:.2}/{:.2}",
+            sc.precision(),
+            sc.recall()
+        );
     }
     for (case, (right, all)) in &per_case {
         assert!(right * 10 >= all * 9, "{case}: {right} of {all} domains right");
@@ -809,11 +818,8 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
     let hits = web.hits();
     for t in truth.iter().filter(|t| t.case == "www and bare host") {
         let site = t.domain.clone().unwrap();
-        let mut times: Vec<Instant> = hits
-            .iter()
-            .filter(|h| h.host == site || h.host == format!("www.{site}"))
-            .map(|h| h.at)
-            .collect();
+        let mut times: Vec<Instant> =
+            hits.iter().filter(|h| h.host == site || h.host == format!("www.{site}")).map(|h| h.at).collect();
         times.sort();
         assert!(hits.iter().any(|h| h.host == site), "{site}: the bare host was crawled too");
         for w in times.windows(2) {
@@ -823,9 +829,75 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
     // No company without a website is given one.
     let invented = truth.iter().filter(|t| t.domain.is_none() && by_uen[&t.uen].get::<_, Option<String>>(1).is_some());
     assert_eq!(invented.count(), 0, "domains recorded for companies without a site");
-    assert!(domain.precision() >= 0.97 && domain.recall() >= 0.95, "domain {:.3}/{:.3}", domain.precision(), domain.recall());
+    assert!(
+        domain.precision() >= 0.97 && domain.recall() >= 0.95,
+        "domain {:.3}/{:.3}",
+        domain.precision(),
+        domain.recall()
+    );
     for (field, sc) in [("email", &email), ("phone", &phone), ("linkedin", &linkedin), ("hq", &hq)] {
         assert!(sc.precision() >= 0.95, "{field} precision {:.3}", sc.precision());
         assert!(sc.recall() >= 0.90, "{field} recall {:.3}", sc.recall());
+    }
+}
+
+/// 50 companies at once against a search endpoint that answers HTTP 202 (DuckDuckGo's bot check) above its
+/// budget of 5 calls per second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_provider_is_kept_to_its_budget_and_its_refusals_never_mean_no_website() {
+    let budget = (5usize, Duration::from_secs(1));
+    for (rate, over_budget) in [((5, Duration::from_secs(1)), false), ((40, Duration::from_secs(1)), true)] {
+        let db = TestDb::new().await;
+        let companies = live_companies(&db, 80).await;
+        let mut sites: Vec<SiteSpec> = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (name, uen) in &companies {
+            let joined = name_tokens(name).concat();
+            if sites.len() < 50 && joined.len() >= 4 && names.insert(joined.clone()) {
+                sites.push(SiteSpec::new(&format!("www.{joined}.sg"), name, uen.as_deref()));
+            }
+        }
+        let keep: Vec<String> = sites.iter().filter_map(|s| s.uen.clone()).collect();
+        db.client
+            .execute("delete from staging_acra_companies where upper(btrim(uen)) <> all($1)", &[&keep])
+            .await
+            .unwrap();
+        let web = FixtureWeb::start(sites.clone(), Duration::ZERO).await.unwrap();
+        web.set_search_budget(budget.0, budget.1);
+        let mut enrich = web_overrides(&web, 50);
+        enrich.llm_base_url = None;
+        enrich.host_spacing = Some(Duration::from_millis(20));
+        enrich.search_rate = Some(Some(acraflow::config::Rate { calls: rate.0, per: rate.1 }));
+        enrich.max_attempts = Some(30);
+        enrich.retry_backoff = Some(Duration::from_millis(300));
+        let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+        assert_eq!(s.counters.processed, 50, "{:?}", s.counters);
+
+        let searches = web.searches();
+        let refused = searches.iter().filter(|(_, ok)| !ok).count();
+        if over_budget {
+            assert!(refused > 0, "a rate above the budget meets refusals");
+        } else {
+            assert_eq!(refused, 0, "kept to its budget, the provider never refuses");
+            // The provider's own view: never more than its budget within any window.
+            let times: Vec<Instant> = searches.iter().map(|(at, _)| *at).collect();
+            for (i, t) in times.iter().enumerate() {
+                let within = times[i..].iter().take_while(|u| u.duration_since(*t) < budget.1).count();
+                assert!(within <= budget.0 + 1, "{within} searches within {:?}", budget.1);
+            }
+        }
+        // Every company ends with its website: a refusal is retried, never read as "no website".
+        let stored = enrichments(&db).await;
+        assert_eq!(stored.len(), 50);
+        for site in &sites {
+            let row = &stored[site.uen.as_deref().unwrap()];
+            assert_eq!(row.domain.as_deref(), Some(site.domain().as_str()), "{}: {:?}", row.name, row.error);
+        }
+        let no_website = db.count("select count(*) from company_enrichment_runs where error like 'no website%'").await;
+        assert_eq!(no_website, 0, "a refusal was recorded as no website");
+        eprintln!(
+            "search rate {}/{:?} against a budget of {}/{:?}: {refused} refusals",
+            rate.0, rate.1, budget.0, budget.1
+        );
     }
 }

@@ -171,6 +171,11 @@ struct State {
     hits: Mutex<Vec<Hit>>,
     seen: Mutex<HashMap<(String, String), u32>>,
     llm_fail: AtomicBool,
+    /// The search endpoint's budget: at most `calls` answered per sliding `per`; above it, HTTP 202 with
+    /// DuckDuckGo's bot-check page.
+    search_budget: Mutex<Option<(usize, Duration)>>,
+    /// Every search request: when, and whether it was answered (false: refused with 202).
+    searches: Mutex<Vec<(Instant, bool)>>,
     llm_calls: AtomicU64,
     /// Every site answers 500 (an outage on our side of the network, as far as acraflow can tell).
     sites_fail: AtomicBool,
@@ -215,6 +220,8 @@ impl FixtureWeb {
             hits: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
             llm_fail: AtomicBool::new(false),
+            search_budget: Mutex::new(None),
+            searches: Mutex::new(Vec::new()),
             llm_calls: AtomicU64::new(0),
             sites_fail: AtomicBool::new(false),
             webhooks: Mutex::new(Vec::new()),
@@ -260,6 +267,17 @@ impl FixtureWeb {
 
     pub fn hits(&self) -> Vec<Hit> {
         self.state.hits.lock().unwrap().clone()
+    }
+
+    /// Gives the search endpoint a budget of `calls` per sliding `per`, as DuckDuckGo has: above it, it
+    /// answers HTTP 202 with its bot-check page.
+    pub fn set_search_budget(&self, calls: usize, per: Duration) {
+        *self.state.search_budget.lock().unwrap() = Some((calls, per));
+    }
+
+    /// Every search request: when it arrived and whether it was answered (false: refused).
+    pub fn searches(&self) -> Vec<(Instant, bool)> {
+        self.state.searches.lock().unwrap().clone()
     }
 
     pub fn set_llm_failing(&self, failing: bool) {
@@ -442,6 +460,7 @@ async fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
 async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
     let reason = match r.status {
         200 => "OK",
+        202 => "Accepted",
         301 => "Moved Permanently",
         302 => "Found",
         403 => "Forbidden",
@@ -564,6 +583,22 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     match (method, route) {
         ("GET", "/search") => {
+            let now = Instant::now();
+            let budget = *state.search_budget.lock().unwrap();
+            let mut log = state.searches.lock().unwrap();
+            if let Some((calls, per)) = budget {
+                let answered = log.iter().filter(|(at, ok)| *ok && now.duration_since(*at) < per).count();
+                if answered >= calls {
+                    log.push((now, false));
+                    return Response::new(
+                        202,
+                        "text/html",
+                        r#"<html><body><div class="anomaly-modal__title">Unfortunately, bots use DuckDuckGo too.</div><form action="/anomaly.js"></form></body></html>"#,
+                    );
+                }
+            }
+            log.push((now, true));
+            drop(log);
             let q = url::form_urlencoded::parse(query.as_bytes())
                 .find(|(k, _)| k == "q")
                 .map(|(_, v)| v.into_owned())

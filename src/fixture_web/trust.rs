@@ -111,7 +111,11 @@ pub fn trust_web(companies: &[Registered]) -> (Vec<SiteSpec>, Vec<Truth>) {
             "plain" => Some(own(format!("www.{joined}.sg"))),
             "probe only" => Some(SiteSpec { in_search: false, ..own(format!("{joined}.com.sg")) }),
             "brand domain" => {
-                let brand = format!("{}{}", ["bluewhale", "sunrise", "kopi", "lighthouse", "orchid"][truth.len() % 5], truth.len());
+                let brand = format!(
+                    "{}{}",
+                    ["bluewhale", "sunrise", "kopi", "lighthouse", "orchid"][truth.len() % 5],
+                    truth.len()
+                );
                 let mut s = own(format!("www.{brand}.sg"));
                 s.listing = Some((
                     format!("{} | Official site", title_case(&brand)),
@@ -152,7 +156,8 @@ pub fn trust_web(companies: &[Registered]) -> (Vec<SiteSpec>, Vec<Truth>) {
         // Every company is listed by a directory, with its UEN, above its own site.
         let mut directory = decoy(format!("www.sgbiz{}.net", truth.len()), SiteKind::Directory);
         directory.rank = 1;
-        directory.listing = Some((format!("{} - SG Business Directory", c.name), format!("UEN {} · {}", c.uen, c.name)));
+        directory.listing =
+            Some((format!("{} - SG Business Directory", c.name), format!("UEN {} · {}", c.uen, c.name)));
         directory.uen = None;
         sites.push(directory);
         let t = match site.as_mut() {

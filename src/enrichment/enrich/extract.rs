@@ -273,7 +273,8 @@ pub fn page(html: &str, base: &Url, kind: PageKind) -> Extracted {
         if out.linkedin_url.is_none() {
             out.linkedin_url = linkedin_company(url.as_str());
         }
-        if same_site(&url, base) && matches!(url.scheme(), "http" | "https") && !url.path().trim_matches('/').is_empty() {
+        if same_site(&url, base) && matches!(url.scheme(), "http" | "https") && !url.path().trim_matches('/').is_empty()
+        {
             let kind = PageKind::of_path(url.path()).or_else(|| {
                 let text: String = a.text().take(8).collect();
                 PageKind::of_text(&text).filter(|_| url.path().trim_matches('/').split('/').count() <= 2)
