@@ -267,7 +267,9 @@ async fn every_fault_ends_in_bounded_time_with_the_right_status() {
             None | Some(Fault::SlowBody(_)) => ("ok", ""),
             Some(Fault::Hang) => ("failed", "timed out"),
             Some(Fault::ServerError) => ("failed", "HTTP 500"),
-            Some(Fault::RateLimited(_)) | Some(Fault::Huge) | Some(Fault::InvalidUtf8) => ("ok", ""),
+            Some(Fault::RateLimited(_)) | Some(Fault::Huge) | Some(Fault::InvalidUtf8) | Some(Fault::Deep) => {
+                ("ok", "")
+            }
             Some(Fault::RedirectLoop) => ("failed", "more than 5 redirects"),
             Some(Fault::RedirectToPrivate) => ("failed", "refused to fetch http://169.254.169.254/"),
             Some(Fault::Forbidden) => ("degraded", "read through ENRICH_READER_URL"),

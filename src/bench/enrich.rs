@@ -17,13 +17,24 @@ use hdrhistogram::Histogram;
 
 use crate::cli::BenchEnrichArgs;
 use crate::error::{Error, ErrorKind, Result};
+use crate::fixture_web::{Fault, FixtureWeb, SiteSpec};
 
 const DB: &str = "acraflow_bench_enrich";
 
 pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
+    extraction();
     let (dsn, client) = super::scratch_database(admin_dsn, DB).await?;
-    let total: u64 = args.concurrency.iter().map(|c| (*c as u64 * args.per_slot).max(args.per_slot)).sum();
-    let (web, sites) = super::companies_with_sites(&client, total, 5, "BENCH", args.latency).await?;
+    let sweep: u64 = args.concurrency.iter().map(|c| (*c as u64 * args.per_slot).max(args.per_slot)).sum();
+    // Then two rounds of PATHOLOGICAL companies at concurrency 16: a control, and one whose first company's
+    // homepage is the 2 MB nested page.
+    let total = sweep + 2 * PATHOLOGICAL;
+    let deep_at = (sweep + PATHOLOGICAL) as usize;
+    let (web, sites) = super::companies_with_sites(&client, total, 5, "BENCH", args.latency, |i, site| {
+        if i == deep_at {
+            site.fault = Some(Fault::Deep);
+        }
+    })
+    .await?;
     let pages = 4u32; // home, about, contact, careers: what the fixture sites have and CRAWL_MAX_PAGES allows
     let step = args.latency.max(args.host_spacing);
     let per_company = step * pages + args.latency;
@@ -50,67 +61,22 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
         "RSS MB",
         "c/(pages*L)"
     );
-    let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
     let mut after_id = 0i64;
     for &c in &args.concurrency {
         let n = (c as u64 * args.per_slot).max(args.per_slot);
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(&exe)
-            .args(["backfill", "--pipeline", "acra_direct"])
-            .env("POSTGRES_DSN", &dsn)
-            .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("ACRA_DIRECT_CHECKPOINT_KEY", format!("bench_{c}"))
-            .env("ACRA_DIRECT_START_AFTER_ID", after_id.to_string())
-            .env("ACRA_DIRECT_BATCH_LIMIT", n.to_string())
-            .env("ACRA_DIRECT_CONCURRENCY", c.to_string())
-            .env("ENRICH_HTTP_PROXY", web.proxy_url())
-            .env("ENRICH_SEARCH_URL", web.search_url())
-            .env("ENRICH_SEARCH_RATE", "off")
-            .env("ENRICH_READER_RATE", "off")
-            .env("ENRICH_HOST_SPACING", format!("{}ms", args.host_spacing.as_millis()))
-            .env("CRAWL_MAX_PAGES", pages.to_string())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| Error::io("running acraflow backfill", e))?;
-        let pid = child.id().unwrap_or(0);
-        let mut peak_kb = 0u64;
-        let status = loop {
-            peak_kb = peak_kb.max(vm_hwm_kb(pid));
-            tokio::select! {
-                s = child.wait() => break s.map_err(|e| Error::io("waiting for acraflow backfill", e))?,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        if !status.success() {
-            return Err(Error::new(ErrorKind::Io, format!("acraflow backfill exited with {status}")));
-        }
+        let r = round(&dsn, &client, &web, args, c, n, after_id, &format!("bench_{c}")).await?;
         after_id += n as i64;
-        let durations: Vec<i32> = client
-            .query(
-                "select h.duration_ms from company_enrichment_runs h join enrichment_runs r using (run_id) \
-                 where r.checkpoint_key = $1 and h.enriched and h.status = 'ok'",
-                &[&format!("bench_{c}")],
-            )
-            .await
-            .map_err(|e| Error::db("reading enrichment durations", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if durations.len() as u64 != n {
+        if r.durations.len() as u64 != n {
             return Err(Error::new(
                 ErrorKind::Data,
                 format!(
                     "{} of {n} companies were enriched ok at concurrency {c}; the bench needs all",
-                    durations.len()
+                    r.durations.len()
                 ),
             ));
         }
-        let mut h = Histogram::<u64>::new(3).expect("valid histogram");
-        for d in &durations {
-            h.record(d.max(&0).to_owned() as u64).map_err(|e| Error::new(ErrorKind::Data, e.to_string()))?;
-        }
-        let rate = n as f64 / seconds;
+        let h = histogram(&r.durations)?;
+        let rate = n as f64 / r.seconds;
         let bound = c as f64 / per_company.as_secs_f64();
         let naive = c as f64 / (pages as f64 * args.latency.as_secs_f64().max(1e-9));
         println!(
@@ -119,11 +85,199 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
             h.value_at_quantile(0.50),
             h.value_at_quantile(0.95),
             h.value_at_quantile(0.99),
-            peak_kb as f64 / 1024.0
+            r.peak_kb as f64 / 1024.0
         );
     }
     println!("\ntargets: >= 90% of the bound at every concurrency; peak RSS <= 200 MB at 256");
+
+    // A pathological page among healthy companies: handled within the company deadline, and the others
+    // are not slowed (compared with a control round of the same size measured just before).
+    println!("\npathological page (2 MB, 200,000 levels of nesting) among {PATHOLOGICAL} companies at concurrency 16:");
+    println!("{:>10} {:>13} {:>8} {:>8} {:>22}", "round", "companies/s", "p50 ms", "p95 ms", "pathological company");
+    let mut control_p50 = 0u64;
+    for (label, key) in [("control", "bench_control"), ("with page", "bench_deep")] {
+        let r = round(&dsn, &client, &web, args, 16, PATHOLOGICAL, after_id, key).await?;
+        after_id += PATHOLOGICAL as i64;
+        let deep = client
+            .query_opt(
+                "select h.status, h.duration_ms from company_enrichment_runs h join companies c using (company_id) \
+                 join enrichment_runs r using (run_id) where r.checkpoint_key = $1 and h.enriched and c.uen = $2",
+                &[&key, &format!("B{:09}", deep_at as i64 + 1)],
+            )
+            .await
+            .map_err(|e| Error::db("reading the pathological company", e))?
+            .map(|row| format!("{} in {} ms", row.get::<_, String>(0), row.get::<_, i32>(1)))
+            .unwrap_or_else(|| "-".into());
+        let h = histogram(&r.durations)?;
+        if label == "control" {
+            control_p50 = h.value_at_quantile(0.5).max(1);
+        }
+        println!(
+            "{label:>10} {:>13.2} {:>8} {:>8} {:>22}",
+            PATHOLOGICAL as f64 / r.seconds,
+            h.value_at_quantile(0.50),
+            h.value_at_quantile(0.95),
+            if label == "control" { "-".to_owned() } else { deep }
+        );
+        if label != "control" {
+            println!(
+                "healthy companies' p50 with the page / without: {:.2} (target <= 1.10; the company deadline is {})",
+                h.value_at_quantile(0.5) as f64 / control_p50 as f64,
+                humantime::format_duration(crate::config::DEFAULT_COMPANY_TIMEOUT)
+            );
+        }
+    }
+
     Ok(())
+}
+
+const PATHOLOGICAL: u64 = 64;
+
+struct Round {
+    seconds: f64,
+    peak_kb: u64,
+    /// Durations of the companies enriched ok.
+    durations: Vec<i32>,
+}
+
+/// One `acraflow backfill` over the `n` companies after `after_id`, at concurrency `c`.
+#[allow(clippy::too_many_arguments)]
+async fn round(
+    dsn: &str,
+    client: &tokio_postgres::Client,
+    web: &FixtureWeb,
+    args: &BenchEnrichArgs,
+    c: usize,
+    n: u64,
+    after_id: i64,
+    key: &str,
+) -> Result<Round> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(&exe)
+        .args(["backfill", "--pipeline", "acra_direct"])
+        .env("POSTGRES_DSN", dsn)
+        .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
+        .env("ACRA_DIRECT_CHECKPOINT_KEY", key)
+        .env("ACRA_DIRECT_START_AFTER_ID", after_id.to_string())
+        .env("ACRA_DIRECT_BATCH_LIMIT", n.to_string())
+        .env("ACRA_DIRECT_CONCURRENCY", c.to_string())
+        .env("ENRICH_HTTP_PROXY", web.proxy_url())
+        .env("ENRICH_SEARCH_URL", web.search_url())
+        .env("ENRICH_SEARCH_RATE", "off")
+        .env("ENRICH_READER_RATE", "off")
+        .env("ENRICH_HOST_SPACING", format!("{}ms", args.host_spacing.as_millis()))
+        .env("CRAWL_MAX_PAGES", "4")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io("running acraflow backfill", e))?;
+    let pid = child.id().unwrap_or(0);
+    let mut peak_kb = 0u64;
+    let status = loop {
+        peak_kb = peak_kb.max(vm_hwm_kb(pid));
+        tokio::select! {
+            s = child.wait() => break s.map_err(|e| Error::io("waiting for acraflow backfill", e))?,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(Error::new(ErrorKind::Io, format!("acraflow backfill exited with {status}")));
+    }
+    let durations: Vec<i32> = client
+        .query(
+            "select h.duration_ms from company_enrichment_runs h join enrichment_runs r using (run_id) \
+             where r.checkpoint_key = $1 and h.enriched and h.status = 'ok'",
+            &[&key],
+        )
+        .await
+        .map_err(|e| Error::db("reading enrichment durations", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Round { seconds, peak_kb, durations })
+}
+
+fn histogram(durations: &[i32]) -> Result<Histogram<u64>> {
+    let mut h = Histogram::<u64>::new(3).expect("valid histogram");
+    for d in durations {
+        h.record((*d).max(0) as u64).map_err(|e| Error::new(ErrorKind::Data, e.to_string()))?;
+    }
+    Ok(h)
+}
+
+/// Extraction CPU per page, in this process: each page kind of a fixture site, against the HTML parse
+/// alone (the strongest reference: extraction cannot be cheaper than parsing the page once); then the
+/// pathological page, against a parse of it without the depth limit (capped at 30 s).
+fn extraction() {
+    use crate::enrichment::enrich::extract::{page, PageKind};
+    use crate::fixture_web::{pages, SiteKind};
+    let mut site = SiteSpec::new("www.acmelogistics.com.sg", "ACME LOGISTICS PTE. LTD.", Some("199801234K"));
+    let url = url::Url::parse("http://www.acmelogistics.com.sg/").expect("a valid url");
+    println!("extraction CPU per page (this process, one core):");
+    println!("{:>18} {:>8} {:>11} {:>11} {:>7}", "page", "KB", "extract us", "parse us", "ratio");
+    let time = |f: &dyn Fn()| {
+        let runs = 200;
+        let started = Instant::now();
+        for _ in 0..runs {
+            f();
+        }
+        started.elapsed().as_secs_f64() * 1e6 / runs as f64
+    };
+    for (label, kind) in
+        [("plain", SiteKind::Plain), ("json-ld", SiteKind::JsonLd), ("cloudflare", SiteKind::CloudflareEmail)]
+    {
+        site.kind = kind;
+        for (name, html) in
+            [("home", pages::home(&site)), ("contact", pages::contact(&site)), ("careers", pages::careers(&site))]
+        {
+            let extract = time(&|| {
+                std::hint::black_box(page(&html, &url, PageKind::Home));
+            });
+            let parse = time(&|| {
+                std::hint::black_box(scraper::Html::parse_document(&html));
+            });
+            println!(
+                "{:>18} {:>8.1} {extract:>11.0} {parse:>11.0} {:>7.2}",
+                format!("{label} {name}"),
+                html.len() as f64 / 1024.0,
+                extract / parse
+            );
+        }
+    }
+    site.kind = SiteKind::Plain;
+    let deep = pages::deep(&site);
+    let started = Instant::now();
+    let x = page(&deep, &url, PageKind::Home);
+    let ours = started.elapsed();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let unlimited = deep.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let doc = scraper::Html::parse_document(&unlimited);
+        // What the extraction did before the depth limit: a walk up from every text node.
+        let mut steps = 0usize;
+        for node in doc.tree.nodes() {
+            if matches!(node.value(), scraper::Node::Text(_)) {
+                steps += node.ancestors().count();
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+        }
+        let _ = tx.send((started.elapsed(), steps));
+    });
+    let reference = match rx.recv_timeout(Duration::from_secs(35)) {
+        Ok((d, _)) if d < Duration::from_secs(30) => format!("{:.2} s", d.as_secs_f64()),
+        _ => "more than 30 s (stopped)".into(),
+    };
+    println!(
+        "pathological page, {:.1} MB of nesting: extracted in {:.3} s (name found: {}); \
+         parse and walk without the depth limit: {reference}\n",
+        deep.len() as f64 / 1_048_576.0,
+        ours.as_secs_f64(),
+        x.visible.contains("ACME LOGISTICS")
+    );
 }
 
 /// The child's peak resident set so far (VmHWM), 0 once it is gone.

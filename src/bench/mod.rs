@@ -429,6 +429,7 @@ async fn companies_with_sites(
     seed: u64,
     word: &str,
     latency: Duration,
+    tweak: impl Fn(usize, &mut SiteSpec),
 ) -> Result<(FixtureWeb, usize)> {
     seed::seed(client, "staging_acra_companies", total, seed).await?;
     let letter = &word[..1];
@@ -448,7 +449,13 @@ async fn companies_with_sites(
         .map_err(|e| Error::db("reading bench rows", e))?;
     let sites: Vec<SiteSpec> = rows
         .iter()
-        .map(|r| SiteSpec::new(&format!("www.{host}{}trading.com.sg", r.get::<_, i64>(0)), r.get(1), r.get(2)))
+        .enumerate()
+        .map(|(i, r)| {
+            let mut site =
+                SiteSpec::new(&format!("www.{host}{}trading.com.sg", r.get::<_, i64>(0)), r.get(1), r.get(2));
+            tweak(i, &mut site);
+            site
+        })
         .collect();
     let web = FixtureWeb::start(sites, latency).await.map_err(|e| Error::io("starting the fixture web", e))?;
     Ok((web, rows.len()))

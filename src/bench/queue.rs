@@ -26,7 +26,8 @@ const LATENCY_SECONDS: u64 = 10;
 pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
     let (dsn, client) = super::scratch_database(admin_dsn, DB).await?;
     let scaling: u64 = args.workers.iter().map(|w| *w as u64 * args.jobs_per_worker).sum();
-    let (web, _) = super::companies_with_sites(&client, scaling + args.waiting, 7, "QUEUE", args.latency).await?;
+    let (web, _) =
+        super::companies_with_sites(&client, scaling + args.waiting, 7, "QUEUE", args.latency, |_, _| {}).await?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
     let web_env = |cmd: &mut tokio::process::Command| {
         cmd.env("POSTGRES_DSN", &dsn)

@@ -45,10 +45,12 @@ pub enum Fault {
     NotHtml,
     /// The homepage is HTML in Latin-1 bytes with stray 0xFF bytes: not UTF-8.
     InvalidUtf8,
+    /// The homepage is 2 MB of nested tags (a parser that is quadratic in depth takes minutes on it).
+    Deep,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::SlowBody(Duration::from_millis(50)),
         Fault::Hang,
         Fault::ServerError,
@@ -59,6 +61,7 @@ impl Fault {
         Fault::Forbidden,
         Fault::NotHtml,
         Fault::InvalidUtf8,
+        Fault::Deep,
     ];
 }
 
@@ -561,6 +564,7 @@ fn site_response(state: &State, site: &SiteSpec, path: &str) -> Response {
             page.extend_from_slice(b"<p>Caf\xe9 \xff\xfe menu</p></body></html>");
             return Response::new(200, "text/html", page);
         }
+        (Some(Fault::Deep), true) => return Response::html(pages::deep(site)),
         (Some(Fault::SlowBody(d)), true) => {
             return Response { body: Body::Slow(pages::home(site).into_bytes(), d), ..Response::html(String::new()) }
         }
@@ -819,7 +823,23 @@ pub(crate) mod pages {
         )
     }
 
-    pub fn about(site: &SiteSpec) -> String {
+    /// 2 MB of nested `<div>`s (and unclosed `<b>`s) after a normal opening: the company is named, then
+    /// the markup goes 200,000 levels deep.
+    pub fn deep(site: &SiteSpec) -> String {
+        let mut page = format!(
+            "{}<body>{}<h1>Welcome to {}</h1><p>UEN {}</p>",
+            head(site, "Home"),
+            nav(site),
+            site.company,
+            site.uen.as_deref().unwrap_or("-")
+        );
+        while page.len() < 2 * 1024 * 1024 - 64 {
+            page.push_str("<div><b>x");
+        }
+        page
+    }
+
+    pub(crate) fn about(site: &SiteSpec) -> String {
         format!(
             "{}<body>{}<h1>About us</h1><p>Founded in {}, {} (UEN {}) is a Singapore company serving clients across the region.</p><p>Our people are our strength.</p>{}</body></html>",
             head(site, "About"),
@@ -831,7 +851,7 @@ pub(crate) mod pages {
         )
     }
 
-    pub fn contact(site: &SiteSpec) -> String {
+    pub(crate) fn contact(site: &SiteSpec) -> String {
         let details = match site.kind {
             SiteKind::OddPaths => {
                 format!("{}<a href=\"{}\">LinkedIn</a>", contact_lines(site), site.expected().linkedin_url)
@@ -847,7 +867,7 @@ pub(crate) mod pages {
         )
     }
 
-    pub fn careers(site: &SiteSpec) -> String {
+    pub(crate) fn careers(site: &SiteSpec) -> String {
         let jobs: String = (0..site.expected().jobs)
             .map(|i| format!(r#"<li class="job-opening"><a href="/careers/role-{i}">Role {i}</a></li>"#))
             .collect();
