@@ -450,8 +450,9 @@ pub enum BenchCommand {
     /// `acraflow run` under concurrent writers: sustained rows/s, commit-to-visible latency, RSS through a
     /// large transaction, against the raw receive-and-decode rate of the same WAL.
     Stream(BenchStreamArgs),
-    /// Enrichment against the fixture web: companies/s, per-company p50/p95/p99 and peak RSS at
-    /// each concurrency, against the bound politeness allows.
+    /// Enrichment against the fixture web: extraction CPU per page (against the parse alone), a 2 MB
+    /// nested page, then companies/s, per-company p50/p95/p99 and peak RSS at each concurrency against
+    /// the bound politeness allows, and a pathological page among healthy companies against a control.
     Enrich(BenchEnrichArgs),
 }
 
