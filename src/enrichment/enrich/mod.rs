@@ -552,8 +552,20 @@ async fn find_site(
         let text = if domain.contains("://") { domain.to_owned() } else { format!("http://{}/", domain.trim()) };
         if let Ok(url) = Url::parse(&text) {
             let domain_name = discover::score(url.host_str().unwrap_or(""), &tokens) >= 0.5;
+            // The stored domain has no `www.`: a site that answers only at `www.` is tried there too.
+            let www = url.host_str().filter(|h| !h.starts_with("www.")).and_then(|h| {
+                let mut u = url.clone();
+                u.set_host(Some(&format!("www.{h}"))).ok().map(|()| u)
+            });
             match try_site(ctx, &url, "known", domain_name, false, reg, robots, out, waited).await {
                 Ok(site) => consider(site, &mut best, &mut tried),
+                Err(e @ (FetchError::Connect(_) | FetchError::Status { .. })) if www.is_some() => {
+                    let www = www.expect("checked");
+                    match try_site(ctx, &www, "known", domain_name, false, reg, robots, out, waited).await {
+                        Ok(site) => consider(site, &mut best, &mut tried),
+                        Err(_) => unreadable(&url, e, &mut tried, &mut failure),
+                    }
+                }
                 Err(e) => unreadable(&url, e, &mut tried, &mut failure),
             }
             if best.as_ref().is_some_and(|b| b.verdict.passes(threshold)) {
