@@ -903,3 +903,25 @@ async fn the_search_provider_is_kept_to_its_budget_and_its_refusals_never_mean_n
         );
     }
 }
+
+/// A site that answers every request, slowly: the company deadline ends its crawl, as a failure that is
+/// retried, and the run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_company_deadline_bounds_a_slow_site() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 1).await;
+    let (name, uen) = &companies[0];
+    let site = SiteSpec::new(&format!("www.{}.sg", name_tokens(name).concat()), name, uen.as_deref());
+    let web = FixtureWeb::start(vec![site], Duration::from_millis(700)).await.unwrap();
+    let mut enrich = web_overrides(&web, 1);
+    enrich.llm_base_url = None;
+    enrich.company_timeout = Some(Duration::from_secs(2));
+    let started = Instant::now();
+    run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    let stored = enrichments(&db).await;
+    let row = &stored[uen.as_deref().unwrap()];
+    assert_eq!(row.status, "failed");
+    assert!(row.error.as_deref().unwrap_or("").contains("ENRICH_COMPANY_TIMEOUT (2s)"), "{:?}", row.error);
+    assert_eq!(row.domain, None, "an unfinished crawl stores nothing");
+}
