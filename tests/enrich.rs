@@ -346,7 +346,7 @@ async fn the_crawler_refuses_private_addresses_unless_allowed() {
     let open = Http::new(settings(true)).unwrap();
     let page =
         open.page(&format!("http://127.0.0.1:{port}/search?q=x").parse().unwrap(), &mut RobotsCache::default()).await;
-    assert!(page.unwrap().body.contains("result__a"));
+    assert!(page.unwrap().body.contains("serp__results"));
 
     // End to end: a company whose known website is a loopback address fails with the refusal, and the
     // pipeline goes on.
