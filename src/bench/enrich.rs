@@ -152,23 +152,14 @@ async fn round(
     after_id: i64,
     key: &str,
 ) -> Result<Round> {
-    let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(&exe)
+    let mut child = super::child_on_fixture_web(dsn, web, args.host_spacing)?
         .args(["backfill", "--pipeline", "acra_direct"])
-        .env("POSTGRES_DSN", dsn)
-        .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
         .env("ACRA_DIRECT_CHECKPOINT_KEY", key)
         .env("ACRA_DIRECT_START_AFTER_ID", after_id.to_string())
         .env("ACRA_DIRECT_BATCH_LIMIT", n.to_string())
         .env("ACRA_DIRECT_CONCURRENCY", c.to_string())
-        .env("ENRICH_HTTP_PROXY", web.proxy_url())
-        .env("ENRICH_SEARCH_URL", web.search_url())
-        .env("ENRICH_SEARCH_RATE", "off")
-        .env("ENRICH_READER_RATE", "off")
-        .env("ENRICH_HOST_SPACING", format!("{}ms", args.host_spacing.as_millis()))
         .env("CRAWL_MAX_PAGES", "4")
-        .stdout(std::process::Stdio::null())
         .spawn()
         .map_err(|e| Error::io("running acraflow backfill", e))?;
     let pid = child.id().unwrap_or(0);

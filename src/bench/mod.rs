@@ -421,6 +421,22 @@ async fn scratch_database(admin_dsn: &str, name: &str) -> Result<(String, tokio_
     Ok((dsn, client))
 }
 
+/// An `acraflow` child process pointed at `dsn` and the fixture web (its search and reader are ours: no
+/// budgets), spacing `host_spacing`, its stdout dropped.
+fn child_on_fixture_web(dsn: &str, web: &FixtureWeb, host_spacing: Duration) -> Result<tokio::process::Command> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.env("POSTGRES_DSN", dsn)
+        .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
+        .env("ENRICH_HTTP_PROXY", web.proxy_url())
+        .env("ENRICH_SEARCH_URL", web.search_url())
+        .env("ENRICH_SEARCH_RATE", "off")
+        .env("ENRICH_READER_RATE", "off")
+        .env("ENRICH_HOST_SPACING", format!("{}ms", host_spacing.as_millis()))
+        .stdout(std::process::Stdio::null());
+    Ok(cmd)
+}
+
 /// `total` seeded staging rows, each an eligible, distinct company named `{word} <id> TRADING PTE. LTD.`
 /// with UEN `{letter}<id>`, and a healthy fixture site for each at `www.{host}<id>trading.com.sg`.
 async fn companies_with_sites(

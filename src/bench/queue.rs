@@ -28,17 +28,10 @@ pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
     let scaling: u64 = args.workers.iter().map(|w| *w as u64 * args.jobs_per_worker).sum();
     let (web, _) =
         super::companies_with_sites(&client, scaling + args.waiting, 7, "QUEUE", args.latency, |_, _| {}).await?;
-    let exe = std::env::current_exe().map_err(|e| Error::io("locating the acraflow binary", e))?;
-    let web_env = |cmd: &mut tokio::process::Command| {
-        cmd.env("POSTGRES_DSN", &dsn)
-            .env("RUST_LOG", std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("ENRICH_HTTP_PROXY", web.proxy_url())
-            .env("ENRICH_SEARCH_URL", web.search_url())
-            .env("ENRICH_SEARCH_RATE", "off")
-            .env("ENRICH_READER_RATE", "off")
-            .env("ENRICH_HOST_SPACING", format!("{}ms", args.host_spacing.as_millis()))
-            .env("ENRICH_POLL_INTERVAL", "100ms")
-            .stdout(std::process::Stdio::null());
+    let child = || -> Result<tokio::process::Command> {
+        let mut cmd = super::child_on_fixture_web(&dsn, &web, args.host_spacing)?;
+        cmd.env("ENRICH_POLL_INTERVAL", "100ms");
+        Ok(cmd)
     };
 
     // The registry's companies for the scaling rounds (the registry pipeline, in this process).
@@ -73,10 +66,9 @@ pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
         let started = Instant::now();
         let mut children = Vec::new();
         for _ in 0..w {
-            let mut cmd = tokio::process::Command::new(&exe);
+            let mut cmd = child()?;
             cmd.args(["worker", "--exit-when-idle"])
                 .env("ACRA_DIRECT_CONCURRENCY", args.worker_concurrency.to_string());
-            web_env(&mut cmd);
             children.push(cmd.spawn().map_err(|e| Error::io("starting acraflow worker", e))?);
         }
         for mut c in children {
@@ -107,17 +99,16 @@ pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
     println!("targets: >= 1.8x at 2 workers, >= 3.5x at 4 (ratios to 1 worker, measured in this run)");
 
     // 2. The registry's commit-to-visible latency: without enrichment, then with the queue full.
-    let reference = registry_latency(&client, &exe, &web_env, "registry_sync", "LATREF_", 10).await?;
+    let reference = registry_latency(&client, &child, "registry_sync", "LATREF_", 10).await?;
     let start_after = scaling as i64;
     let loaded = {
         let waiting_sql = "select count(*) from enrichment_jobs where lease_owner is null";
-        let mut cmd = tokio::process::Command::new(&exe);
+        let mut cmd = child()?;
         cmd.args(["run", "--pipeline", "acra_direct"])
             .env("ACRA_DIRECT_SLOT", "bench_queue")
             .env("ACRA_DIRECT_CHECKPOINT_KEY", "bench_queue")
             .env("ACRA_DIRECT_START_AFTER_ID", start_after.to_string())
             .env("ACRA_DIRECT_CONCURRENCY", "1");
-        web_env(&mut cmd);
         let mut engine = cmd.kill_on_drop(true).spawn().map_err(|e| Error::io("starting acraflow run", e))?;
         // Its backfill has filled the queue and it streams.
         super::wait_for(
@@ -169,18 +160,16 @@ pub async fn workers(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
 /// measured against it, then SIGTERM.
 async fn registry_latency(
     client: &tokio_postgres::Client,
-    exe: &std::path::Path,
-    web_env: &dyn Fn(&mut tokio::process::Command),
+    child: &dyn Fn() -> Result<tokio::process::Command>,
     pipeline: &str,
     prefix: &str,
     sentinel: i64,
 ) -> Result<hdrhistogram::Histogram<u64>> {
-    let mut cmd = tokio::process::Command::new(exe);
+    let mut cmd = child()?;
     cmd.args(["run", "--pipeline", pipeline])
         .env("ACRA_DIRECT_SLOT", "bench_reference")
         .env("ACRA_DIRECT_CHECKPOINT_KEY", "bench_reference")
         .env("ACRA_DIRECT_START_AFTER_ID", i64::MAX.to_string());
-    web_env(&mut cmd);
     let mut engine = cmd.kill_on_drop(true).spawn().map_err(|e| Error::io("starting acraflow run", e))?;
     super::wait_for(
         client,
