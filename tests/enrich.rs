@@ -713,7 +713,7 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
     let web = FixtureWeb::start(sites, Duration::ZERO).await.unwrap();
     let mut enrich = web_overrides(&web, 24);
     enrich.llm_base_url = None;
-    enrich.host_spacing = Some(Duration::from_millis(50));
+    enrich.host_spacing = Some(Duration::from_millis(200));
     let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
     assert_eq!(s.counters.processed, 180, "{:?}", s.counters);
 
@@ -772,6 +772,8 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
             let confidence: f32 = r.get::<_, Option<f32>>(2).expect("a stored domain has its confidence");
             let evidence = list(r.get(3));
             assert!(confidence >= 0.5 && !evidence.is_empty(), "{}: {confidence} {evidence:?}", t.name);
+            // The registry's address reached the verifier (from the company's staging row).
+            assert!(evidence.iter().any(|e| e == "postal"), "{}: {evidence:?}", t.name);
         }
     }
     eprintln!("field      precision  recall");
@@ -825,7 +827,8 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
         times.sort();
         assert!(hits.iter().any(|h| h.host == site), "{site}: the bare host was crawled too");
         for w in times.windows(2) {
-            assert!(w[1] - w[0] >= Duration::from_millis(25), "{site}: requests {:?} apart", w[1] - w[0]);
+            // 200 ms as sent; the margin absorbs connection set-up and scheduling on a busy machine.
+            assert!(w[1] - w[0] >= Duration::from_millis(100), "{site}: requests {:?} apart", w[1] - w[0]);
         }
     }
     // No company without a website is given one.
