@@ -851,7 +851,8 @@ async fn on_a_realistic_web_every_domain_is_verified_and_every_field_is_precise(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_search_provider_is_kept_to_its_budget_and_its_refusals_never_mean_no_website() {
     let budget = (5usize, Duration::from_secs(1));
-    for (rate, over_budget) in [((5, Duration::from_secs(1)), false), ((40, Duration::from_secs(1)), true)] {
+    // Kept to 4/s, a little under the budget: arrivals at the provider jitter by a few tens of ms.
+    for (rate, over_budget) in [((4, Duration::from_secs(1)), false), ((40, Duration::from_secs(1)), true)] {
         let db = TestDb::new().await;
         let companies = live_companies(&db, 80).await;
         let mut sites: Vec<SiteSpec> = Vec::new();
@@ -888,7 +889,7 @@ async fn the_search_provider_is_kept_to_its_budget_and_its_refusals_never_mean_n
             let times: Vec<Instant> = searches.iter().map(|(at, _)| *at).collect();
             for (i, t) in times.iter().enumerate() {
                 let within = times[i..].iter().take_while(|u| u.duration_since(*t) < budget.1).count();
-                assert!(within <= budget.0 + 1, "{within} searches within {:?}", budget.1);
+                assert!(within <= budget.0, "{within} searches within {:?}", budget.1);
             }
         }
         // Every company ends with its website: a refusal is retried, never read as "no website".
