@@ -876,8 +876,27 @@ async fn the_search_provider_is_kept_to_its_budget_and_its_refusals_never_mean_n
         enrich.search_rate = Some(Some(acraflow::config::Rate { calls: rate.0, per: rate.1 }));
         enrich.max_attempts = Some(30);
         enrich.retry_backoff = Some(Duration::from_millis(300));
-        let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+        let s = run_acra_direct(&db, Overrides { enrich: enrich.clone(), ..Default::default() }).await.unwrap();
         assert_eq!(s.counters.processed, 50, "{:?}", s.counters);
+        // A backfill stops when no job is due; jobs the provider refused wait for their retry. Work them off
+        // as `acraflow worker` would, once they are due.
+        for _ in 0..20 {
+            if db.count("select count(*) from enrichment_jobs").await == 0 {
+                break;
+            }
+            let wait = db
+                .count("select ceil(extract(epoch from min(not_before) - now()) * 1000)::bigint from enrichment_jobs")
+                .await;
+            tokio::time::sleep(Duration::from_millis(wait.clamp(0, 30_000) as u64)).await;
+            let again = Overrides {
+                enrich: enrich.clone(),
+                start_after_id: Some(i64::MAX),
+                checkpoint_key: Some("retries".into()),
+                ..Default::default()
+            };
+            run_acra_direct(&db, again).await.unwrap();
+        }
+        assert_eq!(db.count("select count(*) from enrichment_jobs").await, 0, "every job done");
 
         let searches = web.searches();
         let refused = searches.iter().filter(|(_, ok)| !ok).count();
