@@ -34,7 +34,7 @@ const SSIC_CSV: &str = include_str!("../data/ssic2020_classification_structure.c
 
 /// `user@host:port/dbname` for logs and errors; the password never appears.
 pub fn describe(dsn: &str) -> String {
-    match dsn.parse::<Config>() {
+    match crate::pgtls::without_tls(dsn).parse::<Config>() {
         Ok(c) => {
             let host = c
                 .get_hosts()
@@ -59,23 +59,18 @@ pub async fn connect(dsn: &str) -> Result<Client> {
 /// [`connect`] with `application_name` set to `app` (unless the DSN sets one), so `pg_stat_activity`
 /// says which part of the engine a session belongs to.
 pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
-    let mut config: Config = dsn.parse().map_err(|e| {
-        Error::with_source(
-            ErrorKind::Config,
-            format!("POSTGRES_DSN is not a valid connection string ({})", describe(dsn)),
-            e,
-        )
-    })?;
+    let (mut config, tls) = crate::pgtls::parse(dsn)?;
+    let rustls = crate::pgtls::client_config(&tls)?;
     if config.get_application_name().is_none() {
         config.application_name(app);
     }
-    // `connect_timeout` bounds the whole start-up (TCP, authentication), not only the TCP connect: a server
-    // that accepts and then says nothing must not hang a command.
+    // `connect_timeout` bounds the whole start-up (TCP, TLS, authentication), not only the TCP connect: a
+    // server that accepts and then says nothing must not hang a command.
     let timeout = config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let mut delay = Duration::from_millis(200);
     let mut attempt = 1;
     loop {
-        let connected = match tokio::time::timeout(timeout, config.connect(NoTls)).await {
+        let connected = match tokio::time::timeout(timeout, open(&config, rustls.as_ref())).await {
             Ok(c) => c,
             Err(_) => {
                 // Not retried here: a server silent this long is not about to answer.
@@ -91,13 +86,8 @@ pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
             }
         };
         match connected {
-            Ok((client, conn)) => {
+            Ok(client) => {
                 EVER_CONNECTED.store(true, std::sync::atomic::Ordering::Relaxed);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection closed");
-                    }
-                });
                 // The engine's statements are batches of key lookups (`unnest` of array parameters joined
                 // to a table by key), and are planned for that:
                 // - jit off: compiling one with LLVM costs more than running it. With jit on, a fresh
@@ -115,7 +105,16 @@ pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
                 return Ok(client);
             }
             Err(e) => {
-                let err = Error::db(format!("connecting to {}", describe(dsn)), e);
+                let what = match tls.mode {
+                    crate::pgtls::SslMode::VerifyCa | crate::pgtls::SslMode::VerifyFull => format!(
+                        "connecting to {} with sslmode={} (a certificate that does not match sslrootcert or \
+                         the host name is refused)",
+                        describe(dsn),
+                        tls.mode.as_str()
+                    ),
+                    _ => format!("connecting to {}", describe(dsn)),
+                };
+                let err = Error::db(what, e);
                 if !err.is_retryable() || attempt >= 5 {
                     return Err(err);
                 }
@@ -124,6 +123,35 @@ pub async fn connect_named(dsn: &str, app: &str) -> Result<Client> {
                 delay *= 2;
                 attempt += 1;
             }
+        }
+    }
+}
+
+/// One connection attempt, over TLS when `rustls` is given; its connection task spawned.
+async fn open(
+    config: &Config,
+    rustls: Option<&rustls::ClientConfig>,
+) -> std::result::Result<Client, tokio_postgres::Error> {
+    fn drive<F>(conn: F)
+    where
+        F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection closed");
+            }
+        });
+    }
+    match rustls {
+        None => {
+            let (client, conn) = config.connect(NoTls).await?;
+            drive(conn);
+            Ok(client)
+        }
+        Some(c) => {
+            let (client, conn) = config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(c.clone())).await?;
+            drive(conn);
+            Ok(client)
         }
     }
 }

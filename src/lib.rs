@@ -18,7 +18,7 @@
 //!   or hand-over to the stream; run to the end or a shutdown
 //! - [`run`]: a run's header and summary
 //! - [`config`]: pipeline files, the env overlay and validation
-//! - [`db`]: connections, migrations, schema facts
+//! - [`db`]: connections, migrations, schema facts; [`pgtls`]: TLS to PostgreSQL (`sslmode`, `sslrootcert`)
 //! - [`embedded`]: the private PostgreSQL used when `POSTGRES_DSN` is unset
 //! - [`seed`]: ACRA-shaped sample rows from real reference data
 //! - [`mod@bench`]: throughput benchmarks with a same-run reference
@@ -38,6 +38,7 @@ pub mod enrichment;
 pub mod error;
 pub mod fixture_web;
 pub mod ops;
+pub mod pgtls;
 pub mod pipeline;
 pub mod registry;
 pub mod run;

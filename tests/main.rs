@@ -9,3 +9,4 @@ mod ops;
 mod queue;
 mod replication;
 mod schema;
+mod tls;

@@ -16,7 +16,18 @@ pub fn cluster() -> &'static Cluster {
         // Engine logs in the test output, filtered by RUST_LOG (off by default).
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into());
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-        let home = std::env::temp_dir().join(format!("acraflow-test-{}", nix::unistd::geteuid()));
+        // One cluster per server version: a data directory made by one major version cannot be started by
+        // another (`ACRAFLOW_PG_BIN` picks the binaries).
+        let bin = std::env::var("ACRAFLOW_PG_BIN").unwrap_or_default();
+        let flavour = if bin.is_empty() {
+            String::new()
+        } else {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bin.hash(&mut h);
+            format!("-{:x}", h.finish())
+        };
+        let home = std::env::temp_dir().join(format!("acraflow-test-{}{flavour}", nix::unistd::geteuid()));
         Cluster::start(&ClusterOptions { home, durable: false, port: None })
             .expect("starting the test PostgreSQL cluster")
     })

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 
 use crate::change::{lsn_to_text, Batch, Change, Event, Op, Position, StagingRow};
 use crate::checkpoint::{Checkpoint, Cursor};
@@ -512,12 +512,13 @@ pub fn connection_config(
     publication: &str,
     status_interval: Duration,
 ) -> Result<ReplicationConfig> {
-    let c: Config = dsn.parse().map_err(|e| Error::with_source(ErrorKind::Config, "POSTGRES_DSN", e))?;
+    let (c, tls) = crate::pgtls::parse(dsn)?;
     let host = match c.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
         None => "localhost".into(),
     };
+    let host_for_tls = host.clone();
     let user = c.get_user().unwrap_or("postgres").to_owned();
     let password = c.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
     let database = c.get_dbname().unwrap_or(&user).to_owned();
@@ -527,7 +528,8 @@ pub fn connection_config(
         .with_wakeup_interval(status_interval)
         .with_buffer_size(4096)
         .with_max_message_size(64 * 1024 * 1024)
-        .with_application_name("acraflow-replication"))
+        .with_application_name("acraflow-replication")
+        .with_tls(crate::pgtls::replication_tls(&tls, &host_for_tls)))
 }
 
 /// Maps a replication client error. I/O and server errors while streaming (a restart, a terminated
