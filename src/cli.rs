@@ -209,6 +209,9 @@ pub struct OverrideArgs {
     /// Publication on the staging table for `run` [default: acraflow_pub]
     #[arg(long, env = "ACRA_DIRECT_PUBLICATION", value_name = "NAME")]
     pub publication: Option<String>,
+    /// Create the slot as a failover slot, kept on physical standbys (PostgreSQL 17+) [default: false]
+    #[arg(long, env = "ACRA_DIRECT_SLOT_FAILOVER", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub slot_failover: Option<bool>,
     /// Cut a streamed batch at this age even when not full [default: 20ms]
     #[arg(long, env = "ACRA_DIRECT_BATCH_DEADLINE", value_name = "DURATION", value_parser = crate::config::parse_duration)]
     pub batch_deadline: Option<std::time::Duration>,
@@ -368,6 +371,7 @@ impl OverrideArgs {
             checkpoint_key: self.checkpoint_key.clone(),
             slot: self.slot.clone(),
             publication: self.publication.clone(),
+            slot_failover: self.slot_failover,
             batch_deadline: self.batch_deadline,
             reconnect_budget: self.reconnect_budget,
             enrich: self.enrich.to_overrides(),

@@ -186,6 +186,10 @@ pub struct SourceSpec {
     /// Publication on the staging table (`acraflow run`).
     #[serde(default = "default_publication")]
     pub publication: String,
+    /// Create the slot as a failover slot (PostgreSQL 17+), synchronised to physical standbys so the
+    /// stream survives a promotion.
+    #[serde(default)]
+    pub slot_failover: bool,
     #[serde(default = "default_batch_deadline", deserialize_with = "duration")]
     pub batch_deadline: Duration,
     #[serde(default = "default_status_interval", deserialize_with = "duration")]
@@ -205,6 +209,7 @@ impl Default for SourceSpec {
             batch_limit: None,
             slot: default_slot(),
             publication: default_publication(),
+            slot_failover: false,
             batch_deadline: DEFAULT_BATCH_DEADLINE,
             status_interval: DEFAULT_STATUS_INTERVAL,
             reconnect_budget: DEFAULT_RECONNECT_BUDGET,
@@ -711,6 +716,7 @@ pub struct Overrides {
     pub checkpoint_key: Option<String>,
     pub slot: Option<String>,
     pub publication: Option<String>,
+    pub slot_failover: Option<bool>,
     pub batch_deadline: Option<Duration>,
     pub reconnect_budget: Option<Duration>,
     pub enrich: EnrichOverrides,
@@ -774,6 +780,9 @@ impl PipelineSpec {
         }
         if let Some(v) = &o.publication {
             s.publication.clone_from(v);
+        }
+        if let Some(v) = o.slot_failover {
+            s.slot_failover = v;
         }
         if let Some(v) = o.batch_deadline {
             s.batch_deadline = v;

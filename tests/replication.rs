@@ -439,3 +439,22 @@ async fn the_engine_rides_out_a_postgres_restart() {
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// `ACRA_DIRECT_SLOT_FAILOVER`: a failover slot on PostgreSQL 17 and later; before 17, an error that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_is_created_where_the_server_offers_it() {
+    let db = TestDb::new().await;
+    let version = db.count("select current_setting('server_version_num')::bigint").await;
+    let engine = db.start_engine(Overrides { slot_failover: Some(true), ..db.stream_overrides() });
+    if version >= 170_000 {
+        db.wait_streaming(CATCH_UP).await;
+        let failover = db
+            .count(&format!("select count(*) from pg_replication_slots where slot_name = '{}' and failover", db.name))
+            .await;
+        engine.stop().await;
+        assert_eq!(failover, 1, "the slot is a failover slot");
+    } else {
+        let err = engine.join().await.unwrap_err().to_string();
+        assert!(err.contains("ACRA_DIRECT_SLOT_FAILOVER needs PostgreSQL 17"), "{err}");
+    }
+}

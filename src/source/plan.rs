@@ -136,7 +136,7 @@ pub async fn plan_stream(
             ))
         }
         (None, checkpoint) => {
-            let new_slot = replication::create_slot(dsn, &src.slot, &src.publication).await?;
+            let new_slot = replication::create_slot(dsn, &src.slot, &src.publication, src.slot_failover).await?;
             let start = match (&src.start_after_id, &src.start_from_uen, checkpoint) {
                 (None, None, Some(cp)) => cp.cursor,
                 _ => backfill_start(control, spec).await?.0,

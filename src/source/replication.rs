@@ -668,8 +668,9 @@ pub struct NewSlot {
     _session: ReplicationClient,
 }
 
-/// Creates the slot on a gated replication session, exporting its snapshot.
-pub async fn create_slot(dsn: &str, slot: &str, publication: &str) -> Result<NewSlot> {
+/// Creates the slot on a gated replication session, exporting its snapshot; as a failover slot when asked
+/// (PostgreSQL 17+: its state is synchronised to standbys that have `sync_replication_slots` on).
+pub async fn create_slot(dsn: &str, slot: &str, publication: &str, failover: bool) -> Result<NewSlot> {
     let opts = ReplicationOptions {
         dsn: dsn.to_owned(),
         slot: slot.to_owned(),
@@ -683,9 +684,25 @@ pub async fn create_slot(dsn: &str, slot: &str, publication: &str) -> Result<New
         resume_after: Position::default(),
     };
     let cfg = replication_config(&opts)?.with_application_name("acraflow-slot-setup");
+    if failover {
+        let client = crate::db::connect_named(dsn, "acraflow-slot-setup").await?;
+        let version: i32 = client
+            .query_one("select current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| Error::db("reading the server version", e))?
+            .get(0);
+        if version < 170_000 {
+            return Err(Error::config(format!(
+                "ACRA_DIRECT_SLOT_FAILOVER needs PostgreSQL 17 or later; this server is {}.{}",
+                version / 10_000,
+                version % 10_000 / 100
+            )));
+        }
+    }
+    let options = if failover { "SNAPSHOT 'export', FAILOVER true" } else { "SNAPSHOT 'export'" };
     let mut session = ReplicationClient::connect_gated(cfg).await.map_err(wire("opening a session"))?;
     let rows = session
-        .simple_query(&format!("CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'export')"))
+        .simple_query(&format!("CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput ({options})"))
         .await
         .map_err(|e| Error::with_source(ErrorKind::Database, format!("creating replication slot '{slot}'"), e))?;
     let text = |i: usize| {
