@@ -948,3 +948,26 @@ async fn the_company_deadline_bounds_a_slow_site() {
     assert!(row.error.as_deref().unwrap_or("").contains("ENRICH_COMPANY_TIMEOUT (2s)"), "{:?}", row.error);
     assert_eq!(row.domain, None, "an unfinished crawl stores nothing");
 }
+
+/// robots.txt's `Crawl-delay` longer than our spacing is honoured between the site's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_crawl_delay_is_honoured() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 1).await;
+    let (name, uen) = &companies[0];
+    let mut site = SiteSpec::new(&format!("www.{}.sg", name_tokens(name).concat()), name, uen.as_deref());
+    site.crawl_delay = Some(1);
+    let web = FixtureWeb::start(vec![site.clone()], Duration::ZERO).await.unwrap();
+    let mut enrich = web_overrides(&web, 1);
+    enrich.llm_base_url = None;
+    enrich.host_spacing = Some(Duration::from_millis(50));
+    run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    let mut times: Vec<Instant> = web.hits().iter().filter(|h| h.host == site.host).map(|h| h.at).collect();
+    times.sort();
+    assert!(times.len() >= 4, "{} requests", times.len());
+    // After robots.txt, every request waits out the delay (the margin covers scheduling on a busy machine).
+    for w in times[1..].windows(2) {
+        assert!(w[1] - w[0] >= Duration::from_millis(900), "requests {:?} apart", w[1] - w[0]);
+    }
+    assert_eq!(enrichments(&db).await[uen.as_deref().unwrap()].domain.as_deref(), Some(site.domain().as_str()));
+}

@@ -86,6 +86,8 @@ pub struct SiteSpec {
     pub listing: Option<(String, String)>,
     /// Search lists the site as `https://`.
     pub https: bool,
+    /// robots.txt asks for this many seconds between requests.
+    pub crawl_delay: Option<u32>,
 }
 
 impl SiteSpec {
@@ -103,6 +105,7 @@ impl SiteSpec {
             rank: 10,
             listing: None,
             https: false,
+            crawl_delay: None,
         }
     }
 
@@ -542,6 +545,8 @@ fn site_response(state: &State, site: &SiteSpec, path: &str) -> Response {
     if path == "/robots.txt" {
         return if site.robots_disallow {
             Response::new(200, "text/plain", "User-agent: *\nDisallow: /\n")
+        } else if let Some(d) = site.crawl_delay {
+            Response::new(200, "text/plain", format!("User-agent: *\nCrawl-delay: {d}\nDisallow: /private/\n"))
         } else if site.seed().is_multiple_of(2) {
             Response::new(200, "text/plain", "User-agent: *\nDisallow: /private/\n\nUser-agent: BadBot\nDisallow: /\n")
         } else {

@@ -96,6 +96,8 @@ pub struct Http {
     /// For configured endpoints.
     api: Client,
     spacing: DefaultKeyedRateLimiter<String>,
+    /// Sites whose robots.txt asks for a longer `Crawl-delay`: when their next request may go.
+    delayed: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
     acquired: AtomicU64,
     settings: HttpSettings,
     robots_agent: String,
@@ -138,6 +140,7 @@ impl Http {
             site: site.build().map_err(|e| err("building the HTTP client", e))?,
             api: builder(true)?.build().map_err(|e| err("building the HTTP client", e))?,
             spacing: RateLimiter::keyed(Quota::with_period(period).expect("a non-zero period")),
+            delayed: std::sync::Mutex::new(HashMap::new()),
             acquired: AtomicU64::new(0),
             robots_agent: settings.user_agent.split(['/', ' ']).next().unwrap_or("acraflow").to_owned(),
             settings,
@@ -154,8 +157,8 @@ impl Http {
         let mut url = url.clone();
         for _ in 0..=self.settings.max_redirects {
             self.guard(&url)?;
-            self.check_robots(&url, robots).await?;
-            let resp = self.send(&url, true, || self.site.get(url.clone())).await?;
+            let delay = self.check_robots(&url, robots).await?;
+            let resp = self.send(&url, Some(delay), || self.site.get(url.clone())).await?;
             if let Some(next) = redirect_target(&url, &resp)? {
                 url = next;
                 continue;
@@ -173,7 +176,7 @@ impl Http {
 
     /// GETs a configured endpoint (search, reader): retried, capped, redirects followed by the client rules.
     pub async fn get_text(&self, url: &Url) -> Result<String, FetchError> {
-        let resp = self.send(url, false, || self.api.get(url.clone())).await?;
+        let resp = self.send(url, None, || self.api.get(url.clone())).await?;
         let (body, _) = self.read_capped(url, resp).await?;
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
@@ -196,7 +199,7 @@ impl Http {
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, FetchError> {
         let resp = self
-            .send(url, false, || {
+            .send(url, None, || {
                 let r = self.api.post(url.clone()).json(body);
                 match bearer {
                     Some(token) => r.bearer_auth(token),
@@ -212,11 +215,13 @@ impl Http {
             .map_err(|e| FetchError::Other(format!("response from {} is not JSON ({e})", strip(url))))
     }
 
-    /// Sends with retries. `spaced`: take a politeness slot for the host before every attempt.
+    /// Sends with retries. `spacing`: a crawled site's request, which takes a politeness slot for the site
+    /// before every attempt (and waits out the site's `Crawl-delay`, when it has one); `None` for a
+    /// configured endpoint.
     async fn send(
         &self,
         url: &Url,
-        spaced: bool,
+        spacing: Option<Option<Duration>>,
         request: impl Fn() -> RequestBuilder,
     ) -> Result<Response, FetchError> {
         let mut delays = backon::ExponentialBuilder::default()
@@ -226,8 +231,8 @@ impl Http {
             .with_jitter()
             .build();
         loop {
-            if spaced {
-                self.space(url).await;
+            if let Some(crawl_delay) = spacing {
+                self.space(url, crawl_delay).await;
             }
             let (error, retry_after) = match request().send().await {
                 Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => return Ok(resp),
@@ -250,12 +255,25 @@ impl Http {
 
     /// Waits for the site's politeness slot. A site is its registrable domain: `x.sg` and `www.x.sg` are
     /// one server, one spacing.
-    async fn space(&self, url: &Url) {
+    async fn space(&self, url: &Url, crawl_delay: Option<Duration>) {
         let site = super::extract::registrable(url.host_str().unwrap_or(""));
         self.spacing.until_key_ready(&site).await;
         // Keep the limiter's memory to recently seen hosts.
         if self.acquired.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             self.spacing.retain_recent();
+            let now = tokio::time::Instant::now();
+            self.delayed.lock().expect("not poisoned").retain(|_, next| *next > now);
+        }
+        // A longer Crawl-delay than our spacing: the site's next slot, reserved under the lock.
+        if let Some(delay) = crawl_delay.filter(|d| *d > self.settings.host_spacing) {
+            let wait_until = {
+                let mut next = self.delayed.lock().expect("not poisoned");
+                let now = tokio::time::Instant::now();
+                let slot = next.get(&site).copied().filter(|t| *t > now).unwrap_or(now);
+                next.insert(site, slot + delay);
+                slot
+            };
+            tokio::time::sleep_until(wait_until).await;
         }
     }
 
@@ -303,7 +321,8 @@ impl Http {
         Ok(())
     }
 
-    async fn check_robots(&self, url: &Url, cache: &mut RobotsCache) -> Result<(), FetchError> {
+    /// Checks `url` against its origin's robots.txt; returns the site's `Crawl-delay` (capped).
+    async fn check_robots(&self, url: &Url, cache: &mut RobotsCache) -> Result<Option<Duration>, FetchError> {
         let origin = url.origin().ascii_serialization();
         if !cache.rules.contains_key(&origin) {
             let rules = self.fetch_robots(url).await?;
@@ -311,7 +330,11 @@ impl Http {
         }
         match &cache.rules[&origin] {
             Some(robot) if !robot.allowed(url.as_str()) => Err(FetchError::Robots(url.path().to_owned())),
-            _ => Ok(()),
+            Some(robot) => Ok(robot
+                .delay
+                .filter(|d| d.is_finite() && *d > 0.0)
+                .map(|d| Duration::from_secs_f32(d.min(MAX_CRAWL_DELAY.as_secs_f32())))),
+            None => Ok(None),
         }
     }
 
@@ -320,7 +343,7 @@ impl Http {
         let mut url = page.join("/robots.txt").map_err(|e| FetchError::Other(e.to_string()))?;
         for _ in 0..=self.settings.max_redirects {
             self.guard(&url)?;
-            let resp = match self.send(&url, true, || self.site.get(url.clone())).await {
+            let resp = match self.send(&url, Some(None), || self.site.get(url.clone())).await {
                 Ok(resp) => resp,
                 Err(FetchError::Status { status, .. }) if (400..500).contains(&status) && status != 429 => {
                     return Ok(None)
@@ -332,10 +355,41 @@ impl Http {
                 continue;
             }
             let (body, _) = self.read_capped(&url, resp).await?;
-            return Ok(texting_robots::Robot::new(&self.robots_agent, &body).ok());
+            return Ok(Some(parse_robots(&self.robots_agent, &body)));
         }
         Ok(None)
     }
+}
+
+/// The longest `Crawl-delay` honoured: a site asking for more is crawled at this pace (ENRICH_COMPANY_TIMEOUT
+/// bounds the whole company anyway).
+pub const MAX_CRAWL_DELAY: Duration = Duration::from_secs(20);
+
+/// A robots.txt as the site meant it. The parser refuses a whole file over one rule it cannot read; such a
+/// rule is dropped instead, and when a dropped rule was a `Disallow` the site is treated as disallowing
+/// everything (fail closed: we cannot tell what it meant to keep us from).
+pub fn parse_robots(agent: &str, body: &[u8]) -> texting_robots::Robot {
+    let deny_all = || texting_robots::Robot::new(agent, b"User-agent: *\nDisallow: /\n").expect("a valid robots.txt");
+    if let Ok(robot) = texting_robots::Robot::new(agent, body) {
+        return robot;
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut kept = String::with_capacity(text.len());
+    for line in text.lines() {
+        let field = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        if matches!(field.as_str(), "allow" | "disallow") {
+            let alone = format!("User-agent: *\n{line}\n");
+            if texting_robots::Robot::new(agent, alone.as_bytes()).is_err() {
+                if field == "disallow" {
+                    return deny_all();
+                }
+                continue;
+            }
+        }
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    texting_robots::Robot::new(agent, kept.as_bytes()).unwrap_or_else(|_| deny_all())
 }
 
 fn redirect_target(from: &Url, resp: &Response) -> Result<Option<Url>, FetchError> {
@@ -535,6 +589,22 @@ mod tests {
         {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
+    }
+
+    #[test]
+    fn robots_rules_the_parser_cannot_read_fail_closed() {
+        let url = |p: &str| format!("https://x.sg{p}");
+        // A rule the parser refuses (a pattern past its regex size limit) beside `Disallow: /`.
+        let odd = format!("User-agent: *\nDisallow: /\nDisallow: /{}$\n", "*a".repeat(5_000));
+        assert!(texting_robots::Robot::new("acraflow", odd.as_bytes()).is_err(), "the parser refuses the file");
+        let r = parse_robots("acraflow", odd.as_bytes());
+        assert!(!r.allowed(&url("/about")), "one unreadable Disallow must not open the site");
+        let allow_odd = format!("User-agent: *\nDisallow: /private/\nAllow: /{}$\n", "*a".repeat(5_000));
+        assert!(texting_robots::Robot::new("acraflow", allow_odd.as_bytes()).is_err());
+        let r = parse_robots("acraflow", allow_odd.as_bytes());
+        assert!(r.allowed(&url("/about")) && !r.allowed(&url("/private/x")), "the readable rules still hold");
+        let delay = parse_robots("acraflow", b"User-agent: *\nCrawl-delay: 5\nDisallow: /tmp/\n");
+        assert_eq!(delay.delay, Some(5.0));
     }
 
     #[test]
