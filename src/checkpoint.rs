@@ -30,6 +30,8 @@ pub enum Cursor {
     Id { last_id: i64 },
     /// A backfill walking in `uen` order (`ACRA_DIRECT_START_FROM_UEN`); resume after `(last_uen, last_id)`.
     Uen { last_uen: String, last_id: i64 },
+    /// The same walk past the last uen: the rows whose uen is NULL, in `id` order; resume after `last_id`.
+    UenNull { last_id: i64 },
     /// The replication stream; resume after change `seq` of the transaction that committed at `lsn`.
     Lsn { lsn: u64, seq: i64 },
 }
@@ -49,6 +51,7 @@ impl std::fmt::Display for Cursor {
             Cursor::Uen { last_uen, last_id } => {
                 write!(f, "after uen {last_uen} (staging id {last_id})")
             }
+            Cursor::UenNull { last_id } => write!(f, "after the rows with no uen up to staging id {last_id}"),
             Cursor::Lsn { lsn, seq } => write!(f, "after change {seq} of the transaction at {}", lsn_to_text(*lsn)),
         }
     }
@@ -60,9 +63,10 @@ impl Checkpoint {
     pub fn after(&self, change: &crate::change::Change) -> Checkpoint {
         let cursor = match &self.cursor {
             Cursor::Id { .. } => Cursor::Id { last_id: change.row.id },
-            Cursor::Uen { .. } => {
-                Cursor::Uen { last_uen: change.row.uen.clone().unwrap_or_default(), last_id: change.row.id }
-            }
+            Cursor::Uen { .. } | Cursor::UenNull { .. } => match &change.row.uen {
+                Some(uen) => Cursor::Uen { last_uen: uen.clone(), last_id: change.row.id },
+                None => Cursor::UenNull { last_id: change.row.id },
+            },
             Cursor::Lsn { .. } => {
                 return Checkpoint {
                     cursor: Cursor::Lsn { lsn: change.pos.lsn, seq: change.pos.seq },
@@ -77,6 +81,7 @@ impl Checkpoint {
         match &self.cursor {
             Cursor::Id { last_id } => ("id", Some(*last_id), None, 0),
             Cursor::Uen { last_uen, last_id } => ("uen", Some(*last_id), Some(last_uen.as_str()), 0),
+            Cursor::UenNull { last_id } => ("uen_null", Some(*last_id), None, 0),
             Cursor::Lsn { seq, .. } => ("lsn", None, None, *seq),
         }
     }
@@ -108,6 +113,7 @@ pub async fn load(client: &Client, key: &str) -> Result<Option<Checkpoint>> {
     let cursor = match (cursor_kind.as_deref(), last_id, last_uen) {
         (Some("lsn"), _, _) => Cursor::Lsn { lsn, seq },
         (Some("uen"), Some(last_id), Some(last_uen)) => Cursor::Uen { last_uen, last_id },
+        (Some("uen_null"), Some(last_id), _) => Cursor::UenNull { last_id },
         // A row written by the PRD's Python service (or by hand) has only last_id.
         (_, Some(last_id), _) => Cursor::Id { last_id },
         _ => {

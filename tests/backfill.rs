@@ -300,3 +300,41 @@ async fn first_eligible_row(db: &TestDb) -> (i64, String) {
         .unwrap();
     (row.get(0), row.get(1))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uen_walk_reads_rows_without_a_uen_last_and_resumes_among_them() {
+    let db = TestDb::new().await;
+    db.seed(600, 9).await;
+    // 40 rows without a uen (matched to companies by name and year, as the rules say).
+    db.client
+        .batch_execute(
+            "update staging_acra_companies set uen = null, entity_status_description = 'Live Company', \
+               entity_name = 'NO UEN TRADING ' || id where id % 15 = 0",
+        )
+        .await
+        .unwrap();
+    let nulls = db.count("select count(*) from staging_acra_companies where uen is null").await;
+    assert_eq!(nulls, 40);
+    let key = || Some("u".to_string());
+    // Stopped by the limit inside the rows without a uen, then resumed there.
+    let first = db
+        .run(Overrides {
+            start_from_uen: Some("0".into()),
+            batch_limit: Some(580),
+            checkpoint_key: key(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(first.counters.rows_in, 580);
+    let cursor: String =
+        db.client.query_one("select cursor from service_progress where key = 'u'", &[]).await.unwrap().get(0);
+    assert_eq!(cursor, "uen_null", "the walk stopped among the rows without a uen");
+    let rest = db.run(Overrides { checkpoint_key: key(), ..Default::default() }).await;
+    assert_eq!(
+        first.counters.rows_in + rest.counters.rows_in,
+        db.count("select count(*) from staging_acra_companies where uen > '0' or uen is null").await as u64
+    );
+    let no_uen = db.count("select count(*) from companies where uen is null and name like 'NO UEN TRADING %'").await;
+    assert_eq!(no_uen, 40, "every row without a uen was read");
+    db.assert_companies_match_rules().await;
+}

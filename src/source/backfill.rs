@@ -8,6 +8,8 @@
 //!   and memory holds one page per pipeline stage.
 //! - A change's position is `(snapshot LSN, staging id)`. A resumed backfill reuses the LSN stored in the
 //!   checkpoint, so a replayed row keeps its position and its history key.
+//! - The uen-ordered walk (`ACRA_DIRECT_START_FROM_UEN`) reads the rows whose uen is NULL last, in id order
+//!   (a row comparison with NULL is never true, so `(uen, id) > (...)` alone would skip them for good).
 //! - Each batch carries the cursor to resume after it. When the walk reaches the end of the table, the last
 //!   batch's cursor is `Id { last_id: max(id) in the snapshot }`, so later runs pick up only newer rows; a
 //!   walk stopped by the batch limit or a shutdown resumes exactly where it stopped.
@@ -60,6 +62,10 @@ pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<b
         let by_uen = client
             .prepare(&format!("select {cols} from {table} where (uen, id) > ($1, $2) order by uen, id limit $3"))
             .await.map_err(db("preparing the page query"))?;
+        // A row comparison with a NULL uen is never true: the uen walk reads those rows last, by id.
+        let null_uen = client
+            .prepare(&format!("select {cols} from {table} where uen is null and id > $1 order by id limit $2"))
+            .await.map_err(db("preparing the page query"))?;
         let mut cursor = opts.start.clone();
         let mut remaining = opts.limit.unwrap_or(u64::MAX);
         tracing::info!(start = %cursor, snapshot_lsn = %crate::change::lsn_to_text(lsn), limit = ?opts.limit, "backfill started");
@@ -72,6 +78,7 @@ pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<b
             let rows = match &cursor {
                 Cursor::Id { last_id } => client.query(&by_id, &[last_id, &take]).await,
                 Cursor::Uen { last_uen, last_id } => client.query(&by_uen, &[last_uen, last_id, &take]).await,
+                Cursor::UenNull { last_id } => client.query(&null_uen, &[last_id, &take]).await,
                 Cursor::Lsn { .. } => Err(Error::config("a backfill cannot start from a stream (LSN) checkpoint"))?,
             }
             .map_err(db("reading a page"))?;
@@ -87,8 +94,9 @@ pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<b
                     primary_ssic_code: r.get(5),
                     primary_ssic_description: r.get(6),
                 };
-                cursor = match cursor {
-                    Cursor::Uen { .. } => Cursor::Uen { last_uen: row.uen.clone().unwrap_or_default(), last_id: row.id },
+                cursor = match (&cursor, &row.uen) {
+                    (Cursor::Uen { .. }, Some(uen)) => Cursor::Uen { last_uen: uen.clone(), last_id: row.id },
+                    (Cursor::UenNull { .. }, _) => Cursor::UenNull { last_id: row.id },
                     _ => Cursor::Id { last_id: row.id },
                 };
                 events.push(Event::new(Change { pos: Position { lsn, seq: row.id }, op: Op::Insert, row }));
@@ -96,6 +104,17 @@ pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<b
             drop(rows);
             remaining -= n;
             let exhausted = (n as i64) < take;
+            if exhausted && matches!(cursor, Cursor::Uen { .. }) {
+                // The last uen read: the rows without one follow.
+                if n > 0 {
+                    yield Batch { events: std::mem::take(&mut events), checkpoint: Checkpoint { cursor: cursor.clone(), lsn }, ack_lsn: None };
+                }
+                cursor = Cursor::UenNull { last_id: 0 };
+                if remaining == 0 {
+                    break;
+                }
+                continue;
+            }
             if exhausted {
                 // The end of the table: hand over to an id cursor at the snapshot's last row.
                 let max: i64 = client

@@ -52,10 +52,13 @@ pub async fn rows_after(
         Cursor::Uen { last_uen, last_id } => {
             control
                 .query_one(
-                    &format!("select count(*) from {table} where (coalesce(uen, ''), id) > ($1, $2)"),
+                    &format!("select count(*) from {table} where (uen, id) > ($1, $2) or uen is null"),
                     &[last_uen, last_id],
                 )
                 .await
+        }
+        Cursor::UenNull { last_id } => {
+            control.query_one(&format!("select count(*) from {table} where uen is null and id > $1"), &[last_id]).await
         }
         Cursor::Lsn { .. } => return None,
     }
