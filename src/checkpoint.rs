@@ -42,6 +42,10 @@ pub struct Checkpoint {
     /// For a backfill, the snapshot LSN its positions carry; kept so a resumed backfill gives a replayed
     /// row the same position (and so the same history key) as before.
     pub lsn: u64,
+    /// With an id cursor left at the end of a backfill: that backfill's snapshot (`pg_snapshot` text). The
+    /// next backfill also reads the rows at or below the cursor that the snapshot could not see (their
+    /// transactions were still running), so a row that commits late with a low id is not skipped.
+    pub snapshot: Option<String>,
 }
 
 impl std::fmt::Display for Cursor {
@@ -71,10 +75,11 @@ impl Checkpoint {
                 return Checkpoint {
                     cursor: Cursor::Lsn { lsn: change.pos.lsn, seq: change.pos.seq },
                     lsn: change.pos.lsn,
+                    snapshot: None,
                 }
             }
         };
-        Checkpoint { cursor, lsn: self.lsn }
+        Checkpoint { cursor, lsn: self.lsn, snapshot: self.snapshot.clone() }
     }
 
     fn columns(&self) -> (&'static str, Option<i64>, Option<&str>, i64) {
@@ -98,7 +103,7 @@ impl Checkpoint {
 pub async fn load(client: &Client, key: &str) -> Result<Option<Checkpoint>> {
     let row = client
         .query_opt(
-            "select cursor, last_id, last_lsn::text, coalesce(last_seq, 0), last_uen \
+            "select cursor, last_id, last_lsn::text, coalesce(last_seq, 0), last_uen, snapshot \
              from service_progress where key = $1",
             &[&key],
         )
@@ -123,7 +128,11 @@ pub async fn load(client: &Client, key: &str) -> Result<Option<Checkpoint>> {
             )))
         }
     };
-    Ok(Some(Checkpoint { cursor, lsn }))
+    let snapshot = match cursor {
+        Cursor::Id { .. } => row.get(5),
+        _ => None,
+    };
+    Ok(Some(Checkpoint { cursor, lsn, snapshot }))
 }
 
 /// Stores `checkpoint` under `key`; called inside the sink's transaction.
@@ -131,12 +140,13 @@ pub async fn save(client: &impl GenericClient, key: &str, checkpoint: &Checkpoin
     let (kind, last_id, last_uen, seq) = checkpoint.columns();
     client
         .execute(
-            "insert into service_progress as p (key, cursor, last_id, last_uen, last_lsn, last_seq, updated_at) \
-             values ($1, $2, $3, $4, $5::text::pg_lsn, $6, now()) \
+            "insert into service_progress as p (key, cursor, last_id, last_uen, last_lsn, last_seq, snapshot, \
+               updated_at) \
+             values ($1, $2, $3, $4, $5::text::pg_lsn, $6, $7, now()) \
              on conflict (key) do update set cursor = excluded.cursor, last_id = excluded.last_id, \
                last_uen = excluded.last_uen, last_lsn = excluded.last_lsn, last_seq = excluded.last_seq, \
-               updated_at = excluded.updated_at",
-            &[&key, &kind, &last_id, &last_uen, &lsn_to_text(checkpoint.lsn()), &seq],
+               snapshot = excluded.snapshot, updated_at = excluded.updated_at",
+            &[&key, &kind, &last_id, &last_uen, &lsn_to_text(checkpoint.lsn()), &seq, &checkpoint.snapshot],
         )
         .await
         .map_err(|e| Error::db(format!("writing checkpoint '{key}'"), e))?;

@@ -72,8 +72,8 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
     let plan = match (mode, spec.source.kind) {
         (Mode::Stream, SourceKind::Replication) => plan_stream(&control, dsn, spec, &table).await?,
         _ => {
-            let (start, lsn) = backfill_start(&control, spec).await?;
-            SourcePlan::Backfill { start, lsn }
+            let (start, lsn, late_since) = backfill_start(&control, spec).await?;
+            SourcePlan::Backfill { start, lsn, late_since }
         }
     };
     let total = match &plan {

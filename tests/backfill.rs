@@ -338,3 +338,51 @@ async fn the_uen_walk_reads_rows_without_a_uen_last_and_resumes_among_them() {
     assert_eq!(no_uen, 40, "every row without a uen was read");
     db.assert_companies_match_rules().await;
 }
+
+/// A row whose transaction commits after a backfill's snapshot, with a lower id than rows that snapshot saw,
+/// is read by the next backfill (it used to be skipped for good: the next one started after the highest id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_commits_after_the_snapshot_with_a_lower_id_is_read_next_time() {
+    let db = TestDb::new().await;
+    db.seed(300, 4).await;
+    db.client
+        .batch_execute("update staging_acra_companies set entity_status_description = 'Live Company'")
+        .await
+        .unwrap();
+    let first = db.run(Overrides::default()).await;
+    assert_eq!(first.counters.rows_in, 300);
+    // Transaction A takes an id and stays open; B takes a higher one and commits.
+    let a = TestDb::attach(&db).await;
+    a.client.batch_execute("begin").await.unwrap();
+    let late_id: i64 = a
+        .client
+        .query_one(
+            "insert into staging_acra_companies (uen, entity_name, entity_status_description) \
+             values ('201900001L', 'LATE COMMIT PTE. LTD.', 'Live Company') returning id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.client
+        .batch_execute(
+            "insert into staging_acra_companies (uen, entity_name, entity_status_description) \
+             values ('201900002E', 'EARLY COMMIT PTE. LTD.', 'Live Company')",
+        )
+        .await
+        .unwrap();
+    // The second backfill's snapshot sees B's row, not A's.
+    let second = db.run(Overrides::default()).await;
+    assert_eq!(second.counters.rows_in, 1);
+    let cursor = db.count("select last_id from service_progress where key = 'acra_direct'").await;
+    assert!(cursor > late_id, "the checkpoint ({cursor}) is past the uncommitted row ({late_id})");
+    a.client.batch_execute("commit").await.unwrap();
+    // The third reads A's row, once; a fourth reads nothing more.
+    let third = db.run(Overrides::default()).await;
+    assert_eq!((third.counters.rows_in, third.counters.processed), (1, 1), "{:?}", third.counters);
+    assert_eq!(db.count("select count(*) from companies where uen = '201900001L'").await, 1);
+    let fourth = db.run(Overrides::default()).await;
+    assert_eq!(fourth.counters.rows_in, 0, "{:?}", fourth.counters);
+    db.assert_companies_match_rules().await;
+    db.assert_one_history_row_per_company().await;
+}

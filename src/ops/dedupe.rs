@@ -228,7 +228,7 @@ mod tests {
     fn latest_eligible_change_per_key_wins() {
         let mut batch = Batch {
             events: vec![event(1, "A1", "Live"), event(2, "B2", "Live"), event(3, "A1", "Live"), event(4, "A1", "x")],
-            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 4 }, lsn: 1 },
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 4 }, lsn: 1, snapshot: None },
             ack_lsn: None,
         };
         batch.events[3].fate = Fate::Filtered { reason: "test".into() };
@@ -245,7 +245,7 @@ mod tests {
         let in_flight = Arc::new(InFlight::default());
         let batch = |id| Batch {
             events: vec![event(id, "A1", "Live")],
-            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: id }, lsn: 1 },
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: id }, lsn: 1, snapshot: None },
             ack_lsn: None,
         };
         let mut first = batch(1);

@@ -454,7 +454,7 @@ mod tests {
                 event(2, "B2", "Beta", Fate::Filtered { reason: "x".into() }),
                 event(3, "A1", "na", Fate::Filtered { reason: "x".into() }),
             ],
-            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 3 }, lsn: 1 },
+            checkpoint: Checkpoint { cursor: Cursor::Id { last_id: 3 }, lsn: 1, snapshot: None },
             ack_lsn: None,
         };
         let w = collapse(&batch);

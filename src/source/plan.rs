@@ -21,6 +21,8 @@ pub enum SourcePlan {
     Backfill {
         start: Cursor,
         lsn: Option<u64>,
+        /// The snapshot of the walk that left `start` (see `backfill::BackfillOptions::late_since`).
+        late_since: Option<String>,
     },
     /// Backfill (in `new_slot`'s exported snapshot when the slot was just created), then stream.
     Handover {
@@ -68,10 +70,14 @@ pub async fn rows_after(
 }
 
 /// The backfill's start: an explicit setting, else the checkpoint, else the beginning.
-pub async fn backfill_start(control: &tokio_postgres::Client, spec: &PipelineSpec) -> Result<(Cursor, Option<u64>)> {
+/// Also the snapshot of the walk that left a checkpoint's id cursor, when there is one.
+pub async fn backfill_start(
+    control: &tokio_postgres::Client,
+    spec: &PipelineSpec,
+) -> Result<(Cursor, Option<u64>, Option<String>)> {
     Ok(match (&spec.source.start_after_id, &spec.source.start_from_uen) {
-        (Some(id), _) => (Cursor::Id { last_id: *id }, None),
-        (None, Some(uen)) => (Cursor::Uen { last_uen: uen.clone(), last_id: i64::MAX }, None),
+        (Some(id), _) => (Cursor::Id { last_id: *id }, None, None),
+        (None, Some(uen)) => (Cursor::Uen { last_uen: uen.clone(), last_id: i64::MAX }, None, None),
         (None, None) => match checkpoint::load(control, &spec.checkpoint_key).await? {
             Some(Checkpoint { cursor: Cursor::Lsn { .. }, .. }) => {
                 return Err(Error::config(format!(
@@ -80,8 +86,8 @@ pub async fn backfill_start(control: &tokio_postgres::Client, spec: &PipelineSpe
                     spec.checkpoint_key
                 )))
             }
-            Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
-            None => (Cursor::Id { last_id: 0 }, None),
+            Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0), cp.snapshot),
+            None => (Cursor::Id { last_id: 0 }, None, None),
         },
     })
 }
@@ -112,9 +118,13 @@ pub async fn plan_stream(
             // stream everything since the slot's consistent point. Overlap is harmless (idempotent upserts,
             // history keyed by position, dedupe).
             replication::check_slot(&src.slot, &info)?;
+            // No late rows to look for: the stream carries every commit since the slot's consistent point.
             let (start, lsn) = match checkpoint {
                 Some(cp) => (cp.cursor, Some(cp.lsn).filter(|l| *l != 0)),
-                None => backfill_start(control, spec).await?,
+                None => {
+                    let (start, lsn, _) = backfill_start(control, spec).await?;
+                    (start, lsn)
+                }
             };
             SourcePlan::Handover {
                 start,
@@ -180,6 +190,7 @@ pub async fn build_source(
         lsn,
         limit: spec.source.batch_limit,
         snapshot,
+        late_since: None,
     };
     let stream_opts = |from: StreamFrom| replication::ReplicationOptions {
         dsn: dsn.to_owned(),
@@ -194,9 +205,9 @@ pub async fn build_source(
         resume_after: from.resume_after,
     };
     Ok(match plan {
-        SourcePlan::Backfill { start, lsn } => backfill::stream(
+        SourcePlan::Backfill { start, lsn, late_since } => backfill::stream(
             db::connect_as(dsn, tenant, "acraflow-backfill").await?,
-            backfill_opts(start, lsn, None),
+            backfill::BackfillOptions { late_since, ..backfill_opts(start, lsn, None) },
             stop,
         ),
         SourcePlan::Stream(from) => replication::stream(stream_opts(from), progress, stop),

@@ -432,7 +432,7 @@ impl<'a> Session<'a> {
         let pos = self.last_emitted;
         let batch = Batch {
             events,
-            checkpoint: Checkpoint { cursor: Cursor::Lsn { lsn: pos.lsn, seq: pos.seq }, lsn: pos.lsn },
+            checkpoint: Checkpoint { cursor: Cursor::Lsn { lsn: pos.lsn, seq: pos.seq }, lsn: pos.lsn, snapshot: None },
             ack_lsn: Some(ack_lsn),
         };
         if self.tx.send(Ok(batch)).await.is_err() {
