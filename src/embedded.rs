@@ -137,10 +137,16 @@ impl Cluster {
         if let Some(u) = &user {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
-        // SAFETY: prctl is async-signal-safe; nothing here allocates or locks.
+        // The death signal is armed in the child, after fork: if acraflow died before it was armed (a SIGKILL
+        // during start-up), the child has already been re-parented and must not start an orphan server.
+        let parent = nix::unistd::getpid();
+        // SAFETY: prctl and getppid are async-signal-safe; nothing here allocates or locks.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGINT).map_err(std::io::Error::from)?;
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
                 Ok(())
             });
         }

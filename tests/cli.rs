@@ -170,6 +170,25 @@ async fn embedded_server_starts_on_demand_and_never_outlives_acraflow() {
         wait_until(Duration::from_secs(30), || async { !server_running(&home) }).await,
         "the server outlived a killed acraflow"
     );
+    // Killed at moments all through the server's start-up (fork, the death signal armed, exec, recovery):
+    // never an orphan server, and the next command starts its own.
+    for delay_ms in [0u64, 5, 10, 20, 40, 60, 80, 120, 200, 350] {
+        let mut child = acraflow()
+            .args(["status"])
+            .env_remove("POSTGRES_DSN")
+            .env("ACRAFLOW_HOME", &home)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let _ = child.kill();
+        child.wait().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || async { !server_running(&home) }).await,
+            "the server outlived acraflow killed {delay_ms} ms into its start"
+        );
+    }
     let _ = std::fs::remove_dir_all(&home);
 }
 
