@@ -142,3 +142,44 @@ async fn replaying_a_batch_after_a_crash_adds_no_second_history_row_or_dead_lett
     assert_eq!(db.count("select count(*) from dead_letters").await, 1);
     db.assert_companies_match_rules().await;
 }
+
+/// A value the user's `companies` table refuses (here a check constraint and a column narrower than the
+/// registry's names): the changes that carry it are dead-lettered with the database's reason, found by
+/// halving the batch, and every other change in the batch is written. The run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_database_refuses_is_dead_lettered_and_the_batch_goes_on() {
+    let db = TestDb::new().await;
+    db.seed(400, 17).await;
+    db.client
+        .batch_execute(
+            "update staging_acra_companies set entity_status_description = 'Live Company'; \
+             update staging_acra_companies set entity_name = 'REFUSED ' || repeat('X', 80) where id in (50, 250); \
+             alter table companies add constraint short_names check (length(name) <= 60)",
+        )
+        .await
+        .unwrap();
+    let s = db.run(Overrides { batch_size: Some(100), ..Default::default() }).await;
+    assert_eq!(s.counters.rows_in, 400);
+    assert!(s.counters.dead_lettered >= 2, "{:?}", s.counters);
+    let refused = db
+        .client
+        .query("select staging_id, reason from dead_letters where stage = 'upsert' order by staging_id", &[])
+        .await
+        .unwrap();
+    let ids: Vec<i64> = refused.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [50, 250]);
+    let reason: String = refused[0].get(1);
+    assert!(reason.contains("short_names"), "the reason names the constraint: {reason}");
+    // Everything else is there: every other row that was not dead-lettered has its company.
+    let long = db.count("select count(*) from companies where name like 'REFUSED %'").await;
+    assert_eq!(long, 0);
+    let missing = db
+        .count(
+            "select count(*) from staging_acra_companies s where s.id not in (50, 250) \
+               and not exists (select 1 from dead_letters d where d.staging_id = s.id) \
+               and not exists (select 1 from companies c where c.uen = upper(btrim(s.uen)) \
+                                 or (c.uen is null and lower(c.name) = lower(btrim(s.entity_name))))",
+        )
+        .await;
+    assert_eq!(missing, 0, "rows of the batches that held a refused value are written");
+}

@@ -141,10 +141,10 @@ impl Upsert {
         let (uen_writes, refresh_writes): (Vec<_>, Vec<_>) =
             uen_writes.into_iter().partition(|(_, w)| w.insertable || w.processed.is_some());
         let st = self.prepared().await?;
-        let (a, b, ()) = futures::try_join!(
-            self.execute(&st.by_uen_fast, Some(&st.by_uen), &batch, &uen_writes),
-            self.execute(&st.by_name, None, &batch, &name_writes),
-            self.refresh(&st.refresh_by_uen, &batch, &refresh_writes)
+        let ((a, bad_a), (b, bad_b), (_, bad_r)) = futures::try_join!(
+            self.bisected(Step::Upsert(&st.by_uen_fast, Some(&st.by_uen)), &batch, &uen_writes),
+            self.bisected(Step::Upsert(&st.by_name, None), &batch, &name_writes),
+            self.bisected(Step::Refresh(&st.refresh_by_uen), &batch, &refresh_writes)
         )?;
         let mut ids: Vec<Option<i64>> = vec![None; batch.events.len()];
         for (i, id) in a.into_iter().chain(b) {
@@ -152,8 +152,21 @@ impl Upsert {
                 *slot = Some(id);
             }
         }
+        // A value the database refuses (a user's constraint, a column too narrow, an index entry too large):
+        // its changes are dead-lettered with the reason, and the rest of the batch goes on.
+        let mut refused = foldhash::HashSet::default();
+        for (w, why) in bad_a.into_iter().chain(bad_b).chain(bad_r) {
+            for i in [Some(w.latest), w.processed].into_iter().flatten() {
+                if refused.insert(i) && !matches!(batch.events[i].fate, Fate::DeadLetter { .. }) {
+                    batch.events[i].dead_letter("upsert", why.clone());
+                }
+            }
+        }
         for (_, w) in &writes {
             let Some(i) = w.processed else { continue };
+            if refused.contains(&i) {
+                continue;
+            }
             match ids[i] {
                 Some(id) => batch.events[i].company_id = Some(id),
                 None => batch.events[i].dead_letter(
@@ -220,6 +233,19 @@ impl Upsert {
     }
 }
 
+/// Which statement [`Upsert::bisected`] runs.
+#[derive(Clone, Copy)]
+enum Step<'s> {
+    Upsert(&'s Statement, Option<&'s Statement>),
+    Refresh(&'s Statement),
+}
+
+/// The database refused the statement for a value in it: a data exception (class 22), an integrity
+/// constraint (23) or a program limit such as an index entry too large (54). Trying again cannot help.
+fn refused_for_its_data(e: &Error) -> bool {
+    e.sql_state().is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "54"))
+}
+
 /// The statements' array parameters, one element per key write.
 #[derive(Default)]
 struct Columns<'a> {
@@ -251,6 +277,42 @@ impl Upsert {
             c.want.push(w.processed.is_some());
         }
         c
+    }
+
+    /// Runs `step` for `writes`. When the database refuses it for a value (a data exception, a constraint,
+    /// a program limit: not a failure that may pass), the writes are halved until the refused ones are
+    /// alone: returns what succeeded and each refused write with the reason. Each statement commits on its
+    /// own and replays harmlessly, so the halves that succeed stay written.
+    async fn bisected<'w>(
+        &self,
+        step: Step<'_>,
+        batch: &Batch,
+        writes: &[&'w (CompanyKey, KeyWrite)],
+    ) -> Result<(Vec<(usize, i64)>, Vec<(&'w KeyWrite, String)>)> {
+        let mut done = Vec::new();
+        let mut refused = Vec::new();
+        let mut pending = vec![writes];
+        while let Some(chunk) = pending.pop() {
+            let result = match step {
+                Step::Upsert(stmt, fallback) => self.execute(stmt, fallback, batch, chunk).await,
+                Step::Refresh(stmt) => self.refresh(stmt, batch, chunk).await.map(|()| Vec::new()),
+            };
+            match result {
+                Ok(ids) => done.extend(ids),
+                Err(e) if refused_for_its_data(&e) => {
+                    if let [(_, w)] = chunk {
+                        tracing::warn!(error = %crate::run::error_chain(&e), "upsert: a value was refused");
+                        refused.push((w, crate::run::error_chain(&e)));
+                    } else {
+                        let (left, right) = chunk.split_at(chunk.len() / 2);
+                        pending.push(right);
+                        pending.push(left);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((done, refused))
     }
 
     /// Updates the companies of `writes` that exist and differ; creates none and returns no ids.
