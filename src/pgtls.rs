@@ -245,17 +245,17 @@ pub fn client_config(tls: &Tls) -> Result<Option<rustls::ClientConfig>> {
         .map_err(|e| Error::config(format!("TLS to PostgreSQL: {e}")))?;
     let config = if tls.mode.verifies() {
         let roots = Arc::new(root_store(tls.roots.as_ref())?);
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| Error::config(format!("sslrootcert: {e}")))?;
         if tls.mode == SslMode::VerifyFull {
             builder.dangerous().with_custom_certificate_verifier(webpki).with_no_client_auth()
         } else {
-            let v = Arc::new(ChainOnly(webpki));
+            let v = Arc::new(Relaxed { chain: Some(webpki), provider });
             builder.dangerous().with_custom_certificate_verifier(v).with_no_client_auth()
         }
     } else {
-        let v = Arc::new(Unverified(provider));
+        let v = Arc::new(Relaxed { chain: None, provider });
         builder.dangerous().with_custom_certificate_verifier(v).with_no_client_auth()
     };
     Ok(Some(config))
@@ -311,11 +311,16 @@ pub fn replication_tls(tls: &Tls, host: &str) -> pgwire_replication::config::Tls
     }
 }
 
-/// `verify-ca`: the chain must lead to the CA; the name in the certificate is not checked.
+/// `prefer` and `require` (`chain: None`: encrypted, the certificate not checked, as libpq does without a
+/// root file) and `verify-ca` (the chain must lead to the CA; the name in the certificate is not checked).
+/// Handshake signatures are always checked.
 #[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+struct Relaxed {
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Relaxed {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -324,7 +329,8 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
             | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. })) => {
                 Ok(ServerCertVerified::assertion())
@@ -338,7 +344,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -346,46 +352,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require`: encrypted, the certificate not checked (libpq's behaviour without a root file).
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -229,18 +229,20 @@ async fn two_workers_share_the_queue_and_take_over_a_killed_workers_jobs_after_i
     })
     .await;
     assert!(a_holds, "worker A never held a job while others were done");
-    // SIGKILL: no drain, no release; its jobs stay leased until their lease expires.
+    // SIGKILL: no drain, no release; its jobs stay leased until their lease expires. They are read after
+    // the kill: until then A may still commit one.
+    let a_pid = a.id();
+    a.kill().unwrap();
+    a.wait().unwrap();
     let held: Vec<(i64, std::time::SystemTime)> = db
         .client
-        .query("select job_id, lease_expires_at from enrichment_jobs where lease_owner like $1", &[&owned_by(a.id())])
+        .query("select job_id, lease_expires_at from enrichment_jobs where lease_owner like $1", &[&owned_by(a_pid)])
         .await
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    a.kill().unwrap();
-    a.wait().unwrap();
-    assert!(!held.is_empty());
+    assert!(!held.is_empty(), "the killed worker held no job (it had finished them all)");
 
     let all =
         wait_until(Duration::from_secs(90), || async { db.count("select count(*) from enrichment_jobs").await == 0 })
