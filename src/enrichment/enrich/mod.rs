@@ -378,7 +378,6 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
             evidence_text(&verdict),
             ctx.settings.min_confidence
         ));
-        out.pages_fetched = out.pages_fetched.max(0);
         return;
     }
     tracing::info!(stage = "verify", source = site.source, domain, confidence = verdict.confidence, evidence = ?verdict.evidence, "verified");
