@@ -971,3 +971,29 @@ async fn a_sites_crawl_delay_is_honoured() {
     }
     assert_eq!(enrichments(&db).await[uen.as_deref().unwrap()].domain.as_deref(), Some(site.domain().as_str()));
 }
+
+/// A site that refuses us (403) while the reader refuses too (429): the company fails for now and is
+/// retried; it is not given up on as if the site could not be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_refuses_fails_the_company_for_now() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 1).await;
+    let (name, uen) = &companies[0];
+    let mut site = SiteSpec::new(&format!("www.{}.sg", name_tokens(name).concat()), name, uen.as_deref());
+    site.fault = Some(Fault::Forbidden);
+    let web = FixtureWeb::start(vec![site], Duration::ZERO).await.unwrap();
+    web.set_reader_refusing(true);
+    let mut enrich = web_overrides(&web, 1);
+    enrich.llm_base_url = None;
+    enrich.max_attempts = Some(2);
+    enrich.retry_backoff = Some(Duration::from_secs(600));
+    run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
+    // Not final: the job waits for its retry, with the reader's refusal as its last error.
+    let (attempts, error): (i32, String) = {
+        let r = db.client.query_one("select attempts, last_error from enrichment_jobs", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(attempts, 1);
+    assert!(error.contains("reader provider refused with HTTP 429"), "{error}");
+    assert_eq!(db.count("select count(*) from companies where website_domain is not null").await, 0);
+}

@@ -177,6 +177,8 @@ struct State {
     hits: Mutex<Vec<Hit>>,
     seen: Mutex<HashMap<(String, String), u32>>,
     llm_fail: AtomicBool,
+    /// The reader answers 429 (its rate limit) to everything.
+    reader_refuses: AtomicBool,
     /// The search endpoint's budget: at most `calls` answered per sliding `per`; above it, HTTP 202 with
     /// DuckDuckGo's bot-check page.
     search_budget: Mutex<Option<(usize, Duration)>>,
@@ -226,6 +228,7 @@ impl FixtureWeb {
             hits: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
             llm_fail: AtomicBool::new(false),
+            reader_refuses: AtomicBool::new(false),
             search_budget: Mutex::new(None),
             searches: Mutex::new(Vec::new()),
             llm_calls: AtomicU64::new(0),
@@ -284,6 +287,11 @@ impl FixtureWeb {
     /// Every search request: when it arrived and whether it was answered (false: refused).
     pub fn searches(&self) -> Vec<(Instant, bool)> {
         self.state.searches.lock().unwrap().clone()
+    }
+
+    /// Makes the reader answer 429 to everything, or stops it.
+    pub fn set_reader_refusing(&self, refusing: bool) {
+        self.state.reader_refuses.store(refusing, Ordering::SeqCst);
     }
 
     pub fn set_llm_failing(&self, failing: bool) {
@@ -657,6 +665,9 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
                 {"fullName": "Rajesh Kumar", "headline": "Head of Sales", "profileUrl": "https://www.linkedin.com/in/rajesh-kumar"},
             ]);
             Response::new(200, "application/json", people.to_string())
+        }
+        ("GET", r) if r.starts_with("/reader/") && state.reader_refuses.load(Ordering::SeqCst) => {
+            Response::new(429, "text/plain", "rate limited")
         }
         ("GET", r) if r.starts_with("/reader/") => {
             let target = url::Url::parse(&path["/reader/".len()..]).ok();

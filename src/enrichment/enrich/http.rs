@@ -262,12 +262,12 @@ impl Http {
         if self.acquired.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             self.spacing.retain_recent();
             let now = tokio::time::Instant::now();
-            self.delayed.lock().expect("not poisoned").retain(|_, next| *next > now);
+            self.delayed.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, next| *next > now);
         }
         // A longer Crawl-delay than our spacing: the site's next slot, reserved under the lock.
         if let Some(delay) = crawl_delay.filter(|d| *d > self.settings.host_spacing) {
             let wait_until = {
-                let mut next = self.delayed.lock().expect("not poisoned");
+                let mut next = self.delayed.lock().unwrap_or_else(|p| p.into_inner());
                 let now = tokio::time::Instant::now();
                 let slot = next.get(&site).copied().filter(|t| *t > now).unwrap_or(now);
                 next.insert(site, slot + delay);

@@ -556,16 +556,15 @@ async fn find_site(
                 let mut u = url.clone();
                 u.set_host(Some(&format!("www.{h}"))).ok().map(|()| u)
             });
-            match try_site(ctx, &url, "known", domain_name, false, reg, robots, out, waited).await {
-                Ok(site) => consider(site, &mut best, &mut tried),
-                Err(e @ (FetchError::Connect(_) | FetchError::Status { .. })) if www.is_some() => {
-                    let www = www.expect("checked");
-                    match try_site(ctx, &www, "known", domain_name, false, reg, robots, out, waited).await {
+            match (try_site(ctx, &url, "known", domain_name, false, reg, robots, out, waited).await, &www) {
+                (Ok(site), _) => consider(site, &mut best, &mut tried),
+                (Err(e @ (FetchError::Connect(_) | FetchError::Status { .. })), Some(www)) => {
+                    match try_site(ctx, www, "known", domain_name, false, reg, robots, out, waited).await {
                         Ok(site) => consider(site, &mut best, &mut tried),
                         Err(_) => unreadable(&url, e, &mut tried, &mut failure),
                     }
                 }
-                Err(e) => unreadable(&url, e, &mut tried, &mut failure),
+                (Err(e), _) => unreadable(&url, e, &mut tried, &mut failure),
             }
             if best.as_ref().is_some_and(|b| b.verdict.passes(threshold)) {
                 return Ok(best);
@@ -664,7 +663,8 @@ async fn try_site(
             page
         }
         Err(e @ FetchError::Status { status: 401 | 403, .. }) => {
-            let Some(text) = read_via_reader(ctx, url, waited).await else { return Err(e) };
+            // A reader that refuses for now (its budget, a bot check) fails the company for now too.
+            let Some(text) = read_via_reader(ctx, url, waited).await? else { return Err(e) };
             out.pages_fetched += 1;
             let why = format!("{e}; read through ENRICH_READER_URL");
             out.notes.push(why.clone());
@@ -699,11 +699,17 @@ fn escape(text: &str) -> String {
 }
 
 /// The reader fallback for a site that refuses us (401/403): its text through `ENRICH_READER_URL`.
-async fn read_via_reader(ctx: &Enricher, url: &Url, waited: &Waited) -> Option<String> {
-    let template = ctx.settings.reader_url.as_deref()?;
-    let reader = Url::parse(&template.replace("{url}", url.as_str())).ok()?;
+/// `Ok(None)`: no reader, or it has no text for the page; `Err`: it refused for a reason that may pass.
+async fn read_via_reader(
+    ctx: &Enricher,
+    url: &Url,
+    waited: &Waited,
+) -> std::result::Result<Option<String>, FetchError> {
+    let Some(template) = ctx.settings.reader_url.as_deref() else { return Ok(None) };
+    let Ok(reader) = Url::parse(&template.replace("{url}", url.as_str())) else { return Ok(None) };
     match ctx.reader.read(&ctx.http, &reader, waited).await {
-        Ok(text) if !text.trim().is_empty() => Some(text),
-        _ => None,
+        Ok(text) if !text.trim().is_empty() => Ok(Some(text)),
+        Err(e) if e.is_retryable() => Err(e),
+        _ => Ok(None),
     }
 }
