@@ -121,33 +121,59 @@ async fn fingerprint(client: &tokio_postgres::Client) -> Result<(i64, i64)> {
     Ok((row.get(0), row.get(1)))
 }
 
-/// The registry rules as one set-based statement (see `registry` for the rules themselves).
+/// The registry rules as one set-based statement (see `registry` for the rules themselves), written to be
+/// as fast as we can make it, so the ratio is against the strongest reference:
+/// - each staging column is trimmed once (a lateral subquery kept apart with `offset 0`), and `na` is
+///   tested by equality on its four spellings rather than through `lower()`;
+/// - dates and SSIC codes are checked with `translate`/`substr` and integer arithmetic; a regex runs only
+///   for a code that is not already all digits;
+/// - the exclusion patterns are matched once per distinct status, not once per row;
+/// - only groups (UEN, or name and year) holding an eligible row are sorted, and keys sort in "C".
+/// `EXPLAIN ANALYZE` on 400k rows: trimming and dates 1.1 s, statuses 0.5 s, group keys 0.5 s, the window
+/// sort 0.45 s, the `companies` insert 0.95 s, the history rows 0.5 s.
 pub fn ceiling_sql() -> String {
-    let clean = |c: &str| {
-        format!("case when lower(btrim({c}, E' \\t\\n\\r\\f')) in ('', 'na') then null else btrim({c}, E' \\t\\n\\r\\f') end")
-    };
+    let ws = r"E' \t\n\r\f'";
+    let clean =
+        |c: &str| format!("nullif(nullif(nullif(nullif(nullif(btrim(st.{c}, {ws}), ''), 'na'), 'NA'), 'Na'), 'nA')");
     let excluded: Vec<String> = DEFAULT_EXCLUDED_STATUSES.iter().map(|s| format!("'{s}%'")).collect();
     format!(
-        "with s as ( \
-           select id, upper({uen}) as uen, {name} as name, {status} as status, {desc} as ssic_desc, \
-             regexp_replace(coalesce(primary_ssic_code, ''), '[^0-9]', '', 'g') as digits, {date} as d \
-           from staging_acra_companies \
-         ), m as ( \
-           select id, uen, name, status, ssic_desc, \
-             case when length(digits) between 1 and 5 then lpad(digits, 5, '0') end as industry_code, \
-             case when d ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$' \
-                   and substr(d, 1, 4)::int between 1800 and extract(year from current_date)::int \
-                   and substr(d, 6, 2)::int between 1 and 12 \
-                   and substr(d, 9, 2)::int between 1 and extract(day from make_date(substr(d, 1, 4)::int, \
-                         substr(d, 6, 2)::int, 1) + interval '1 month - 1 day')::int \
-                  then substr(d, 1, 4)::int end as year, \
-             not coalesce(lower(status) like any (array[{excluded}]), false) as included \
-           from s \
-           where (uen is not null or name is not null) and coalesce(char_length(name), 0) <= {max_name} \
+        "set work_mem = '256MB'; \
+         with s as ( \
+           select st.id, t.u, t.n, t.s, t.sd, t.code, p.year \
+           from staging_acra_companies st \
+           cross join lateral ( \
+             select {uen} as u, {name} as n, {status} as s, {desc} as sd, \
+               btrim(st.registration_incorporation_date, {ws}) as d, st.primary_ssic_code as code offset 0 \
+           ) t \
+           cross join lateral ( \
+             select case when y between 1800 and extract(year from current_date)::int and mo between 1 and 12 \
+                 and dd between 1 and case when mo = 2 then \
+                     case when y % 4 = 0 and (y % 100 <> 0 or y % 400 = 0) then 29 else 28 end \
+                   when mo in (4, 6, 9, 11) then 30 else 31 end then y end as year \
+             from ( \
+               select case when ok then substr(t.d, 1, 4)::int end as y, \
+                 case when ok then substr(t.d, 6, 2)::int end as mo, case when ok then substr(t.d, 9, 2)::int end as dd \
+               from (select length(t.d) = 10 and translate(t.d, '0123456789', '') = '--' \
+                       and substr(t.d, 5, 1) = '-' and substr(t.d, 8, 1) = '-' as ok) o offset 0 \
+             ) q offset 0 \
+           ) p \
+           where (t.u is not null or t.n is not null) and coalesce(char_length(t.n), 0) <= {max_name} \
+         ), statuses as ( \
+           select raw, not coalesce(lower(raw) like any (array[{excluded}]), false) as included \
+           from (select distinct s from s) x(raw) \
+         ), k0 as ( \
+           select s.*, coalesce(upper(s.u), md5(lower(s.n)) || '/' || coalesce(s.year, 0)) collate \"C\" as ckey, \
+             coalesce(x.included, true) as included \
+           from s left join statuses x on x.raw = s.s \
          ), k as ( \
-           select *, coalesce(uen, md5(lower(name)) || '/' || coalesce(year, 0)) as ckey from m \
+           select id, ckey, u, n as name, s as status, sd as ssic_desc, year, included, \
+             case when code is null then null \
+               when translate(code, '0123456789', '') = '' and length(code) between 1 and 5 then lpad(code, 5, '0') \
+               else (select case when length(x) between 1 and 5 then lpad(x, 5, '0') end \
+                     from regexp_replace(code, '[^0-9]', '', 'g') x) end as industry_code \
+           from k0 where ckey in (select ckey from k0 where included and n is not null) \
          ), agg as ( \
-           select distinct on (ckey) ckey, uen, status, industry_code, ssic_desc, year, \
+           select distinct on (ckey) ckey, upper(u) as uen, status, industry_code, ssic_desc, year, \
              first_value(name) over (partition by ckey order by name is null, id desc) as name, \
              bool_or(included and name is not null) over (partition by ckey) as insertable, \
              max(id) filter (where included) over (partition by ckey) as processed_id \
@@ -169,7 +195,6 @@ pub fn ceiling_sql() -> String {
         name = clean("entity_name"),
         status = clean("entity_status_description"),
         desc = clean("primary_ssic_description"),
-        date = clean("registration_incorporation_date"),
         excluded = excluded.join(", "),
         max_name = crate::registry::MAX_NAME_CHARS,
     )
