@@ -52,9 +52,9 @@ impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Cursor::Id { last_id } => write!(f, "after staging id {last_id}"),
-            Cursor::Uen { last_uen, last_id } => {
-                write!(f, "after uen {last_uen} (staging id {last_id})")
-            }
+            // i64::MAX: "after every row of this uen" (a start given by uen alone).
+            Cursor::Uen { last_uen, last_id: i64::MAX } => write!(f, "after uen {last_uen}"),
+            Cursor::Uen { last_uen, last_id } => write!(f, "after uen {last_uen} (staging id {last_id})"),
             Cursor::UenNull { last_id } => write!(f, "after the rows with no uen up to staging id {last_id}"),
             Cursor::Lsn { lsn, seq } => write!(f, "after change {seq} of the transaction at {}", lsn_to_text(*lsn)),
         }

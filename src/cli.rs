@@ -62,8 +62,15 @@ pub enum Command {
     /// Enqueue express enrichment jobs, leased before every other waiting job: chosen companies
     /// (--uen, --file, --where) or the parked ones (--failed).
     Refresh(RefreshArgs),
-    /// The whole job on the embedded default: seed sample rows, run the registry pipeline, show the result.
+    /// The whole job on the embedded default: seed sample rows into a database of its own, run the registry
+    /// pipeline and enrichment against a local web, and report what was found.
     Demo(DemoArgs),
+    /// Open psql on the database (the private cluster's while psql runs, or POSTGRES_DSN's). Arguments after
+    /// `--` go to psql.
+    Psql(PsqlArgs),
+    /// Load ACRA's published "Information on Corporate Entities" CSV files (data.gov.sg) into
+    /// staging_acra_companies, checking each file's header.
+    Import(ImportArgs),
     /// Show checkpoints, recent runs, dead letters and table counts.
     Status(StatusArgs),
     /// Benchmarks (throughput with a reference measured in the same run).
@@ -79,6 +86,10 @@ pub struct SeedArgs {
     /// Random seed: the same seed gives the same rows.
     #[arg(long, default_value_t = 20)]
     pub seed: u64,
+    /// Write the rows to this CSV file in ACRA's published format (for `acraflow import`) instead of the
+    /// database.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -430,8 +441,32 @@ pub struct DemoArgs {
     /// Sample rows to seed when staging is empty.
     #[arg(long, default_value_t = 5_000)]
     pub rows: u64,
+    /// Run on the database POSTGRES_DSN/--dsn names, seeding and enriching its staging table. Without it the
+    /// demo runs only on the private cluster, in a database of its own (acraflow_demo).
+    #[arg(long)]
+    pub yes: bool,
     #[command(flatten)]
     pub ops: OpsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PsqlArgs {
+    /// The database in the private cluster (`acraflow_demo` holds the demo's data).
+    #[arg(short = 'd', long, default_value = "acraflow")]
+    pub database: String,
+    /// Arguments for psql (after `--`), e.g. `-- -c "select count(*) from companies"`.
+    #[arg(last = true)]
+    pub psql_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// CSV files in ACRA's published format (a header row of the staging table's column names).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Empty staging first and load the files in the same transaction: readers see the old rows or all new ones.
+    #[arg(long)]
+    pub replace: bool,
 }
 
 #[derive(Debug, Args)]

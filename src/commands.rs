@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::cli::{BenchCommand, Cli, Command, DemoArgs, RefreshArgs, RunArgs, StatusArgs, WorkerArgs};
+use crate::cli::{BenchCommand, Cli, Command, RefreshArgs, RunArgs, StatusArgs, WorkerArgs};
 use crate::config::{Overrides, PipelineSpec, DEFAULT_TABLE};
 use crate::db;
 use crate::embedded::{Cluster, ClusterOptions};
@@ -47,10 +47,25 @@ impl Database {
 }
 
 pub async fn execute(cli: Cli) -> Result<()> {
+    // A sample file needs no database.
+    if let Command::Seed(crate::cli::SeedArgs { csv: Some(path), rows, seed }) = &cli.command {
+        let n = seed::seed_csv(path, *rows, *seed)?;
+        println!(
+            "wrote {n} ACRA-shaped sample rows to {} (load them with: acraflow import {})",
+            path.display(),
+            path.display()
+        );
+        return Ok(());
+    }
     let database = Database::open(&cli).await?;
     let result = dispatch(&cli, &database).await;
     database.close().await;
     result
+}
+
+/// Where the demo writes its log (`main` opens it before any log line).
+pub fn demo_log(cli: &Cli) -> std::path::PathBuf {
+    cli.home.clone().unwrap_or_else(ClusterOptions::default_home).join("demo.log")
 }
 
 async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
@@ -73,7 +88,22 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         Command::Run(args) => run_pipeline(database, args, Mode::Stream).await,
         Command::Worker(args) => worker(database, args).await,
         Command::Refresh(args) => refresh(dsn, args).await,
-        Command::Demo(args) => demo(database, args).await,
+        Command::Demo(args) => crate::demo::demo(database, args, &demo_log(cli)).await,
+        Command::Psql(args) => psql(database, args).await,
+        Command::Import(args) => {
+            let mut client = db::connect(dsn).await?;
+            db::migrate(&mut client).await?;
+            let t = Instant::now();
+            let done = crate::import::import(&mut client, &args.files, args.replace).await?;
+            println!(
+                "imported {} rows from {} file(s) into {DEFAULT_TABLE} in {:.1}s{}; `acraflow run` (or backfill) takes them from here",
+                done.rows,
+                done.files,
+                t.elapsed().as_secs_f64(),
+                if args.replace { ", replacing what it held" } else { "" }
+            );
+            Ok(())
+        }
         Command::Status(args) => status(dsn, args).await,
         Command::Bench(BenchCommand::Backfill(args)) => crate::bench::backfill(dsn, args).await,
         Command::Bench(BenchCommand::Stream(args)) => crate::bench::stream(dsn, args).await,
@@ -199,7 +229,7 @@ async fn worker(database: &Database, args: &WorkerArgs) -> Result<()> {
         checkpoint: None,
         enrichment: Some(enrichment),
     };
-    println!("{summary}");
+    crate::telemetry::summary(&summary);
     Ok(())
 }
 
@@ -272,7 +302,7 @@ async fn run_pipeline(database: &Database, args: &RunArgs, mode: Mode) -> Result
         Mode::Backfill => pipeline::run(&database.dsn, &spec, mode, shutdown_signal()).await?,
         Mode::Stream => supervise(&database.dsn, &spec, mode, shutdown_signal()).await?,
     };
-    println!("{summary}");
+    crate::telemetry::summary(&summary);
     Ok(())
 }
 
@@ -375,242 +405,39 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-/// The whole job on the embedded default: seed, a local web to enrich against, `acraflow run` with the
-/// acra_direct pipeline (backfill in the slot's snapshot, then the stream), a few new staging rows streamed
-/// and enriched live, and a summary.
-async fn demo(database: &Database, args: &DemoArgs) -> Result<()> {
-    const SLOT: &str = "acraflow_demo";
-    let dsn = database.dsn.as_str();
-    let mut client = db::connect(dsn).await?;
-    db::migrate(&mut client).await?;
-    let q = |e| Error::db("running the demo", e);
-    let staged: i64 = client.query_one("select count(*) from staging_acra_companies", &[]).await.map_err(q)?.get(0);
-    if staged == 0 {
-        let n = seed::seed(&client, &quote_table(DEFAULT_TABLE), args.rows, 20).await?;
-        println!("seeded {n} ACRA-shaped sample rows into {DEFAULT_TABLE}");
-    } else {
-        println!("{DEFAULT_TABLE} already holds {staged} rows");
-    }
-
-    // A local web: a site for most staging companies (some have none, some disallow robots, a few fail),
-    // plus the sites of the companies this demo adds while streaming.
-    let live: Vec<(String, Option<String>)> = (1..=5)
-        .map(|i| {
-            (
-                format!("DEMO HARBOUR {} LOGISTICS PTE. LTD.", ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO"][i - 1]),
-                None,
-            )
-        })
-        .collect();
-    let stamp = chrono::Utc::now().format("%H%M%S").to_string();
-    let live: Vec<(String, Option<String>)> =
-        live.into_iter().enumerate().map(|(i, (n, _))| (n, Some(format!("T{stamp}{i}Z")))).collect();
-    let mut companies: Vec<(String, Option<String>)> = client
-        .query("select distinct btrim(entity_name), upper(btrim(uen)) from staging_acra_companies where entity_name is not null", &[])
-        .await
-        .map_err(q)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    companies.extend(live.iter().cloned());
-    let web = crate::fixture_web::FixtureWeb::start(
-        crate::fixture_web::realistic_sites(&companies),
-        Duration::from_millis(20),
-    )
-    .await
-    .map_err(|e| Error::io("starting the fixture web", e))?;
-    println!("fixture web on {} (sites, search, LLM), reached as ENRICH_HTTP_PROXY", web.proxy_url());
-
-    // A fresh run each time: its own slot and checkpoint, so staging is backfilled again (companies
-    // enriched in an earlier demo are skipped by dedupe: that is the recheck rule at work).
-    let _ = client
-        .execute(
-            "select pg_drop_replication_slot($1) from pg_replication_slots where slot_name = $1 and not active",
-            &[&SLOT],
-        )
-        .await;
-    client.execute("delete from service_progress where key = 'demo'", &[]).await.map_err(q)?;
-    serve_metrics(&args.ops).await?;
-    let mut spec = PipelineSpec::acra_direct();
-    spec.ops = args.ops.to_spec();
-    spec.apply(&Overrides {
-        checkpoint_key: Some("demo".into()),
-        slot: Some(SLOT.into()),
-        enrich: crate::config::EnrichOverrides {
-            concurrency: Some(64),
-            host_spacing: Some(Duration::from_millis(100)),
-            timeout_s: Some(2.0),
-            proxy: Some(web.proxy_url()),
-            search_url: Some(web.search_url()),
-            reader_url: Some(web.reader_url()),
-            llm_base_url: Some(web.llm_url()),
-            // The local web's search and reader are ours: no budget to keep to.
-            search_rate: Some(None),
-            reader_rate: Some(None),
-            ..Default::default()
-        },
-        ..Default::default()
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut signal = shutdown_signal();
-    let forward = stop_tx.clone();
-    tokio::spawn(async move {
-        if signal.wait_for(|s| *s).await.is_ok() {
-            let _ = forward.send(true);
+/// `acraflow psql`: psql on the database, the private cluster kept running until psql exits. The password
+/// goes to psql in its environment (PGPASSWORD), never on its command line.
+async fn psql(database: &Database, args: &crate::cli::PsqlArgs) -> Result<()> {
+    let bin = crate::embedded::find_bin_dir().ok().map(|d| d.join("psql")).filter(|p| p.is_file());
+    let mut cmd = tokio::process::Command::new(bin.unwrap_or_else(|| "psql".into()));
+    match &database.cluster {
+        Some(c) => {
+            cmd.arg(format!(
+                "host=127.0.0.1 port={} user={} dbname={}",
+                c.port(),
+                crate::embedded::ROLE,
+                args.database
+            ))
+            .env("PGPASSWORD", c.password());
         }
-    });
-    let engine_dsn = dsn.to_owned();
-    let engine = tokio::spawn(async move { supervise(&engine_dsn, &spec, Mode::Stream, stop_rx).await });
-
-    let started = std::time::Instant::now();
-    println!("acraflow run: backfilling staging through filter -> dedupe -> upsert -> sink (+ enrichment jobs), and the enrichment worker beside it ...");
-    // Caught up: the slot streams and the checkpoint has passed the end of the backfill.
-    let caught_up = "select count(*) from pg_replication_slots s join pg_stat_activity a on a.pid = s.active_pid \
-         where s.slot_name = 'acraflow_demo' and a.application_name = 'acraflow-replication' and exists \
-         (select 1 from service_progress p where p.key = 'demo' and (p.cursor = 'lsn' or \
-          p.last_id >= (select coalesce(max(id), 0) from staging_acra_companies)))";
-    let streaming = wait(&client, &stop_tx, Duration::from_secs(900), caught_up).await?;
-    if !streaming {
-        return finish(engine, &stop_tx).await.map(|_| ());
+        None if args.database != crate::embedded::DATABASE => {
+            cmd.arg(db::with_dbname(&database.dsn, &args.database));
+        }
+        None => {
+            cmd.arg(&database.dsn);
+        }
     }
-    let queued: i64 =
-        client.query_one("select count(*) from enrichment_jobs where state = 'pending'", &[]).await.map_err(q)?.get(0);
-    println!(
-        "registry caught up in {:.1}s; streaming from slot {SLOT}. {queued} companies wait in the enrichment queue ...",
-        started.elapsed().as_secs_f64()
-    );
-    let t = std::time::Instant::now();
-    let drained = "select count(*) where not exists \
-         (select 1 from enrichment_jobs where state = 'pending' and not_before <= now())";
-    if !wait(&client, &stop_tx, Duration::from_secs(900), drained).await? {
-        return finish(engine, &stop_tx).await.map(|_| ());
-    }
-    let enriched: i64 = client
-        .query_one(
-            "select count(*) from company_enrichment_runs h join enrichment_runs r using (run_id) \
-             where r.checkpoint_key = 'demo' and h.enriched",
-            &[],
-        )
+    cmd.args(&args.psql_args);
+    // Ctrl-C belongs to psql (it cancels a query); acraflow stays to stop the server when psql exits.
+    tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
+    let status = cmd
+        .status()
         .await
-        .map_err(q)?
-        .get(0);
-    println!(
-        "enrichment worked the queue off in {:.1}s ({enriched} companies enriched). Inserting {} new staging rows ...",
-        t.elapsed().as_secs_f64(),
-        live.len()
-    );
-    for (name, uen) in &live {
-        client
-            .execute(
-                "insert into staging_acra_companies (uen, entity_name, entity_status_description, \
-                   registration_incorporation_date, primary_ssic_code, primary_ssic_description) \
-                 values ($1, $2, 'Live Company', '2016-03-01', '52101', 'Freight transport arrangement')",
-                &[uen, name],
-            )
-            .await
-            .map_err(q)?;
-    }
-    let uens: Vec<String> = live.iter().filter_map(|(_, u)| u.clone()).collect();
-    let t = std::time::Instant::now();
-    let done = wait_for_enriched(&client, &stop_tx, &uens).await?;
-    if done {
-        println!("streamed and enriched {} new companies in {:.1}s", uens.len(), t.elapsed().as_secs_f64());
-    }
-    let summary = finish(engine, &stop_tx).await?;
-    println!("\n{summary}\n");
-
-    let rows = client
-        .query(
-            "select h.status, count(*) from company_enrichment_runs h join enrichment_runs r using (run_id) \
-             where r.checkpoint_key = 'demo' and h.enriched group by 1 order by 2 desc",
-            &[],
-        )
-        .await
-        .map_err(q)?;
-    println!("enrichments in this run by status:");
-    for r in rows {
-        println!("  {:<10} {:>8}", r.get::<_, String>(0), r.get::<_, i64>(1));
-    }
-    let rows = client
-        .query(
-            "select c.uen, c.name, coalesce(c.website_domain, '-'), h.status, \
-               coalesce(h.public_emails->>0, '-'), coalesce(h.phones->>0, '-'), \
-               coalesce(h.jobs_count::text, '-'), coalesce(c.employees_est::text, '-') \
-             from companies c join company_enrichment_runs h using (company_id) \
-             where c.uen = any($1) and h.enriched order by c.uen",
-            &[&uens],
-        )
-        .await
-        .map_err(q)?;
-    println!("\nthe companies streamed live:");
-    println!(
-        "  {:<12} {:<38} {:<32} {:<8} {:<36} {:<14} {:>4} {:>5}",
-        "uen", "name", "website", "status", "email", "phone", "jobs", "staff"
-    );
-    for r in rows {
-        println!(
-            "  {:<12} {:<38} {:<32} {:<8} {:<36} {:<14} {:>4} {:>5}",
-            r.get::<_, String>(0),
-            r.get::<_, String>(1).chars().take(38).collect::<String>(),
-            r.get::<_, String>(2),
-            r.get::<_, String>(3),
-            r.get::<_, String>(4),
-            r.get::<_, String>(5),
-            r.get::<_, String>(6),
-            r.get::<_, String>(7),
-        );
+        .map_err(|e| Error::io("starting psql (install the postgresql-client package, or set ACRAFLOW_PG_BIN)", e))?;
+    if !status.success() {
+        return Err(Error::new(crate::ErrorKind::Io, format!("psql exited with {status}")));
     }
     Ok(())
-}
-
-async fn finish(
-    engine: tokio::task::JoinHandle<Result<pipeline::RunSummary>>,
-    stop: &watch::Sender<bool>,
-) -> Result<pipeline::RunSummary> {
-    let _ = stop.send(true);
-    engine.await.map_err(|e| Error::new(crate::ErrorKind::Io, format!("the engine task ended abnormally: {e}")))?
-}
-
-/// Polls `count_sql` until it is 1 (or the user stops the demo, or `timeout`).
-async fn wait(
-    client: &tokio_postgres::Client,
-    stop: &watch::Sender<bool>,
-    timeout: Duration,
-    count_sql: &str,
-) -> Result<bool> {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline && !*stop.borrow() {
-        let n: i64 = client.query_one(count_sql, &[]).await.map_err(|e| Error::db("watching the demo", e))?.get(0);
-        if n >= 1 {
-            return Ok(true);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(false)
-}
-
-async fn wait_for_enriched(
-    client: &tokio_postgres::Client,
-    stop: &watch::Sender<bool>,
-    uens: &[String],
-) -> Result<bool> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::time::Instant::now() < deadline && !*stop.borrow() {
-        let n: i64 = client
-            .query_one(
-                "select count(*) from company_enrichment_runs h join companies c using (company_id) \
-                 where c.uen = any($1) and h.enriched",
-                &[&uens],
-            )
-            .await
-            .map_err(|e| Error::db("watching the demo", e))?
-            .get(0);
-        if n as usize >= uens.len() {
-            return Ok(true);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(false)
 }
 
 async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {

@@ -589,7 +589,7 @@ impl EnrichSpec {
             ));
         }
         if self.lease < self.timeout * 2 {
-            tracing::warn!(lease = ?self.lease, timeout = ?self.timeout,
+            tracing::warn!(lease_ms = self.lease.as_millis() as u64, timeout_ms = self.timeout.as_millis() as u64,
                 "ENRICH_LEASE is shorter than two request timeouts: a worker cut off from the database for that long loses its jobs to others");
         }
         if self.poll_interval.is_zero() || self.refresh_every.is_zero() {

@@ -175,6 +175,10 @@ impl Cluster {
         self.port
     }
 
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
     pub fn home(&self) -> &Path {
         &self.home
     }

@@ -22,6 +22,7 @@
 //! - [`embedded`]: the private PostgreSQL used when `POSTGRES_DSN` is unset
 //! - [`seed`]: ACRA-shaped sample rows from real reference data
 //! - [`mod@bench`]: throughput benchmarks with a same-run reference
+//! - [`demo`]: the demo and its report; [`import`]: ACRA's published CSV files into staging
 //! - [`commands`]: what each CLI command does; [`cli`]: its flags
 //! - [`telemetry`]: logs, Prometheus metrics and endpoints, progress, failure alerts with the pause of enrichment
 //! - [`error`]: the one error type
@@ -33,10 +34,12 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod embedded;
 pub mod enrichment;
 pub mod error;
 pub mod fixture_web;
+pub mod import;
 pub mod ops;
 pub mod pgtls;
 pub mod pipeline;

@@ -4,7 +4,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = acraflow::cli::Cli::parse();
-    acraflow::telemetry::init(cli.log_format);
+    // The demo's output is its report: its logs go to a file in the home, which the report names.
+    let demo_log = matches!(cli.command, acraflow::cli::Command::Demo(_)).then(|| {
+        let path = acraflow::commands::demo_log(&cli);
+        let _ = path.parent().map(std::fs::create_dir_all);
+        std::fs::File::create(path).ok()
+    });
+    acraflow::telemetry::init_with(cli.log_format, demo_log.flatten());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

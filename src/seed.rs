@@ -174,17 +174,7 @@ struct CorpRow {
 
 /// Inserts `rows` sample rows into `table` (quoted) with one binary COPY; returns the number written.
 pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<u64> {
-    if rows > MAX_ROWS {
-        return Err(Error::config(format!("--rows {rows} is more than the {MAX_ROWS} the sample generator can make")));
-    }
-    let corp = load_corp()?;
-    let subclasses = load_subclasses()?;
-    let real: HashSet<&str> = corp.iter().map(|c| c.uen.as_str()).collect();
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..corp.len()).collect();
-    order.shuffle(&mut rng);
-    let status_total: u32 = STATUSES.iter().map(|s| s.1).sum();
-
+    let mut rows_of = Generator::new(rows, seed)?;
     let cols = STAGING_COLUMNS.join(", ");
     let sink = client
         .copy_in(&format!("copy {table} ({cols}) from stdin (format binary)"))
@@ -192,19 +182,83 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
         .map_err(|e| Error::db(format!("seed: starting COPY into {table}"), e))?;
     let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT; 53]);
     pin_mut!(writer);
-    let mut synthetic = 0u64;
-    for i in 0..rows {
+    while let Some(values) = rows_of.next_row() {
+        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await.map_err(|e| Error::db("seed: writing a row", e))?;
+    }
+    let n = writer.finish().await.map_err(|e| Error::db("seed: finishing COPY", e))?;
+    Ok(n)
+}
+
+/// Writes `rows` sample rows to `path` as a CSV file in ACRA's published format (data.gov.sg's
+/// "Information on Corporate Entities": a header of the staging columns, `na` for a missing value), the
+/// input `acraflow import` reads. Returns the number written.
+pub fn seed_csv(path: &std::path::Path, rows: u64, seed: u64) -> Result<u64> {
+    let mut rows_of = Generator::new(rows, seed)?;
+    let file = std::fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let mut out = csv::Writer::from_writer(std::io::BufWriter::new(file));
+    let failed = |e: csv::Error| Error::new(crate::ErrorKind::Io, format!("writing {}: {e}", path.display()));
+    out.write_record(STAGING_COLUMNS).map_err(failed)?;
+    let mut n = 0;
+    while let Some(values) = rows_of.next_row() {
+        out.write_record(&values).map_err(failed)?;
+        n += 1;
+    }
+    out.flush().map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(n)
+}
+
+/// ACRA-shaped sample rows: real UENs (then synthetic ones with valid check letters), years, SSIC codes and
+/// postal codes, in a deterministic order for a seed.
+struct Generator {
+    corp: Vec<CorpRow>,
+    subclasses: HashMap<String, Vec<(String, String)>>,
+    real: HashSet<String>,
+    rng: SmallRng,
+    order: Vec<usize>,
+    status_total: u32,
+    synthetic: u64,
+    next: u64,
+    rows: u64,
+}
+
+impl Generator {
+    fn new(rows: u64, seed: u64) -> Result<Generator> {
+        if rows > MAX_ROWS {
+            return Err(Error::config(format!(
+                "--rows {rows} is more than the {MAX_ROWS} the sample generator can make"
+            )));
+        }
+        let corp = load_corp()?;
+        let subclasses = load_subclasses()?;
+        let real = corp.iter().map(|c| c.uen.clone()).collect();
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..corp.len()).collect();
+        order.shuffle(&mut rng);
+        let status_total: u32 = STATUSES.iter().map(|s| s.1).sum();
+        Ok(Generator { corp, subclasses, real, rng, order, status_total, synthetic: 0, next: 0, rows })
+    }
+
+    /// The next row's 53 values, in [`STAGING_COLUMNS`] order.
+    fn next_row(&mut self) -> Option<[String; 53]> {
+        if self.next >= self.rows {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let rng = &mut self.rng;
+        let corp = &self.corp;
         let (uen, year, base) = if (i as usize) < corp.len() {
-            let c = &corp[order[i as usize]];
+            let c = &corp[self.order[i as usize]];
             (c.uen.clone(), c.year, c)
         } else {
             let base = &corp[rng.gen_range(0..corp.len())];
             let uen = loop {
-                let year = 1975 + (synthetic % 51) as i32;
-                let serial = synthetic / 51;
-                synthetic += 1;
+                let year = 1975 + (self.synthetic % 51) as i32;
+                let serial = self.synthetic / 51;
+                self.synthetic += 1;
                 let u = roc_uen(year, serial as u32);
-                if !real.contains(u.as_str()) {
+                if !self.real.contains(u.as_str()) {
                     break (u, year);
                 }
             };
@@ -222,7 +276,7 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
             WORDS_B[rng.gen_range(0..WORDS_B.len())],
             suffix
         );
-        let mut pick = rng.gen_range(0..status_total);
+        let mut pick = rng.gen_range(0..self.status_total);
         let status = STATUSES
             .iter()
             .find(|(_, w)| {
@@ -235,34 +289,32 @@ pub async fn seed(client: &Client, table: &str, rows: u64, seed: u64) -> Result<
             })
             .map_or("Live", |s| s.0);
         let date = format!("{year:04}-{:02}-{:02}", rng.gen_range(1..=12), rng.gen_range(1..=28));
-        let (code, title) = subclasses
+        let (code, title) = self
+            .subclasses
             .get(base.division.as_str())
             .and_then(|v| v.get(rng.gen_range(0..v.len())).cloned())
             .unwrap_or_else(|| (base.division.clone(), "na".into()));
         let block = rng.gen_range(1..=999).to_string();
         let officers = rng.gen_range(1..=6).to_string();
         let street = STREETS[rng.gen_range(0..STREETS.len())];
-        let mut values: [&str; 53] = ["na"; 53];
-        values[0] = &uen;
-        values[1] = "ACRA";
-        values[2] = &name;
-        values[3] = entity_type;
-        values[5] = company_type;
-        values[7] = status;
-        values[8] = &date;
-        values[9] = &date;
-        values[10] = "LOCAL";
-        values[11] = &block;
-        values[12] = street;
-        values[16] = &base.postal;
-        values[21] = &code;
-        values[22] = &title;
-        values[27] = &officers;
-        let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        writer.as_mut().write(&refs).await.map_err(|e| Error::db("seed: writing a row", e))?;
+        let mut values: [String; 53] = std::array::from_fn(|_| "na".to_owned());
+        values[0] = uen;
+        values[1] = "ACRA".into();
+        values[2] = name;
+        values[3] = entity_type.into();
+        values[5] = company_type.into();
+        values[7] = status.into();
+        values[8].clone_from(&date);
+        values[9] = date;
+        values[10] = "LOCAL".into();
+        values[11] = block;
+        values[12] = street.into();
+        values[16].clone_from(&base.postal);
+        values[21] = code;
+        values[22] = title;
+        values[27] = officers;
+        Some(values)
     }
-    let n = writer.finish().await.map_err(|e| Error::db("seed: finishing COPY", e))?;
-    Ok(n)
 }
 
 fn load_corp() -> Result<Vec<CorpRow>> {

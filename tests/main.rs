@@ -5,6 +5,7 @@ mod backfill;
 mod bad_input;
 mod cli;
 mod enrich;
+mod first_hour;
 mod ops;
 mod queue;
 mod replication;

@@ -129,6 +129,7 @@ async fn fingerprint(client: &tokio_postgres::Client) -> Result<(i64, i64)> {
 ///   for a code that is not already all digits;
 /// - the exclusion patterns are matched once per distinct status, not once per row;
 /// - only groups (UEN, or name and year) holding an eligible row are sorted, and keys sort in "C".
+///
 /// `EXPLAIN ANALYZE` on 400k rows: trimming and dates 1.1 s, statuses 0.5 s, group keys 0.5 s, the window
 /// sort 0.45 s, the `companies` insert 0.95 s, the history rows 0.5 s.
 pub fn ceiling_sql() -> String {

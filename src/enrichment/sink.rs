@@ -337,7 +337,7 @@ fn record_committed(done: &[Done], held: &foldhash::HashMap<i64, (i64, i32, std:
         let _span = tracing::info_span!("company", company_id = company.id, uen = company.uen.as_deref().unwrap_or(""))
             .entered();
         if x.status == Status::Failed && x.transient {
-            tracing::info!(
+            tracing::warn!(
                 stage = "persist",
                 job_id = d.job.id,
                 attempt = d.job.attempts + 1,
@@ -348,8 +348,17 @@ fn record_committed(done: &[Done], held: &foldhash::HashMap<i64, (i64, i32, std:
             continue;
         }
         m.enrichments.get_or_create(&StatusLabel { status: x.status.as_str() }).inc();
-        tracing::info!(stage = "persist", job_id = d.job.id, "history row and companies fields committed");
-        tracing::info!(
+        tracing::debug!(stage = "persist", job_id = d.job.id, "history row and companies fields committed");
+        if x.status == Status::Failed {
+            tracing::warn!(
+                stage = "summary",
+                job_id = d.job.id,
+                domain = x.website_domain.as_deref().unwrap_or(""),
+                error = x.error.as_deref().unwrap_or(""),
+                "enrichment failed for good"
+            );
+        }
+        tracing::debug!(
             stage = "summary",
             status = x.status.as_str(),
             domain = x.website_domain.as_deref().unwrap_or(""),

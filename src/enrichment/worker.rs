@@ -164,8 +164,14 @@ pub async fn run(
     let tokens = Usage::new(Arc::clone(&control), usage::LLM_TOKENS, settings.llm_daily_tokens);
     let enricher = Enricher::new(settings, tokens)?;
     let (enriched_today, _) = usage::today(&control).await?;
-    tracing::info!(worker = owner, concurrency = ws.concurrency, enriched_today, daily_cap = ?ws.daily_cap,
-        lease_ms = ws.lease.as_millis() as u64, "enrichment worker ready");
+    tracing::info!(
+        worker = owner,
+        concurrency = ws.concurrency,
+        enriched_today,
+        daily_cap = ws.daily_cap,
+        lease_ms = ws.lease.as_millis() as u64,
+        "enrichment worker ready"
+    );
 
     let mut summary = WorkerSummary::default();
     let mut latencies = Latencies::default();
@@ -210,8 +216,10 @@ pub async fn run(
                 }
                 if leased.capped && !summary.capped {
                     summary.capped = true;
-                    tracing::warn!(daily_cap = ?ws.daily_cap,
-                        "ACRA_DIRECT_DAILY_CAP reached: no more jobs are leased today; they wait in the queue");
+                    tracing::warn!(
+                        daily_cap = ws.daily_cap,
+                        "ACRA_DIRECT_DAILY_CAP reached: no more jobs are leased today; they wait in the queue"
+                    );
                 }
                 if got == 0 && draining && registry_done && in_flight.is_empty() {
                     if leased.capped {
@@ -314,7 +322,7 @@ fn start(enricher: &Arc<Enricher>, job: Job) -> BoxFuture<'static, Done> {
     {
         let c = &job.company;
         let _span = tracing::info_span!("company", company_id = c.id, uen = c.uen.as_deref().unwrap_or("")).entered();
-        tracing::info!(stage = "select", job_id = job.id, reason = %job.reason, attempt = job.attempts + 1,
+        tracing::debug!(stage = "select", job_id = job.id, reason = %job.reason, attempt = job.attempts + 1,
             name = %c.name, "leased");
     }
     let task = AbortOnDrop(tokio::spawn(Arc::clone(enricher).enrich(job.company.clone(), job.options)));

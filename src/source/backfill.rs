@@ -121,7 +121,7 @@ pub fn stream(client: Client, opts: BackfillOptions, mut stop: watch::Receiver<b
                 tracing::info!(rows = found, up_to = high, "backfill read rows that committed after the previous backfill's snapshot");
             }
         }
-        tracing::info!(start = %cursor, snapshot_lsn = %crate::change::lsn_to_text(lsn), limit = ?opts.limit, "backfill started");
+        tracing::info!(start = %cursor, snapshot_lsn = %crate::change::lsn_to_text(lsn), limit = opts.limit, "backfill started");
         loop {
             if *stop.borrow_and_update() {
                 tracing::info!(cursor = %cursor, "backfill stopping on request");

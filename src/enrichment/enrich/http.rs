@@ -421,7 +421,9 @@ fn transport_error(url: &Url, e: &reqwest::Error) -> FetchError {
     if e.is_timeout() {
         FetchError::Timeout(strip(url))
     } else if e.is_connect() || e.is_request() || e.is_body() {
-        FetchError::Connect(strip(url))
+        // The cause chain says why (DNS, TLS, refused): what an operator acts on.
+        let why: String = e.without_url_ref().chars().take(300).collect();
+        FetchError::Connect(format!("{} ({why})", strip(url)))
     } else {
         FetchError::Other(format!("fetching {}: {}", strip(url), e.without_url_ref()))
     }

@@ -250,7 +250,7 @@ impl Enricher {
                 }
             };
             if over {
-                tracing::warn!(stage = "enriched", timeout = ?limit, "company deadline passed");
+                tracing::warn!(stage = "enriched", timeout_ms = limit.as_millis() as u64, "company deadline passed");
                 out = Enrichment {
                     status: Status::Failed,
                     error: Some(format!(
@@ -331,7 +331,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     let site = match find_site(ctx, company, &reg, options.force, out, &mut robots, waited).await {
         Ok(site) => site,
         Err(e) => {
-            tracing::info!(stage = "find_domain", error = %e, "failed");
+            tracing::debug!(stage = "find_domain", error = %e, "failed");
             out.fail(&e);
             return;
         }
@@ -340,14 +340,14 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
 
     // crawl: the rest of the site (about/contact/careers, linked from the homepage by path or text, else
     // at seeded paths).
-    tracing::info!(
+    tracing::debug!(
         stage = "find_domain",
         source = site.source,
         domain = site.home.host_str().unwrap_or(""),
         confidence = site.verdict.confidence,
         "candidate"
     );
-    tracing::info!(stage = "crawl", page = "home", url = %http::strip(&site.home), links = site.home_x.links.len(), "fetched");
+    tracing::debug!(stage = "crawl", page = "home", url = %http::strip(&site.home), links = site.home_x.links.len(), "fetched");
     let mut pages: Vec<(PageKind, Extracted)> = vec![(PageKind::Home, site.home_x)];
     if let Some(why) = &site.via_reader {
         out.degrade(why.clone());
@@ -356,7 +356,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
             match fetch_counted(ctx, &url, &mut robots, out).await {
                 Ok(page) => {
                     let x = extract_off_runtime(page.body, page.url.clone(), kind).await;
-                    tracing::info!(stage = "crawl", page = ?kind, url = %http::strip(&page.url), "fetched");
+                    tracing::debug!(stage = "crawl", page = %format!("{kind:?}").to_lowercase(), url = %http::strip(&page.url), "fetched");
                     pages.push((kind, x));
                 }
                 Err(FetchError::Status { status: 404 | 410, .. }) | Err(FetchError::Robots(_)) => {}
@@ -371,7 +371,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     let verdict = verify::verify(&reg, &all, site.domain_name, site.listing);
     let domain = host.trim_start_matches("www.").to_owned();
     if !verdict.passes(ctx.settings.min_confidence) {
-        tracing::info!(stage = "verify", domain, confidence = verdict.confidence, "not verified");
+        tracing::debug!(stage = "verify", domain, confidence = verdict.confidence, "not verified");
         out.degrade(format!(
             "no website verified: {domain} scored {:.2} ({}) below ENRICH_MIN_CONFIDENCE {}",
             verdict.confidence,
@@ -380,7 +380,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         ));
         return;
     }
-    tracing::info!(stage = "verify", source = site.source, domain, confidence = verdict.confidence, evidence = ?verdict.evidence, "verified");
+    tracing::debug!(stage = "verify", source = site.source, domain, confidence = verdict.confidence, evidence = %verdict.evidence.join(","), "verified");
     out.website_domain = Some(domain.clone());
     out.domain_source = Some(site.source);
     out.domain_confidence = Some(verdict.confidence);
@@ -416,7 +416,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         &pages.iter().map(|(_, x)| x.text.as_str()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n"),
         ctx.settings.corpus_chars,
     );
-    tracing::info!(
+    tracing::debug!(
         stage = "extract",
         emails = out.public_emails.len(),
         phones = out.phones.len(),
@@ -427,10 +427,10 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
 
     if let Some(settings) = ctx.settings.llm.as_ref().filter(|_| options.llm != Some(false)) {
         let pieces = llm::chunks(&corpus, settings.max_chunks, settings.corpus_chars);
-        tracing::info!(stage = "chunks", chunks = pieces.len(), chars = corpus.len(), "corpus chunked");
+        tracing::debug!(stage = "chunks", chunks = pieces.len(), chars = corpus.len(), "corpus chunked");
         match llm::extract(&ctx.http, settings, &ctx.tokens, &company.name, &corpus).await {
             Ok(answer) => {
-                tracing::info!(stage = "llm_extract", chunks = answer.chunks, tokens = answer.tokens, "answered");
+                tracing::debug!(stage = "llm_extract", chunks = answer.chunks, tokens = answer.tokens, "answered");
                 out.employees_est = answer.employees_est;
                 out.revenue_bucket = answer.revenue_bucket;
                 out.llm_tokens = answer.tokens as i64;
@@ -447,7 +447,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     if let Some(settings) = &ctx.settings.contacts {
         match contacts::fetch(&ctx.http, settings, &company.name, Some(&domain), out.linkedin_url.as_deref()).await {
             Ok(people) => {
-                tracing::info!(stage = "contacts", contacts = people.len(), "found");
+                tracing::debug!(stage = "contacts", contacts = people.len(), "found");
                 out.contacts = people;
             }
             Err(why) => out.degrade(why),
@@ -627,15 +627,17 @@ async fn find_site(
     } else {
         format!("no website verified; tried {}", tried.join(", "))
     };
-    tracing::info!(stage = "find_domain", reason, "no website");
+    tracing::debug!(stage = "find_domain", reason, "no website");
     out.degrade(reason);
     Ok(None)
 }
 
-/// Records a candidate that could not be read. robots.txt refusing us is not a failure of the site.
+/// Records a candidate that could not be read. Only a failure that may pass later (a timeout, a refused
+/// connection, a 5xx, a provider's refusal) fails the company, so its job is retried; a candidate that
+/// answers 404, is not HTML or whose robots.txt refuses us is simply not the company's site.
 fn unreadable(url: &Url, e: FetchError, tried: &mut Vec<String>, failure: &mut Option<FetchError>) {
     tried.push(format!("{} ({e})", url.host_str().unwrap_or("")));
-    if !matches!(e, FetchError::Robots(_)) {
+    if e.is_retryable() {
         failure.get_or_insert(e);
     }
 }
@@ -690,7 +692,7 @@ async fn try_site(
     let tokens = discover::name_tokens(&reg.name);
     let domain_name = domain_name && discover::score(home.host_str().unwrap_or(""), &tokens) >= 0.5;
     let verdict = verify::verify(reg, &[&home_x], domain_name, listing);
-    tracing::debug!(stage = "find_domain", source, url = %http::strip(&home), confidence = verdict.confidence, evidence = ?verdict.evidence, "candidate");
+    tracing::debug!(stage = "find_domain", source, url = %http::strip(&home), confidence = verdict.confidence, evidence = %verdict.evidence.join(","), "candidate");
     Ok(Site { home, home_x, source, domain_name, listing, verdict, via_reader: None })
 }
 

@@ -1,0 +1,149 @@
+//! What a new user sees in the first hour: the demo's report, loading ACRA's files, the configuration check,
+//! and logs a machine reads.
+
+use crate::support::TestDb;
+
+/// A fresh directory under the system's temp dir, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("acraflow-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn number_after(text: &str, label: &str) -> i64 {
+    let rest = &text[text.find(label).unwrap_or_else(|| panic!("no {label:?} in:\n{text}")) + label.len()..];
+    rest.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("no number after {label:?}"))
+}
+
+/// The demo on a database the user names: refused without --yes; with it, a short report that names its
+/// hit rates and reasons, about this run only, and no slot left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_reports_its_own_run_briefly_and_leaves_no_slot() {
+    let db = TestDb::new().await;
+    let home = TempDir::new("demo-home");
+    let home_env = home.path().to_str().unwrap();
+    let env = [("ACRAFLOW_HOME", home_env), ("COLUMNS", "100")];
+
+    let out = db.cli(&["demo", "--rows", "300"], &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--yes"), "a user's database was used without --yes: {stderr}");
+    assert_eq!(db.count("select count(*) from staging_acra_companies").await, 0, "refused, yet it seeded");
+
+    let out = db.cli(&["demo", "--rows", "300", "--yes"], &env).await;
+    let first = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{first}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines = first.lines().count();
+    assert!((10..=60).contains(&lines), "the demo printed {lines} lines:\n{first}");
+    assert!(first.contains("demo completed"), "{first}");
+    for named in ["websites   found for", "emails", "phones", "LinkedIn", "uen", "acraflow import"] {
+        assert!(first.contains(named), "the report lacks {named:?}:\n{first}");
+    }
+    assert!(first.lines().all(|l| l.chars().count() <= 100), "a line is wider than COLUMNS:\n{first}");
+    let enriched_first = number_after(&first, "  enrichment ");
+    assert!(enriched_first > 50, "{first}");
+    // Every company with a site in the local web was found, and every website found is the right one.
+    let websites = first.lines().find(|l| l.contains("websites   found for")).unwrap();
+    assert_eq!(number_after(websites, "found for "), number_after(websites, " of the "), "{first}");
+    assert!(first.contains("0 wrong"), "{first}");
+    assert!(home.path().join("demo.log").exists(), "the report names a log that is not there");
+    assert_eq!(db.count("select count(*) from pg_replication_slots where slot_name = 'acraflow_demo'").await, 0);
+
+    // A second demo on the same data: its report counts its own run, not the totals.
+    let out = db.cli(&["demo", "--rows", "300", "--yes"], &env).await;
+    let second = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{second}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(second.contains("already holds"), "{second}");
+    let enriched_second = number_after(&second, "  enrichment ");
+    let second_run_rows =
+        db.count("select count(distinct company_id) from company_enrichment_runs where enriched and run_id = (select max(run_id) from enrichment_runs)").await;
+    assert_eq!(enriched_second, second_run_rows, "{second}");
+    assert!(enriched_second < enriched_first, "the second report counts the first run too:\n{second}");
+    assert_eq!(db.count("select count(*) from pg_replication_slots where slot_name = 'acraflow_demo'").await, 0);
+}
+
+/// `seed --csv` writes ACRA's published format; `import` loads every row, `--replace` swaps them, and a
+/// file with a wrong header is refused by name before anything is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_loads_published_files_and_names_a_wrong_header() {
+    let db = TestDb::empty().await;
+    let dir = TempDir::new("import");
+    let a = dir.path().join("ACRA_A.csv");
+    let b = dir.path().join("ACRA_B.csv");
+    for (path, rows, seed) in [(&a, "700", "1"), (&b, "300", "2")] {
+        let out = db.cli(&["seed", "--csv", path.to_str().unwrap(), "--rows", rows, "--seed", seed], &[]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let header = std::fs::read_to_string(&a).unwrap().lines().next().unwrap().to_owned();
+    assert!(header.starts_with("uen,issuance_agency_id,entity_name,"), "{header}");
+
+    let out = db.cli(&["import", a.to_str().unwrap(), b.to_str().unwrap()], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 1000 rows from 2 file(s)"));
+    assert_eq!(db.count("select count(*) from staging_acra_companies").await, 1000);
+    // The values are the file's: `na` kept as published, for the registry rules to read as missing.
+    assert_eq!(db.count("select count(*) from staging_acra_companies where level_no = 'na'").await, 1000);
+
+    let out = db.cli(&["import", "--replace", b.to_str().unwrap()], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(db.count("select count(*) from staging_acra_companies").await, 300);
+
+    let bad = dir.path().join("renamed.csv");
+    let text = std::fs::read_to_string(&b).unwrap().replacen("entity_name", "company_name", 1);
+    std::fs::write(&bad, text).unwrap();
+    let out = db.cli(&["import", b.to_str().unwrap(), bad.to_str().unwrap()], &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong header was accepted");
+    assert!(
+        stderr.contains("renamed.csv") && stderr.contains("company_name") && stderr.contains("entity_name"),
+        "{stderr}"
+    );
+    assert_eq!(db.count("select count(*) from staging_acra_companies").await, 300, "a refused import loaded rows");
+
+    // A short row: nothing of the file is loaded, and the error names its line.
+    let short = dir.path().join("short.csv");
+    let mut text = std::fs::read_to_string(&b).unwrap();
+    text.push_str("200012345A,ACRA,TRUNCATED ROW PTE. LTD.\n");
+    std::fs::write(&short, text).unwrap();
+    let out = db.cli(&["import", short.to_str().unwrap()], &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("short.csv line 302"), "{stderr}");
+    assert_eq!(db.count("select count(*) from staging_acra_companies").await, 300);
+}
+
+/// With `--log-format json` the last line on stderr is the run summary, as one JSON event, and stdout
+/// stays empty for the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_log_ends_with_the_run_summary() {
+    let db = TestDb::new().await;
+    db.seed(200, 3).await;
+    let out = db.cli(&["backfill", "--log-format", "json"], &[("RUST_LOG", "info")]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> =
+        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["message"], "run summary", "{last}");
+    assert_eq!(last["status"], "completed");
+    assert_eq!(last["rows_in"], 200);
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "text on stdout in JSON mode");
+    // No Rust debug text in any field.
+    for e in &events {
+        let text = e.to_string();
+        assert!(!text.contains("Some(") && !text.contains("None"), "debug formatting in {text}");
+    }
+}
