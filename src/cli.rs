@@ -39,6 +39,32 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The environment variable that gave a flag the value clap refused (clap's message names the flag): set,
+/// and the flag not on the command line.
+pub fn env_behind(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else { return None };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?.split('=').next()?.to_owned();
+    let on_command_line = std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if on_command_line {
+        return None;
+    }
+    let cmd = Cli::command();
+    let mut stack = vec![&cmd];
+    while let Some(c) = stack.pop() {
+        for a in c.get_arguments() {
+            if a.get_long() == Some(long.as_str()) {
+                if let Some(env) = a.get_env().filter(|env| std::env::var_os(env).is_some()) {
+                    return Some(env.to_string_lossy().into_owned());
+                }
+            }
+        }
+        stack.extend(c.get_subcommands());
+    }
+    None
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -73,6 +99,10 @@ pub enum Command {
     Import(ImportArgs),
     /// Show checkpoints, recent runs, dead letters and table counts.
     Status(StatusArgs),
+    /// Check that a run would start: the settings and where each came from, misspelled or ignored variables,
+    /// the database (reachable, migrated, wal_level, replication privilege, slot, publication). Exits non-zero
+    /// when something would stop a run. Takes the same flags as `run`.
+    Check(RunArgs),
     /// Benchmarks (throughput with a reference measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),

@@ -90,6 +90,7 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         Command::Refresh(args) => refresh(dsn, args).await,
         Command::Demo(args) => crate::demo::demo(database, args, &demo_log(cli)).await,
         Command::Psql(args) => psql(database, args).await,
+        Command::Check(args) => crate::check::check(cli, dsn, database.embedded, args).await,
         Command::Import(args) => {
             let mut client = db::connect(dsn).await?;
             db::migrate(&mut client).await?;
@@ -114,7 +115,7 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
     }
 }
 
-fn pipeline_spec(args: &RunArgs, overrides: &Overrides) -> Result<PipelineSpec> {
+pub(crate) fn pipeline_spec(args: &RunArgs, overrides: &Overrides) -> Result<PipelineSpec> {
     let mut spec = match &args.pipeline {
         Some(path) => PipelineSpec::named_or_file(path)?,
         None => PipelineSpec::registry_sync(),
@@ -292,6 +293,7 @@ async fn serve_metrics(ops: &crate::cli::OpsArgs) -> Result<()> {
 
 async fn run_pipeline(database: &Database, args: &RunArgs, mode: Mode) -> Result<()> {
     let spec = pipeline_spec(args, &args.overrides.to_overrides())?;
+    crate::check::warn_at_start(&spec);
     serve_metrics(&args.ops).await?;
     if database.embedded {
         db::migrate(&mut db::connect(&database.dsn).await?).await?;

@@ -3,7 +3,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = acraflow::cli::Cli::parse();
+    let cli = match acraflow::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            if let Some(var) = acraflow::cli::env_behind(&e) {
+                eprintln!("note: that value came from the environment variable {var}");
+            }
+            std::process::exit(e.exit_code());
+        }
+    };
     // The demo's output is its report: its logs go to a file in the home, which the report names.
     let demo_log = matches!(cli.command, acraflow::cli::Command::Demo(_)).then(|| {
         let path = acraflow::commands::demo_log(&cli);

@@ -147,3 +147,42 @@ async fn the_json_log_ends_with_the_run_summary() {
         assert!(!text.contains("Some(") && !text.contains("None"), "debug formatting in {text}");
     }
 }
+
+/// `check` names a misspelled variable's closest setting, hides secrets, and fails on an unmigrated
+/// database; on a migrated one it says a run would start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_flags_a_misspelled_variable_and_fails_on_an_unmigrated_database() {
+    let env = [
+        ("ACRA_DIRECT_CONCURENCY", "4"),
+        ("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T0/B0/secretpart"),
+        ("ACRA_DIRECT_BATCH_SIZE", "800"),
+    ];
+    let db = TestDb::empty().await;
+    let out = db.cli(&["check"], &env).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "check passed an unmigrated database:\n{stdout}");
+    assert!(stdout.contains("ACRA_DIRECT_CONCURENCY") && stdout.contains("did you mean ACRA_DIRECT_CONCURRENCY"), "{stdout}");
+    assert!(stdout.contains("FAIL") && stdout.contains("acraflow migrate"), "{stdout}");
+    assert!(stdout.contains("ACRA_DIRECT_BATCH_SIZE") && stdout.contains("800"), "{stdout}");
+    assert!(!stdout.contains("secretpart") && !stdout.contains(&db.dsn), "a secret was printed:\n{stdout}");
+
+    let db = TestDb::new().await;
+    let out = db.cli(&["check"], &[]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("wal_level is logical") && stdout.contains("ready"), "{stdout}");
+}
+
+/// A bad value set in the environment is named by its variable, not only by the flag it feeds.
+#[test]
+fn a_bad_value_names_the_variable_the_user_set() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
+        .args(["backfill", "--pipeline", "acra_direct"])
+        .env("ACRA_DIRECT_CONCURRENCY", "lots")
+        .env("POSTGRES_DSN", "host=127.0.0.1 port=1 dbname=x")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("lots") && stderr.contains("ACRA_DIRECT_CONCURRENCY"), "{stderr}");
+}

@@ -78,9 +78,45 @@ fn one(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
     s.into_values().next().unwrap()
 }
 
+/// Runs `promtool ARGS` (stdin: `input`) and asserts it passes; without promtool, says so and returns.
+pub fn promtool(args: &[&str], input: Option<&str>) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        println!("SKIPPED promtool {}: promtool is not installed (Debian: apt-get install prometheus)", args.join(" "));
+        return;
+    };
+    if let Some(text) = input {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What Prometheus sends: OpenMetrics preferred.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
 async fn scrape(port: u16) -> prometheus_parse::Scrape {
-    let (status, body) = get(&format!("http://127.0.0.1:{port}/metrics")).await.expect("/metrics answers");
-    assert_eq!(status, 200);
+    let resp = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .header("accept", PROMETHEUS_ACCEPT)
+        .send()
+        .await
+        .expect("/metrics answers");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.text().await.unwrap();
     assert!(body.ends_with("# EOF\n"), "an OpenMetrics exposition ends with # EOF");
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the exposition parses")
 }
@@ -170,6 +206,14 @@ async fn metrics_endpoint_serves_what_the_run_did_with_health_and_readiness() {
     assert!(one(&s, "acra_direct_slot_lag_bytes") >= 0.0);
     assert_eq!(get(&format!("http://127.0.0.1:{port}/nope")).await.map(|r| r.0), Some(404));
 
+    // Without an OpenMetrics Accept header: the Prometheus text format, which promtool checks clean.
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("# EOF") && text.contains("# TYPE acra_direct_companies_processed_total counter"), "{text}");
+    assert!(text.contains("# HELP acra_direct_companies_processed_total "), "{text}");
+    promtool(&["check", "metrics"], Some(&text));
+
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
@@ -245,11 +289,15 @@ async fn json_logs_carry_each_company_through_its_stages_without_secrets() {
         assert_eq!(summary["status"], "ok");
         assert!(summary["pages"].as_i64().unwrap() >= 1 && summary.get("latency_ms").is_some(), "{summary}");
     }
-    assert!(stdout.contains("p50") && stdout.contains("p95") && stdout.contains("p99"), "{stdout}");
+    // JSON mode: the final summary is the last event, with its latency percentiles; stdout stays empty.
+    let last = lines.last().unwrap();
+    assert_eq!(last["message"], "run summary", "{last}");
+    assert!(last["latency"]["p50_ms"].is_u64() && last["latency"]["p99_ms"].is_u64(), "{last}");
+    assert!(last["enrichment"]["queue_latency"]["p95_ms"].is_u64(), "{last}");
+    assert!(stdout.trim().is_empty(), "{stdout}");
     let header =
         db.client.query_one("select status, ended_at is not null, processed from enrichment_runs", &[]).await.unwrap();
     assert_eq!((header.get::<_, String>(0).as_str(), header.get::<_, bool>(1)), ("completed", true));
-    assert!(stdout.contains("enriched") && stdout.contains("queue latency"), "{stdout}");
 
     // status: today's use of the daily caps, and the run's counters.
     let enriched = db.count("select count(*) from company_enrichment_runs where enriched").await;
@@ -481,7 +529,10 @@ async fn sigterm_mid_run_drains_and_loses_nothing() {
     // One summary for SIGUSR1, more from ACRA_DIRECT_SUMMARY_EVERY; each with its latency percentiles.
     let summaries = stderr.lines().filter(|l| l.contains("\"run summary\"") && l.contains("p99_ms")).count();
     assert!(summaries >= 2, "{summaries} run summaries logged: {stderr}");
-    assert!(std::fs::read_to_string(&out_path).unwrap().contains("interrupted"));
+    // The last event is the final summary (JSON mode: nothing on stdout).
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    assert_eq!((last["message"].as_str(), last["status"].as_str()), (Some("run summary"), Some("interrupted")), "{last}");
+    assert!(std::fs::read_to_string(&out_path).unwrap().trim().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
     let header =
         db.client.query_one("select status, ended_at is not null, enriched from enrichment_runs", &[]).await.unwrap();

@@ -338,6 +338,7 @@ fn record_committed(done: &[Done], held: &foldhash::HashMap<i64, (i64, i32, std:
             .entered();
         if x.status == Status::Failed && x.transient {
             tracing::warn!(
+                target: crate::telemetry::COMPANY,
                 stage = "persist",
                 job_id = d.job.id,
                 attempt = d.job.attempts + 1,
@@ -348,9 +349,10 @@ fn record_committed(done: &[Done], held: &foldhash::HashMap<i64, (i64, i32, std:
             continue;
         }
         m.enrichments.get_or_create(&StatusLabel { status: x.status.as_str() }).inc();
-        tracing::debug!(stage = "persist", job_id = d.job.id, "history row and companies fields committed");
+        tracing::info!(target: crate::telemetry::COMPANY, stage = "persist", job_id = d.job.id, "history row and companies fields committed");
         if x.status == Status::Failed {
             tracing::warn!(
+                target: crate::telemetry::COMPANY,
                 stage = "summary",
                 job_id = d.job.id,
                 domain = x.website_domain.as_deref().unwrap_or(""),
@@ -358,7 +360,8 @@ fn record_committed(done: &[Done], held: &foldhash::HashMap<i64, (i64, i32, std:
                 "enrichment failed for good"
             );
         }
-        tracing::debug!(
+        tracing::info!(
+            target: crate::telemetry::COMPANY,
             stage = "summary",
             status = x.status.as_str(),
             domain = x.website_domain.as_deref().unwrap_or(""),

@@ -322,7 +322,7 @@ fn start(enricher: &Arc<Enricher>, job: Job) -> BoxFuture<'static, Done> {
     {
         let c = &job.company;
         let _span = tracing::info_span!("company", company_id = c.id, uen = c.uen.as_deref().unwrap_or("")).entered();
-        tracing::debug!(stage = "select", job_id = job.id, reason = %job.reason, attempt = job.attempts + 1,
+        tracing::info!(target: crate::telemetry::COMPANY, stage = "select", job_id = job.id, reason = %job.reason, attempt = job.attempts + 1,
             name = %c.name, "leased");
     }
     let task = AbortOnDrop(tokio::spawn(Arc::clone(enricher).enrich(job.company.clone(), job.options)));

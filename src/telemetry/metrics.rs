@@ -179,6 +179,30 @@ impl Metrics {
         );
         r.register("extract_pages", "Pages whose HTML was extracted", m.extract_pages.clone());
         r.register("extract_seconds", "Seconds of CPU spent extracting pages", m.extract_seconds.clone());
+        // Every labelled series exists from the start at zero, so a dashboard or an alert sees 0 rather
+        // than no data before the first event (and `rate()` sees the first increment).
+        for fate in ["processed", "filtered", "skipped", "ignored", "dead_lettered"] {
+            drop(m.rows.get_or_create(&FateLabel { fate }));
+        }
+        for operator in ["filter", "dedupe", "upsert"] {
+            drop(m.operator_in.get_or_create(&OperatorLabel { operator }));
+            drop(m.operator_out.get_or_create(&OperatorLabel { operator }));
+        }
+        for stage in ["source", "filter", "upsert", "enrich"] {
+            drop(m.dead_letters.get_or_create(&StageLabel { stage }));
+        }
+        for status in ["ok", "degraded", "failed", "retried"] {
+            drop(m.enrichments.get_or_create(&StatusLabel { status }));
+        }
+        for reason in ["new", "changed", "express", "retry", "stale"] {
+            drop(m.queue_waiting.get_or_create(&ReasonLabel { reason }));
+        }
+        for provider in ["search", "reader"] {
+            for outcome in ["ok", "refused", "error"] {
+                drop(m.provider_calls.get_or_create(&ProviderLabel { provider, outcome }));
+            }
+            drop(m.provider_wait.get_or_create(&ProviderNameLabel { provider }));
+        }
         Metrics { registry, ..m }
     }
 
@@ -188,6 +212,13 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The Prometheus text format (0.0.4), what scrapers read by default and `promtool check metrics`
+    /// checks: OpenMetrics' counter families are named with `_total` in their HELP and TYPE lines, and
+    /// the `# UNIT` and `# EOF` lines go.
+    pub fn encode_prometheus(&self) -> String {
+        to_prometheus_text(&self.encode())
     }
 
     /// Ready: at least one run is connected and enrichment is not paused.
@@ -265,10 +296,50 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a connection is kept, whatever it does.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
+/// OpenMetrics text converted to the Prometheus text format (see [`Metrics::encode_prometheus`]).
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line.strip_prefix("# TYPE ").and_then(|r| r.strip_suffix(" counter")) {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or(line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((tag, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{tag}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 async fn respond(req: Request<Incoming>) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let m = metrics();
+    // OpenMetrics only for a scraper that asks for it (Prometheus does, by Accept); the classic text
+    // format otherwise (curl, promtool, other agents).
+    let openmetrics = req
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
     let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", m.encode()),
+        "/metrics" if openmetrics => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", m.encode())
+        }
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", m.encode_prometheus()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if m.ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         "/readyz" if m.paused.get() > 0 => {

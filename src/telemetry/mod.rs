@@ -12,6 +12,11 @@ pub mod alerts;
 pub mod metrics;
 pub mod progress;
 
+/// The target of the per-company stage logs (select, find_domain, crawl, verify, extract, ..., summary).
+/// Services and JSON logs get them at `info`; a person at a terminal sees only their warnings unless
+/// `RUST_LOG` asks (`RUST_LOG=info,acraflow::company=info`).
+pub const COMPANY: &str = "acraflow::company";
+
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 /// A command's final summary: on stdout as text, or with `--log-format json` as the last JSON log event on
@@ -46,9 +51,14 @@ pub fn init_with(format: LogFormat, file: Option<std::fs::File>) {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal; files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let default = if ansi && format == LogFormat::Text && file.is_none() {
+        format!("info,{COMPANY}=warn")
+    } else {
+        "info".to_owned()
+    };
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&default));
     let Some(file) = file else {
         let builder =
             tracing_subscriber::fmt().with_env_filter(filter()).with_ansi(ansi).with_writer(|| progress::Stderr);

@@ -331,7 +331,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     let site = match find_site(ctx, company, &reg, options.force, out, &mut robots, waited).await {
         Ok(site) => site,
         Err(e) => {
-            tracing::debug!(stage = "find_domain", error = %e, "failed");
+            tracing::info!(target: crate::telemetry::COMPANY, stage = "find_domain", error = %e, "failed");
             out.fail(&e);
             return;
         }
@@ -340,14 +340,14 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
 
     // crawl: the rest of the site (about/contact/careers, linked from the homepage by path or text, else
     // at seeded paths).
-    tracing::debug!(
+    tracing::info!(target: crate::telemetry::COMPANY, 
         stage = "find_domain",
         source = site.source,
         domain = site.home.host_str().unwrap_or(""),
         confidence = site.verdict.confidence,
         "candidate"
     );
-    tracing::debug!(stage = "crawl", page = "home", url = %http::strip(&site.home), links = site.home_x.links.len(), "fetched");
+    tracing::info!(target: crate::telemetry::COMPANY, stage = "crawl", page = "home", url = %http::strip(&site.home), links = site.home_x.links.len(), "fetched");
     let mut pages: Vec<(PageKind, Extracted)> = vec![(PageKind::Home, site.home_x)];
     if let Some(why) = &site.via_reader {
         out.degrade(why.clone());
@@ -356,7 +356,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
             match fetch_counted(ctx, &url, &mut robots, out).await {
                 Ok(page) => {
                     let x = extract_off_runtime(page.body, page.url.clone(), kind).await;
-                    tracing::debug!(stage = "crawl", page = %format!("{kind:?}").to_lowercase(), url = %http::strip(&page.url), "fetched");
+                    tracing::info!(target: crate::telemetry::COMPANY, stage = "crawl", page = %format!("{kind:?}").to_lowercase(), url = %http::strip(&page.url), "fetched");
                     pages.push((kind, x));
                 }
                 Err(FetchError::Status { status: 404 | 410, .. }) | Err(FetchError::Robots(_)) => {}
@@ -371,7 +371,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     let verdict = verify::verify(&reg, &all, site.domain_name, site.listing);
     let domain = host.trim_start_matches("www.").to_owned();
     if !verdict.passes(ctx.settings.min_confidence) {
-        tracing::debug!(stage = "verify", domain, confidence = verdict.confidence, "not verified");
+        tracing::info!(target: crate::telemetry::COMPANY, stage = "verify", domain, confidence = verdict.confidence, "not verified");
         out.degrade(format!(
             "no website verified: {domain} scored {:.2} ({}) below ENRICH_MIN_CONFIDENCE {}",
             verdict.confidence,
@@ -380,7 +380,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         ));
         return;
     }
-    tracing::debug!(stage = "verify", source = site.source, domain, confidence = verdict.confidence, evidence = %verdict.evidence.join(","), "verified");
+    tracing::info!(target: crate::telemetry::COMPANY, stage = "verify", source = site.source, domain, confidence = verdict.confidence, evidence = %verdict.evidence.join(","), "verified");
     out.website_domain = Some(domain.clone());
     out.domain_source = Some(site.source);
     out.domain_confidence = Some(verdict.confidence);
@@ -416,7 +416,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         &pages.iter().map(|(_, x)| x.text.as_str()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n"),
         ctx.settings.corpus_chars,
     );
-    tracing::debug!(
+    tracing::info!(target: crate::telemetry::COMPANY, 
         stage = "extract",
         emails = out.public_emails.len(),
         phones = out.phones.len(),
@@ -427,10 +427,10 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
 
     if let Some(settings) = ctx.settings.llm.as_ref().filter(|_| options.llm != Some(false)) {
         let pieces = llm::chunks(&corpus, settings.max_chunks, settings.corpus_chars);
-        tracing::debug!(stage = "chunks", chunks = pieces.len(), chars = corpus.len(), "corpus chunked");
+        tracing::info!(target: crate::telemetry::COMPANY, stage = "chunks", chunks = pieces.len(), chars = corpus.len(), "corpus chunked");
         match llm::extract(&ctx.http, settings, &ctx.tokens, &company.name, &corpus).await {
             Ok(answer) => {
-                tracing::debug!(stage = "llm_extract", chunks = answer.chunks, tokens = answer.tokens, "answered");
+                tracing::info!(target: crate::telemetry::COMPANY, stage = "llm_extract", chunks = answer.chunks, tokens = answer.tokens, "answered");
                 out.employees_est = answer.employees_est;
                 out.revenue_bucket = answer.revenue_bucket;
                 out.llm_tokens = answer.tokens as i64;
@@ -447,7 +447,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
     if let Some(settings) = &ctx.settings.contacts {
         match contacts::fetch(&ctx.http, settings, &company.name, Some(&domain), out.linkedin_url.as_deref()).await {
             Ok(people) => {
-                tracing::debug!(stage = "contacts", contacts = people.len(), "found");
+                tracing::info!(target: crate::telemetry::COMPANY, stage = "contacts", contacts = people.len(), "found");
                 out.contacts = people;
             }
             Err(why) => out.degrade(why),
@@ -627,7 +627,7 @@ async fn find_site(
     } else {
         format!("no website verified; tried {}", tried.join(", "))
     };
-    tracing::debug!(stage = "find_domain", reason, "no website");
+    tracing::info!(target: crate::telemetry::COMPANY, stage = "find_domain", reason, "no website");
     out.degrade(reason);
     Ok(None)
 }
