@@ -18,14 +18,8 @@ use crate::db;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Environment variables acraflow reads that no flag carries.
-const OTHER_KNOWN: &[&str] = &[
-    "ACRAFLOW_PG_BIN",
-    "LLM_API_KEY",
-    "OPENAI_API_KEY",
-    "APIFY_TOKEN",
-    "DEFAULT_TENANT_ID",
-    "RUST_LOG",
-];
+const OTHER_KNOWN: &[&str] =
+    &["ACRAFLOW_PG_BIN", "LLM_API_KEY", "OPENAI_API_KEY", "APIFY_TOKEN", "DEFAULT_TENANT_ID", "RUST_LOG"];
 
 /// Prefixes of the variables that are ours: a variable with one of them that we do not know is a typo.
 const OUR_PREFIXES: &[&str] = &["ACRA_DIRECT_", "ACRAFLOW_", "ENRICH_", "CRAWL", "LLM_", "EXTRACT_", "METRICS_"];
@@ -186,7 +180,12 @@ fn print_settings(cli: &Cli, run: Option<&ArgMatches>, dsn: &str, embedded: bool
         println!("  {:<34} {:<40} {}", "POSTGRES_DSN", "(unset)", "the private cluster");
         println!("  {:<34} {:<40} {}", "ACRAFLOW_HOME", cut(&home(cli), 40), "where its data lives");
     } else {
-        println!("  {:<34} {:<40} {}", "POSTGRES_DSN", cut(&db::describe(dsn), 40), "environment or --dsn (password hidden)");
+        println!(
+            "  {:<34} {:<40} {}",
+            "POSTGRES_DSN",
+            cut(&db::describe(dsn), 40),
+            "environment or --dsn (password hidden)"
+        );
     }
     let Some(m) = run else { return };
     let cmd = Cli::command();
@@ -202,15 +201,10 @@ fn print_settings(cli: &Cli, run: Option<&ArgMatches>, dsn: &str, embedded: bool
         if name == "POSTGRES_DSN" {
             continue;
         }
-        let raw: Vec<String> = m
-            .get_raw(id)
-            .map(|vals| vals.map(|v| v.to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        let value = if a.is_hide_env_values_set() || looks_secret(&name) {
-            "(set; hidden)".to_owned()
-        } else {
-            raw.join(",")
-        };
+        let raw: Vec<String> =
+            m.get_raw(id).map(|vals| vals.map(|v| v.to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        let value =
+            if a.is_hide_env_values_set() || looks_secret(&name) { "(set; hidden)".to_owned() } else { raw.join(",") };
         println!("  {name:<34} {:<40} {source}", cut(&value, 40));
     }
 }
@@ -288,7 +282,10 @@ async fn database_findings(dsn: &str, spec: Option<&PipelineSpec>, embedded: boo
             if current {
                 out.push(Finding::new(Level::Ok, "acraflow's schema is migrated and current"));
             } else {
-                out.push(Finding::new(unmigrated, "acraflow's schema is from an older version: run `acraflow migrate`"));
+                out.push(Finding::new(
+                    unmigrated,
+                    "acraflow's schema is from an older version: run `acraflow migrate`",
+                ));
             }
         }
         Err(e) => out.push(Finding::new(unmigrated, format!("schema: {e}"))),
@@ -337,7 +334,8 @@ async fn database_findings(dsn: &str, spec: Option<&PipelineSpec>, embedded: boo
             Err(e) => out.push(Finding::new(Level::Warn, format!("could not read the replication slots: {e}"))),
         }
         let publication = &spec.source.publication;
-        if let Ok(r) = client.query_one("select count(*) from pg_publication where pubname = $1", &[publication]).await {
+        if let Ok(r) = client.query_one("select count(*) from pg_publication where pubname = $1", &[publication]).await
+        {
             let exists = r.get::<_, i64>(0) > 0;
             out.push(Finding::new(
                 Level::Ok,
@@ -393,7 +391,8 @@ mod tests {
 
     #[test]
     fn enrichment_settings_on_the_registry_pipeline_are_flagged() {
-        let vars = vec![("CRAWL_MAX_PAGES".to_owned(), "3".to_owned()), ("ACRA_DIRECT_BATCH_SIZE".to_owned(), "9".to_owned())];
+        let vars =
+            vec![("CRAWL_MAX_PAGES".to_owned(), "3".to_owned()), ("ACRA_DIRECT_BATCH_SIZE".to_owned(), "9".to_owned())];
         let f = config_findings(&PipelineSpec::registry_sync(), &vars);
         assert!(f.iter().any(|f| f.what.contains("ignores CRAWL_MAX_PAGES")), "{f:?}");
         assert!(!f.iter().any(|f| f.what.contains("ACRA_DIRECT_BATCH_SIZE")), "{f:?}");

@@ -161,7 +161,10 @@ async fn check_flags_a_misspelled_variable_and_fails_on_an_unmigrated_database()
     let out = db.cli(&["check"], &env).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "check passed an unmigrated database:\n{stdout}");
-    assert!(stdout.contains("ACRA_DIRECT_CONCURENCY") && stdout.contains("did you mean ACRA_DIRECT_CONCURRENCY"), "{stdout}");
+    assert!(
+        stdout.contains("ACRA_DIRECT_CONCURENCY") && stdout.contains("did you mean ACRA_DIRECT_CONCURRENCY"),
+        "{stdout}"
+    );
     assert!(stdout.contains("FAIL") && stdout.contains("acraflow migrate"), "{stdout}");
     assert!(stdout.contains("ACRA_DIRECT_BATCH_SIZE") && stdout.contains("800"), "{stdout}");
     assert!(!stdout.contains("secretpart") && !stdout.contains(&db.dsn), "a secret was printed:\n{stdout}");
@@ -185,4 +188,38 @@ fn a_bad_value_names_the_variable_the_user_set() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("lots") && stderr.contains("ACRA_DIRECT_CONCURRENCY"), "{stderr}");
+}
+
+/// The shipped alert rules and dashboard: promtool accepts the rules and their unit tests, and every
+/// metric they name is one acraflow exports.
+#[test]
+fn the_shipped_alert_rules_and_dashboard_use_real_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let rules = root.join("prometheus/acraflow.rules.yml");
+    let dashboard = root.join("grafana/acraflow.json");
+    let exposition = acraflow::telemetry::metrics::metrics().encode_prometheus();
+    for path in [&rules, &dashboard] {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut names: Vec<&str> = text
+            .match_indices("acra_direct_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() >= 5, "{}: {names:?}", path.display());
+        for name in names {
+            assert!(
+                exposition.lines().any(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{'])),
+                "{} names {name}, which acraflow does not export",
+                path.display()
+            );
+        }
+    }
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).unwrap();
+    assert!(dash["panels"].as_array().unwrap().len() >= 8);
+    crate::ops::promtool(&["check", "rules", rules.to_str().unwrap()], None);
+    crate::ops::promtool(&["test", "rules", root.join("prometheus/acraflow.rules.test.yml").to_str().unwrap()], None);
 }

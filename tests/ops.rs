@@ -531,7 +531,11 @@ async fn sigterm_mid_run_drains_and_loses_nothing() {
     assert!(summaries >= 2, "{summaries} run summaries logged: {stderr}");
     // The last event is the final summary (JSON mode: nothing on stdout).
     let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
-    assert_eq!((last["message"].as_str(), last["status"].as_str()), (Some("run summary"), Some("interrupted")), "{last}");
+    assert_eq!(
+        (last["message"].as_str(), last["status"].as_str()),
+        (Some("run summary"), Some("interrupted")),
+        "{last}"
+    );
     assert!(std::fs::read_to_string(&out_path).unwrap().trim().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
     let header =

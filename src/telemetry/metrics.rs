@@ -309,7 +309,10 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or(line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or(line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
         match meta {
             Some((tag, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));

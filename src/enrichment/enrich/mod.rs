@@ -340,7 +340,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
 
     // crawl: the rest of the site (about/contact/careers, linked from the homepage by path or text, else
     // at seeded paths).
-    tracing::info!(target: crate::telemetry::COMPANY, 
+    tracing::info!(target: crate::telemetry::COMPANY,
         stage = "find_domain",
         source = site.source,
         domain = site.home.host_str().unwrap_or(""),
@@ -416,7 +416,7 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         &pages.iter().map(|(_, x)| x.text.as_str()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n"),
         ctx.settings.corpus_chars,
     );
-    tracing::info!(target: crate::telemetry::COMPANY, 
+    tracing::info!(target: crate::telemetry::COMPANY,
         stage = "extract",
         emails = out.public_emails.len(),
         phones = out.phones.len(),
