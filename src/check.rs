@@ -176,16 +176,12 @@ pub async fn check(cli: &Cli, dsn: &str, embedded: bool, args: &RunArgs) -> Resu
 
 /// Each setting given by a flag or the environment, and the database, with its source; secrets hidden.
 fn print_settings(cli: &Cli, run: Option<&ArgMatches>, dsn: &str, embedded: bool) {
+    let row = |name: &str, value: &str, source: &str| println!("  {name:<34} {:<40} {source}", cut(value, 40));
     if embedded {
-        println!("  {:<34} {:<40} {}", "POSTGRES_DSN", "(unset)", "the private cluster");
-        println!("  {:<34} {:<40} {}", "ACRAFLOW_HOME", cut(&home(cli), 40), "where its data lives");
+        row("POSTGRES_DSN", "(unset)", "the private cluster");
+        row("ACRAFLOW_HOME", &home(cli), "where its data lives");
     } else {
-        println!(
-            "  {:<34} {:<40} {}",
-            "POSTGRES_DSN",
-            cut(&db::describe(dsn), 40),
-            "environment or --dsn (password hidden)"
-        );
+        row("POSTGRES_DSN", &db::describe(dsn), "environment or --dsn (password hidden)");
     }
     let Some(m) = run else { return };
     let cmd = Cli::command();
@@ -205,7 +201,7 @@ fn print_settings(cli: &Cli, run: Option<&ArgMatches>, dsn: &str, embedded: bool
             m.get_raw(id).map(|vals| vals.map(|v| v.to_string_lossy().into_owned()).collect()).unwrap_or_default();
         let value =
             if a.is_hide_env_values_set() || looks_secret(&name) { "(set; hidden)".to_owned() } else { raw.join(",") };
-        println!("  {name:<34} {:<40} {source}", cut(&value, 40));
+        row(&name, &value, source);
     }
 }
 

@@ -57,6 +57,7 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
     let staged: i64 = client.query_one(&format!("select count(*) from {DEFAULT_TABLE}"), &[]).await.map_err(q)?.get(0);
     if staged == 0 {
         let n = seed::seed(&client, &quote_table(DEFAULT_TABLE), args.rows, 20).await?;
+        distinct_names(&client).await?;
         println!("seeded {n} ACRA-shaped sample rows (real UENs, SSIC codes, postal codes) into {DEFAULT_TABLE}");
     } else {
         println!("{DEFAULT_TABLE} already holds {staged} rows; the demo uses them");
@@ -66,7 +67,7 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
 
     // The local web: one site (or a trap) per company, with what enrichment should find there.
     // UENs of a kind ACRA never issues (T + time + Z), new each demo.
-    let stamp = chrono::Utc::now().format("%H%M%S%3f").to_string();
+    let stamp = chrono::Utc::now().format("%M%S%3f").to_string();
     let live: Vec<Registered> = LIVE
         .iter()
         .enumerate()
@@ -212,6 +213,76 @@ async fn phases(
     }
     println!("the {} new companies were streamed and enriched in {:.1}s", uens.len(), t.elapsed().as_secs_f64());
     Ok(true)
+}
+
+/// The sample generator draws names from a few hundred word pairs; real companies' names are distinct, and
+/// the local web can only give a site to a name it has not seen. A Singapore place name after the first word
+/// makes them (nearly all) distinct: `RED DOT HOLDINGS PTE. LTD.` becomes `RED DOT TAMPINES HOLDINGS PTE. LTD.`.
+async fn distinct_names(client: &tokio_postgres::Client) -> Result<()> {
+    const PLACES: [&str; 48] = [
+        "ANG MO KIO",
+        "BEDOK",
+        "BISHAN",
+        "BOON LAY",
+        "BUKIT BATOK",
+        "BUKIT MERAH",
+        "BUKIT PANJANG",
+        "BUKIT TIMAH",
+        "CHANGI",
+        "CHINATOWN",
+        "CLEMENTI",
+        "GEYLANG",
+        "HOLLAND",
+        "HOUGANG",
+        "JURONG",
+        "KALLANG",
+        "KATONG",
+        "KRANJI",
+        "LAVENDER",
+        "LIM CHU KANG",
+        "MANDAI",
+        "MARINA",
+        "MARINE PARADE",
+        "NEWTON",
+        "NOVENA",
+        "ORCHARD",
+        "PASIR RIS",
+        "PAYA LEBAR",
+        "PIONEER",
+        "PUNGGOL",
+        "QUEENSTOWN",
+        "RAFFLES",
+        "SELETAR",
+        "SEMBAWANG",
+        "SENGKANG",
+        "SERANGOON",
+        "SIGLAP",
+        "SIMEI",
+        "TAMPINES",
+        "TANGLIN",
+        "TANJONG PAGAR",
+        "TELOK AYER",
+        "TIONG BAHRU",
+        "TOA PAYOH",
+        "TUAS",
+        "UPPER THOMSON",
+        "WOODLANDS",
+        "YISHUN",
+    ];
+    let places: Vec<&str> = PLACES.to_vec();
+    client
+        .execute(
+            &format!(
+                "update {DEFAULT_TABLE} set entity_name = split_part(entity_name, ' ', 1) || ' ' || \
+                   ($1::text[])[1 + (id * 7919) % cardinality($1::text[])] || ' ' || \
+                   substr(entity_name, strpos(entity_name, ' ') + 1) \
+                 where strpos(entity_name, ' ') > 0"
+            ),
+            &[&places],
+        )
+        .await
+        .map_err(|e| Error::db("making the sample names distinct", e))?;
+    Ok(())
 }
 
 /// Polls `count_sql` until it is at least 1; `false` when the user stops the demo or the phase times out.
@@ -497,6 +568,21 @@ impl Report {
 /// An error reduced to what it says about the company, so the same reason counts once: addresses, hosts,
 /// numbers and candidate lists dropped.
 fn reason(error: &str) -> String {
+    if error.starts_with("no website") {
+        let scored = error.contains("scored") || error.contains(" (0.");
+        let why = if error.contains("(parked") {
+            "no website: the likely domain is parked or for sale"
+        } else if scored {
+            "no website verified: the candidates found do not match the registry"
+        } else if error.contains("(directory") {
+            "no website: only directories list the company"
+        } else if error.contains("tried") {
+            "no website: the search results could not be read"
+        } else {
+            "no website found: no search result or likely domain"
+        };
+        return why.to_owned();
+    }
     let mut out = String::new();
     for word in error.split_whitespace() {
         let host_like = word.contains("://")
@@ -542,11 +628,15 @@ mod tests {
     fn reasons_group_across_companies() {
         assert_eq!(
             reason("no website verified; tried acme.co.uk (0.10), www.sgbiz12.net (directory)"),
-            "no website verified"
+            "no website verified: the candidates found do not match the registry"
+        );
+        assert_eq!(
+            reason("no website verified; tried a.sg (HTTP 404 from http://a.sg/), b.sg (parked)"),
+            "no website: the likely domain is parked or for sale"
         );
         assert_eq!(reason("robots.txt disallows https://www.x.sg/"), "robots.txt disallows …");
         assert_eq!(reason("HTTP 503 from https://a.sg/"), "HTTP N from …");
-        assert_eq!(reason("no website verified: a.sg scored 0.45 (name, street)"), "no website verified");
+        assert_eq!(reason("HTTP 500 from https://a.sg/; retried"), "HTTP N from …");
     }
 
     #[test]
