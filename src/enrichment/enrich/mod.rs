@@ -632,12 +632,13 @@ async fn find_site(
     Ok(None)
 }
 
-/// Records a candidate that could not be read. Only a failure that may pass later (a timeout, a refused
-/// connection, a 5xx, a provider's refusal) fails the company, so its job is retried; a candidate that
-/// answers 404, is not HTML or whose robots.txt refuses us is simply not the company's site.
+/// Records a candidate that could not be read. A host with nothing at `/` (404, 410) or whose robots.txt
+/// refuses us is simply not a site we can use; any other failure (a timeout or 5xx, retried; a page that is
+/// not HTML, an address the guard refuses) fails the company with its cause.
 fn unreadable(url: &Url, e: FetchError, tried: &mut Vec<String>, failure: &mut Option<FetchError>) {
     tried.push(format!("{} ({e})", url.host_str().unwrap_or("")));
-    if e.is_retryable() {
+    let not_a_site = matches!(e, FetchError::Robots(_) | FetchError::Status { status: 404 | 410, .. });
+    if !not_a_site {
         failure.get_or_insert(e);
     }
 }
