@@ -77,7 +77,10 @@ pub async fn run(dsn: &str, spec: &PipelineSpec, mode: Mode, stop: watch::Receiv
         }
     };
     let total = match &plan {
-        SourcePlan::Backfill { start, .. } => rows_after(&control, &table, start, spec.source.batch_limit).await,
+        // `run`'s first start backfills before it streams: its bar covers that phase.
+        SourcePlan::Backfill { start, .. } | SourcePlan::Handover { start, .. } => {
+            rows_after(&control, &table, start, spec.source.batch_limit).await
+        }
         _ => None,
     };
     let mode_label = mode.label();

@@ -615,6 +615,18 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
     assert!(out.status.success(), "{screen}");
     assert!(screen.contains("3,000/3,000 rows") && screen.contains("ETA"), "no progress bar: {screen}");
     assert!(!screen.contains("rows_done"), "progress log lines while a bar is shown: {screen}");
+
+    // `run` on a terminal: the same bar over its first backfill, then it streams (stopped by SIGTERM).
+    let command_line = format!(
+        "timeout -s TERM 10 {} run --checkpoint-key runbar --slot runbar --batch-size 100",
+        env!("CARGO_BIN_EXE_acraflow")
+    );
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &command_line, "/dev/null"]).env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "info");
+    let out = output(script).await;
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("3,000/3,000 rows"), "run showed no backfill bar: {screen}");
+    assert!(screen.contains("interrupted"), "{screen}");
 }
 
 /// `pg_stat_activity` says which part of the engine each session is, and the sessions run without JIT

@@ -79,8 +79,14 @@ impl Reporter {
     /// After each committed batch.
     pub fn update(&mut self, c: &Counters) {
         if let Some(bar) = &self.bar {
-            bar.set_position(c.rows_in);
-            return;
+            if self.total.is_none_or(|t| c.rows_in < t) {
+                bar.set_position(c.rows_in);
+                return;
+            }
+            // The backfill is done (`run` goes on streaming): the bar ends full and log lines take over.
+            bar.finish();
+            *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.bar = None;
         }
         if !self.log || self.last.elapsed() < self.every {
             return;
@@ -110,7 +116,8 @@ impl Reporter {
 impl Drop for Reporter {
     fn drop(&mut self) {
         if let Some(bar) = self.bar.take() {
-            bar.finish();
+            // Interrupted or cut short: the bar stays where the run stopped, never jumps to 100%.
+            bar.abandon();
             *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
