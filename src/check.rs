@@ -318,7 +318,7 @@ async fn database_findings(dsn: &str, spec: Option<&PipelineSpec>, embedded: boo
                     format!(
                         "slot {slot} exists, {} and holding {} of WAL{}",
                         if active { "in use by another process" } else { "idle" },
-                        human_bytes(held),
+                        crate::admin::human_bytes(held),
                         if active { ": a second `run` on it would wait for the first" } else { "" }
                     ),
                 ));
@@ -344,16 +344,6 @@ async fn database_findings(dsn: &str, spec: Option<&PipelineSpec>, embedded: boo
         }
     }
     out
-}
-
-fn human_bytes(n: i64) -> String {
-    let n = n.max(0) as f64;
-    match n {
-        n if n >= 1e9 => format!("{:.1} GB", n / 1e9),
-        n if n >= 1e6 => format!("{:.1} MB", n / 1e6),
-        n if n >= 1e3 => format!("{:.0} kB", n / 1e3),
-        n => format!("{n:.0} B"),
-    }
 }
 
 /// Edit distance (insertions, deletions, substitutions), for "did you mean".

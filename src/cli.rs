@@ -99,6 +99,16 @@ pub enum Command {
     Import(ImportArgs),
     /// Show checkpoints, recent runs, dead letters and table counts.
     Status(StatusArgs),
+    /// List the server's logical replication slots (idle ones keep WAL), or drop one.
+    Slots {
+        #[command(subcommand)]
+        cmd: Option<SlotsCommand>,
+    },
+    /// List the checkpoints (where each pipeline's runs resume), or reset one so the next run replays.
+    Checkpoints {
+        #[command(subcommand)]
+        cmd: Option<CheckpointsCommand>,
+    },
     /// Check that a run would start: the settings and where each came from, misspelled or ignored variables,
     /// the database (reachable, migrated, wal_level, replication privilege, slot, publication). Exits non-zero
     /// when something would stop a run. Takes the same flags as `run`.
@@ -477,6 +487,30 @@ pub struct DemoArgs {
     pub yes: bool,
     #[command(flatten)]
     pub ops: OpsArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SlotsCommand {
+    /// Every logical slot on the server: active or idle, and the WAL it holds.
+    List,
+    /// Drop an idle slot of this database (asks first; --yes skips the question).
+    Drop {
+        name: String,
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointsCommand {
+    /// Every checkpoint: its key, position and age.
+    List,
+    /// Delete a checkpoint: the next run under that key starts from the beginning (asks first).
+    Reset {
+        key: String,
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]

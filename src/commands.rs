@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::cli::{BenchCommand, Cli, Command, RefreshArgs, RunArgs, StatusArgs, WorkerArgs};
+use crate::cli::{BenchCommand, CheckpointsCommand, Cli, Command, RefreshArgs, SlotsCommand, RunArgs, StatusArgs, WorkerArgs};
 use crate::config::{Overrides, PipelineSpec, DEFAULT_TABLE};
 use crate::db;
 use crate::embedded::{Cluster, ClusterOptions};
@@ -90,6 +90,10 @@ async fn dispatch(cli: &Cli, database: &Database) -> Result<()> {
         Command::Refresh(args) => refresh(dsn, args).await,
         Command::Demo(args) => crate::demo::demo(database, args, &demo_log(cli)).await,
         Command::Psql(args) => psql(database, args).await,
+        Command::Slots { cmd } => crate::admin::slots(dsn, cmd.as_ref().unwrap_or(&SlotsCommand::List)).await,
+        Command::Checkpoints { cmd } => {
+            crate::admin::checkpoints(dsn, cmd.as_ref().unwrap_or(&CheckpointsCommand::List)).await
+        }
         Command::Check(args) => crate::check::check(cli, dsn, database.embedded, args).await,
         Command::Import(args) => {
             let mut client = db::connect(dsn).await?;
@@ -462,7 +466,8 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let dead = q("select stage, count(*) from dead_letters group by stage order by stage").await?;
     let slots =
         q("select slot_name::text, active, coalesce(wal_status, ''), coalesce(confirmed_flush_lsn::text, ''), \
-                     coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, 0) \
+                     coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, 0), \
+                     coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, 0) \
                    from pg_replication_slots where database = current_database() and plugin = 'pgoutput' \
                    order by slot_name")
         .await?;
@@ -491,6 +496,7 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
             "slots": slots.iter().map(|r| serde_json::json!({
                 "slot": r.get::<_, String>(0), "active": r.get::<_, bool>(1), "wal_status": r.get::<_, String>(2),
                 "confirmed_flush_lsn": r.get::<_, String>(3), "lag_bytes": r.get::<_, i64>(4),
+                "wal_held_bytes": r.get::<_, i64>(5),
             })).collect::<Vec<_>>(),
             "daily_cap": {
                 "enriched_today": enriched_today, "cap": args.daily_cap,
@@ -532,11 +538,12 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     }
     for r in &slots {
         println!(
-            "  {:<16} {:<8} confirmed {:<14} lag {:>12} bytes  wal {}",
+            "  {:<16} {:<8} confirmed {:<14} lag {:>12} bytes  holds {:>9} of WAL  wal {}",
             r.get::<_, String>(0),
             if r.get::<_, bool>(1) { "active" } else { "idle" },
             r.get::<_, String>(3),
             r.get::<_, i64>(4),
+            crate::admin::human_bytes(r.get(5)),
             r.get::<_, String>(2)
         );
     }

@@ -23,11 +23,13 @@
 //! - [`seed`]: ACRA-shaped sample rows from real reference data
 //! - [`mod@bench`]: throughput benchmarks with a same-run reference
 //! - [`demo`]: the demo and its report; [`import`]: ACRA's published CSV files into staging
+//! - [`admin`]: `acraflow slots` and `acraflow checkpoints`
 //! - [`check`]: `acraflow check`, settings and database readiness
 //! - [`commands`]: what each CLI command does; [`cli`]: its flags
 //! - [`telemetry`]: logs, Prometheus metrics and endpoints, progress, failure alerts with the pause of enrichment
 //! - [`error`]: the one error type
 
+pub mod admin;
 pub mod bench;
 pub mod change;
 pub mod check;

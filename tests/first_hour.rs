@@ -223,3 +223,34 @@ fn the_shipped_alert_rules_and_dashboard_use_real_metrics() {
     crate::ops::promtool(&["check", "rules", rules.to_str().unwrap()], None);
     crate::ops::promtool(&["test", "rules", root.join("prometheus/acraflow.rules.test.yml").to_str().unwrap()], None);
 }
+
+/// Slots and checkpoints that pile up can be listed, and dropped or reset only when confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_slots_and_checkpoints_are_listed_and_dropped_when_confirmed() {
+    let db = TestDb::new().await;
+    db.seed(100, 4).await;
+    let slot = format!("old_{}", db.name);
+    db.client.execute("select pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.unwrap();
+    let out = db.cli(&["backfill", "--checkpoint-key", "old_key"], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = db.cli(&["slots"], &[]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.lines().any(|l| l.starts_with(&slot) && l.contains("idle") && l.contains("this one")), "{listed}");
+    let out = db.cli(&["checkpoints"], &[]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("old_key"));
+
+    // Without a terminal and without --yes nothing is dropped.
+    let out = db.cli(&["slots", "drop", &slot], &[]).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert_eq!(db.count(&format!("select count(*) from pg_replication_slots where slot_name = '{slot}'")).await, 1);
+    let out = db.cli(&["slots", "drop", &slot, "--yes"], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(db.count(&format!("select count(*) from pg_replication_slots where slot_name = '{slot}'")).await, 0);
+
+    let out = db.cli(&["checkpoints", "reset", "old_key"], &[]).await;
+    assert!(!out.status.success());
+    let out = db.cli(&["checkpoints", "reset", "old_key", "--yes"], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(db.count("select count(*) from service_progress where key = 'old_key'").await, 0);
+}
