@@ -115,21 +115,11 @@ impl Cluster {
             .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
         fs::set_permissions(&log_path, fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(format!("setting permissions on {}", log_path.display()), e))?;
+        let settings = server_settings(&sock, opts.durable);
+        write_config(&pgdata, &settings, user.as_ref())?;
         let mut cmd = Command::new(bin.join("postgres"));
         cmd.arg("-D").arg(&pgdata).arg("-p").arg(port.to_string());
-        for (k, v) in [
-            ("listen_addresses", "127.0.0.1"),
-            ("unix_socket_directories", &*sock.to_string_lossy()),
-            ("wal_level", "logical"),
-            ("max_wal_senders", "20"),
-            ("max_replication_slots", "20"),
-            ("max_connections", "200"),
-            ("fsync", if opts.durable { "on" } else { "off" }),
-            ("full_page_writes", if opts.durable { "on" } else { "off" }),
-            ("synchronous_commit", "on"),
-            ("log_min_messages", "warning"),
-            ("logging_collector", "off"),
-        ] {
+        for (k, v) in &settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
         let log_err = log.try_clone().map_err(|e| Error::io("duplicating the log file handle", e))?;
@@ -410,6 +400,45 @@ fn server_user() -> Result<Option<User>> {
              install the postgresql package, which creates it, or run acraflow as a normal user",
         )),
     }
+}
+
+/// The settings the private server runs with.
+fn server_settings(sock: &Path, durable: bool) -> Vec<(&'static str, String)> {
+    let on_off = |b: bool| if b { "on" } else { "off" }.to_owned();
+    vec![
+        ("listen_addresses", "127.0.0.1".into()),
+        ("unix_socket_directories", sock.to_string_lossy().into_owned()),
+        ("wal_level", "logical".into()),
+        ("max_wal_senders", "20".into()),
+        ("max_replication_slots", "20".into()),
+        ("max_connections", "200".into()),
+        ("fsync", on_off(durable)),
+        ("full_page_writes", on_off(durable)),
+        ("synchronous_commit", "on".into()),
+        ("log_min_messages", "warning".into()),
+        ("logging_collector", "off".into()),
+    ]
+}
+
+/// The settings also go into the cluster's own configuration (`acraflow.conf`, included from
+/// `postgresql.conf`), so standard tools (`pg_ctl -D <home>/pgdata start`) start it as acraflow does.
+fn write_config(pgdata: &Path, settings: &[(&'static str, String)], owner: Option<&User>) -> Result<()> {
+    let mut text = String::from("# Written by acraflow at every start: the settings its private server needs.\n");
+    for (k, v) in settings {
+        text.push_str(&format!("{k} = '{}'\n", v.replace('\'', "''")));
+    }
+    write_private(&pgdata.join("acraflow.conf"), &text, owner)?;
+    let conf = pgdata.join("postgresql.conf");
+    let current = fs::read_to_string(&conf).map_err(|e| Error::io(format!("reading {}", conf.display()), e))?;
+    if !current.lines().any(|l| l.trim() == "include_if_exists = 'acraflow.conf'") {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .map_err(|e| Error::io(format!("writing {}", conf.display()), e))?;
+        f.write_all(b"\ninclude_if_exists = 'acraflow.conf'\n")
+            .map_err(|e| Error::io(format!("writing {}", conf.display()), e))?;
+    }
+    Ok(())
 }
 
 fn make_dir(dir: &Path, mode: u32, owner: Option<&User>) -> Result<()> {

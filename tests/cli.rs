@@ -263,6 +263,11 @@ async fn the_embedded_cluster_respects_the_users_home_and_keeps_its_log_private(
     assert_eq!(mode(&home), 0o711, "the user's home keeps its mode");
     assert_eq!(mode(&home.join("postgres.log")), 0o600, "the server log is the owner's only");
     assert_eq!(mode(&home.join("password")), 0o600);
+    // The settings it needs are in the cluster's own configuration, for pg_ctl and other standard tools.
+    let conf = std::fs::read_to_string(home.join("pgdata/acraflow.conf")).unwrap();
+    assert!(conf.contains("wal_level = 'logical'"), "{conf}");
+    let main_conf = std::fs::read_to_string(home.join("pgdata/postgresql.conf")).unwrap();
+    assert_eq!(main_conf.matches("include_if_exists = 'acraflow.conf'").count(), 1);
     let _ = std::fs::remove_dir_all(&home);
 }
 
