@@ -76,7 +76,9 @@ pub async fn slots(dsn: &str, cmd: &SlotsCommand) -> Result<()> {
                 )
                 .await
                 .map_err(q)?
-                .ok_or_else(|| Error::config(format!("no replication slot {name} in this database (`acraflow slots`)")))?;
+                .ok_or_else(|| {
+                    Error::config(format!("no replication slot {name} in this database (`acraflow slots`)"))
+                })?;
             if row.get::<_, bool>(0) {
                 return Err(Error::config(format!(
                     "slot {name} is in use by a running process: stop that `acraflow run` first"

@@ -136,7 +136,11 @@ pub async fn check(cli: &Cli, dsn: &str, embedded: bool, args: &RunArgs) -> Resu
         }
     };
     let pipeline = match &args.pipeline {
-        Some(p) => format!("{} ({})", p.display(), if p.exists() { "a pipeline file" } else { "built in" }),
+        Some(p) if p.exists() => format!("{} (a pipeline file)", p.display()),
+        Some(p) if ["registry_sync", "acra_direct"].contains(&p.to_string_lossy().as_ref()) => {
+            format!("{} (built in)", p.display())
+        }
+        Some(p) => format!("{} (not found)", p.display()),
         None => "registry_sync (built in, the default)".to_owned(),
     };
     println!("pipeline  {pipeline}");

@@ -39,6 +39,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Seconds as a bare number (`10`, `2.5`) or a duration with a unit (`10s`, `1500ms`, `1m`).
+fn parse_seconds(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) => Ok(s),
+        Err(_) => crate::config::parse_duration(text)
+            .map(|d| d.as_secs_f64())
+            .map_err(|e| format!("{e} (give seconds, e.g. 10, or a duration, e.g. 10s or 1500ms)")),
+    }
+}
+
 /// The environment variable that gave a flag the value clap refused (clap's message names the flag): set,
 /// and the flag not on the command line.
 pub fn env_behind(e: &clap::Error) -> Option<String> {
@@ -287,8 +297,9 @@ pub struct EnrichArgs {
     /// Pages fetched per company, the homepage included [default: 4]
     #[arg(long, env = "CRAWL_MAX_PAGES", value_name = "N")]
     pub crawl_max_pages: Option<usize>,
-    /// Per-request timeout in seconds, body included [default: 10]
-    #[arg(long, env = "CRAWLER_TIMEOUT_S", value_name = "SECONDS")]
+    /// Per-request timeout, body included: seconds (`10`, the PRD's form) or a duration (`10s`, `1500ms`)
+    /// [default: 10]
+    #[arg(long, env = "CRAWLER_TIMEOUT_S", value_name = "SECONDS", value_parser = parse_seconds)]
     pub crawler_timeout_s: Option<f64>,
     /// User-Agent sent to websites (its first word is matched against robots.txt)
     #[arg(long, env = "CRAWLER_USER_AGENT", value_name = "TEXT")]

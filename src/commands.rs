@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::cli::{BenchCommand, CheckpointsCommand, Cli, Command, RefreshArgs, SlotsCommand, RunArgs, StatusArgs, WorkerArgs};
+use crate::cli::{
+    BenchCommand, CheckpointsCommand, Cli, Command, RefreshArgs, RunArgs, SlotsCommand, StatusArgs, WorkerArgs,
+};
 use crate::config::{Overrides, PipelineSpec, DEFAULT_TABLE};
 use crate::db;
 use crate::embedded::{Cluster, ClusterOptions};

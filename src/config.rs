@@ -747,6 +747,10 @@ impl PipelineSpec {
         match name.to_str() {
             Some("registry_sync") => Ok(Self::registry_sync()),
             Some("acra_direct") => Ok(Self::acra_direct()),
+            _ if !name.exists() => Err(Error::config(format!(
+                "pipeline {}: neither a built-in pipeline (registry_sync, acra_direct) nor a file that exists",
+                name.display()
+            ))),
             _ => Self::load(name),
         }
     }

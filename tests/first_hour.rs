@@ -188,6 +188,18 @@ fn a_bad_value_names_the_variable_the_user_set() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("lots") && stderr.contains("ACRA_DIRECT_CONCURRENCY"), "{stderr}");
+
+    // An unknown pipeline lists the built-in ones; a timeout takes a unit like every other duration.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
+        .args(["check", "--pipeline", "acra_directt"])
+        .env("CRAWLER_TIMEOUT_S", "1500ms")
+        .env("POSTGRES_DSN", "host=127.0.0.1 port=1 dbname=x connect_timeout=1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("acra_directt") && stdout.contains("registry_sync, acra_direct"), "{stdout}");
+    assert!(stdout.contains("CRAWLER_TIMEOUT_S") && stdout.contains("1500ms"), "{stdout}");
 }
 
 /// The shipped alert rules and dashboard: promtool accepts the rules and their unit tests, and every
