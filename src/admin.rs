@@ -54,7 +54,7 @@ pub async fn slots(dsn: &str, cmd: &SlotsCommand) -> Result<()> {
             if rows.is_empty() {
                 println!("no logical replication slots on this server");
             }
-            println!("{:<24} {:<8} {:>10}  {:<10} {}", "slot", "state", "WAL held", "wal_status", "database");
+            println!("{:<24} {:<8} {:>10}  {:<10} database", "slot", "state", "WAL held", "wal_status");
             for r in &rows {
                 println!(
                     "{:<24} {:<8} {:>10}  {:<10} {}",
@@ -120,7 +120,7 @@ pub async fn checkpoints(dsn: &str, cmd: &CheckpointsCommand) -> Result<()> {
                 println!("no checkpoints (the first `acraflow backfill` or `acraflow run` writes one)");
                 return Ok(());
             }
-            println!("{:<20} {:<6} {:<34} {}", "key", "cursor", "position", "updated");
+            println!("{:<20} {:<6} {:<34} updated", "key", "cursor", "position");
             for r in &rows {
                 let cursor: String = r.get(1);
                 let at = match cursor.as_str() {
