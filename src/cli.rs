@@ -379,6 +379,16 @@ pub struct EnrichArgs {
     /// Search results fetched and verified per company at most [default: 3]
     #[arg(long, env = "ENRICH_MAX_CANDIDATES", value_name = "N")]
     pub max_candidates: Option<usize>,
+    /// Email verification provider, ZeroBounce v2 or compatible; verification is on when ZEROBOUNCE_API_KEY
+    /// (environment only) is set [default: https://bulkapi.zerobounce.net/v2]
+    #[arg(long, env = "ZEROBOUNCE_URL", value_name = "URL", hide_env_values = true)]
+    pub zerobounce_url: Option<String>,
+    /// Emails verified per UTC day at most, across runs and workers; past it emails stay unverified
+    #[arg(long, env = "ZEROBOUNCE_MAX_VERIFICATIONS", value_name = "N")]
+    pub zerobounce_max_verifications: Option<u64>,
+    /// A verification is reused (not paid again) for this many days [default: 90]
+    #[arg(long, env = "ZEROBOUNCE_RECHECK_DAYS", value_name = "DAYS")]
+    pub zerobounce_recheck_days: Option<u32>,
 }
 
 impl EnrichArgs {
@@ -414,6 +424,9 @@ impl EnrichArgs {
             company_timeout: self.company_timeout,
             max_candidates: self.max_candidates,
             refresh_every: self.refresh_every,
+            zerobounce_url: self.zerobounce_url.clone(),
+            zerobounce_max_verifications: self.zerobounce_max_verifications,
+            zerobounce_recheck_days: self.zerobounce_recheck_days,
         }
     }
 }

@@ -353,6 +353,24 @@ pub struct EnrichSpec {
     /// Search results verified per company at most.
     #[serde(default = "default_max_candidates")]
     pub max_candidates: usize,
+    /// The `verify` step's provider, ZeroBounce v2 or compatible (on when `ZEROBOUNCE_API_KEY` is set).
+    #[serde(default = "default_zerobounce_url")]
+    pub zerobounce_url: String,
+    /// Emails verified per UTC day at most, across runs and workers (unset: no cap).
+    pub zerobounce_max_verifications: Option<u64>,
+    /// A cached verification younger than this many days is used instead of a new one.
+    #[serde(default = "default_zerobounce_recheck_days")]
+    pub zerobounce_recheck_days: u32,
+    /// The `score` step (`[operator.score]` under this operator; absent: no scores).
+    pub score: Option<crate::enrichment::leads::ScoreSpec>,
+}
+
+fn default_zerobounce_url() -> String {
+    "https://bulkapi.zerobounce.net/v2".into()
+}
+
+fn default_zerobounce_recheck_days() -> u32 {
+    90
 }
 
 /// A provider's budget: `calls` per `per`, spread evenly (no bursts).
@@ -515,6 +533,9 @@ pub struct EnrichOverrides {
     pub min_confidence: Option<f64>,
     pub company_timeout: Option<Duration>,
     pub max_candidates: Option<usize>,
+    pub zerobounce_url: Option<String>,
+    pub zerobounce_max_verifications: Option<u64>,
+    pub zerobounce_recheck_days: Option<u32>,
 }
 
 impl EnrichSpec {
@@ -566,10 +587,22 @@ impl EnrichSpec {
         set(&mut self.min_confidence, &o.min_confidence);
         set(&mut self.company_timeout, &o.company_timeout);
         set(&mut self.max_candidates, &o.max_candidates);
+        set(&mut self.zerobounce_url, &o.zerobounce_url);
+        set_opt(&mut self.zerobounce_max_verifications, &o.zerobounce_max_verifications);
+        set(&mut self.zerobounce_recheck_days, &o.zerobounce_recheck_days);
     }
 
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::config(what.to_owned()));
+        if let Some(score) = &self.score {
+            score.validate()?;
+        }
+        if url::Url::parse(&self.zerobounce_url).is_err() {
+            return bad("ZEROBOUNCE_URL is not a URL (e.g. https://bulkapi.zerobounce.net/v2)");
+        }
+        if !(1..=3650).contains(&self.zerobounce_recheck_days) {
+            return bad("ZEROBOUNCE_RECHECK_DAYS: use 1 to 3650");
+        }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
             return bad(&format!("ACRA_DIRECT_CONCURRENCY is {}; use 1 to {MAX_CONCURRENCY}", self.concurrency));
         }

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("005_queue", include_str!("../sql/005_queue.sql")),
     ("006_trust", include_str!("../sql/006_trust.sql")),
     ("007_backfill", include_str!("../sql/007_backfill.sql")),
+    ("008_leads", include_str!("../sql/008_leads.sql")),
 ];
 
 /// Whether this process has connected to its database at least once (a fresh start that never did fails

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod enrich;
 mod first_hour;
+mod leads;
 mod ops;
 mod queue;
 mod replication;

@@ -12,6 +12,7 @@
 //!   [`sink`], renews leases while work is in flight and gives them back on shutdown.
 //! - [`enrich`]: one company's crawl and extraction (find_domain, crawl, extract, llm, contacts).
 //! - [`sink`]: commits a job's effects and its removal together, fenced by the lease; retries and parks.
+//! - [`leads`]: the steps after enrich: email verification (cached, capped per day) and the lead score.
 //! - [`usage`]: spend per UTC day in the database, so caps hold across workers.
 //!
 //! The registry dataflow (`pipeline`) runs at registry speed whatever enrichment does: its only tie to
@@ -19,6 +20,7 @@
 //! `acraflow worker` runs only this one, on any machine that reaches the database.
 
 pub mod enrich;
+pub mod leads;
 pub mod queue;
 pub mod sink;
 pub mod usage;

@@ -151,7 +151,8 @@ pub async fn lease(
                returning j.job_id, j.company_id, j.reason, j.priority, j.lease_seq, j.version, j.attempts, \
                  j.overrides, j.enqueued_at, j.staging_id) \
              select l.job_id, l.company_id, l.reason, l.priority, l.lease_seq, l.version, l.attempts, l.overrides, \
-               c.name, c.uen, c.website_domain, r.postal_code, r.street_name, r.building_name, r.former_names \
+               c.name, c.uen, c.website_domain, r.postal_code, r.street_name, r.building_name, r.former_names, \
+               c.incorporation_year, c.industry_code \
              from leased l left join companies c on c.company_id = l.company_id \
              left join lateral ( \
                select nullif(btrim(s.postal_code), 'na') as postal_code, \
@@ -195,6 +196,8 @@ pub async fn lease(
                 street: r.get(12),
                 building: r.get(13),
                 former_names: r.get::<_, Option<Vec<String>>>(14).unwrap_or_default(),
+                incorporation_year: r.get(15),
+                industry_code: r.get(16),
             },
             reason: r.get(2),
             priority: r.get(3),

@@ -411,7 +411,20 @@ struct EnrichedRows {
     seen: Vec<bool>,
     /// A success: `companies.enriched_at` moves (what the stale sweeper reads).
     success: Vec<bool>,
+    email_status: Vec<Option<serde_json::Value>>,
     contacts: Contacts,
+    leads: Leads,
+}
+
+/// The `score` step's rows: `lead_features` and `lead_scores`, one per company.
+#[derive(Default)]
+struct Leads {
+    company: Vec<i64>,
+    features: Vec<serde_json::Value>,
+    score: Vec<f64>,
+    bucket: Vec<&'static str>,
+    rationale: Vec<String>,
+    reasons: Vec<serde_json::Value>,
 }
 
 #[derive(Default)]
@@ -462,6 +475,24 @@ impl EnrichedRows {
         self.notes.push((!x.notes.is_empty()).then(|| clean_list(&x.notes[..x.notes.len().min(20)], 500)));
         self.seen.push(x.pages_fetched > 0);
         self.success.push(x.status != Status::Failed);
+        self.email_status.push((!x.email_status.is_empty()).then(|| {
+            serde_json::json!(x.email_status.iter().map(|(e, s)| [clean(e, 320), clean(s, 40)]).collect::<Vec<_>>())
+        }));
+        // A company's score once per commit (a batch never holds two jobs of one company: one job each).
+        if let Some(lead) = &x.lead {
+            if !self.leads.company.contains(&company_id) {
+                self.leads.company.push(company_id);
+                self.leads.features.push(serde_json::json!(lead.features));
+                self.leads.score.push(lead.score);
+                self.leads.bucket.push(lead.bucket);
+                self.leads.rationale.push(clean(&lead.rationale, 1_000));
+                self.leads.reasons.push(serde_json::json!(lead
+                    .contributions
+                    .iter()
+                    .map(|(n, c)| serde_json::json!({"feature": n, "contribution": (c * 1e4).round() / 1e4}))
+                    .collect::<Vec<_>>()));
+            }
+        }
         // Name and title capped so the unique index entry on (company, lower(name), title) always fits.
         for c in &x.contacts {
             let name = clean(&c.name, 200);
@@ -480,7 +511,7 @@ impl EnrichedRows {
         if self.company.is_empty() {
             return Ok(());
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 26] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 27] = [
             &run_id,
             &self.company,
             &self.job,
@@ -507,19 +538,20 @@ impl EnrichedRows {
             &self.source,
             &self.hq_postal,
             &self.notes,
+            &self.email_status,
         ];
         let history = tx.execute(
             "insert into company_enrichment_runs (run_id, company_id, job_id, job_lease, job_reason, enqueued_at, \
                status, error, enriched, website_domain, about_text, public_emails, phones, tech_stack, jobs_count, \
                linkedin_url, pages_fetched, duration_ms, llm_tokens, employees_est, revenue_bucket, corpus, \
-               domain_confidence, domain_evidence, domain_source, hq_postal_code, notes) \
+               domain_confidence, domain_evidence, domain_source, hq_postal_code, notes, email_status) \
              select $1, c, jb, ls, rs, eq, st, er, true, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co, dc, de, ds, \
-               hp, nt \
+               hp, nt, es \
              from unnest($2::int8[], $3::int8[], $4::int8[], $5::text[], $6::timestamptz[], $7::text[], $8::text[], \
                $9::text[], $10::text[], $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::int4[], $15::text[], \
                $16::int4[], $17::int4[], $18::int8[], $19::int4[], $20::text[], $21::text[], $22::float4[], \
-               $23::jsonb[], $24::text[], $25::text[], $26::jsonb[]) \
-               as t(c, jb, ls, rs, eq, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co, dc, de, ds, hp, nt)",
+               $23::jsonb[], $24::text[], $25::text[], $26::jsonb[], $27::jsonb[]) \
+               as t(c, jb, ls, rs, eq, st, er, d, a, pe, ph, ts, j, li, pf, du, lt, ee, rb, co, dc, de, ds, hp, nt, es)",
             &params,
         );
         // A successful enrichment replaces the website and its evidence with what it verified, none
@@ -579,7 +611,29 @@ impl EnrichedRows {
             )
             .await
         };
-        futures::try_join!(history, companies, contacts)
+        let l = &self.leads;
+        let leads = async {
+            if l.company.is_empty() {
+                return Ok(0);
+            }
+            // Recomputed on every enrichment; the tenant is the session's (request.tenant_id), as for every
+            // row acraflow writes, so row level security policies hold.
+            tx.execute(
+                "with f as ( \
+                   insert into lead_features as lf (company_id, features, computed_at) \
+                   select c, f, now() from unnest($1::int8[], $2::jsonb[]) as t(c, f) \
+                   on conflict (company_id) do update set features = excluded.features, computed_at = now() \
+                   returning company_id) \
+                 insert into lead_scores as ls (company_id, score, bucket, rationale, reasons, updated_at) \
+                 select c, s, b, r, rs, now() \
+                 from unnest($1::int8[], $3::float8[], $4::text[], $5::text[], $6::jsonb[]) as t(c, s, b, r, rs) \
+                 on conflict (company_id) do update set score = excluded.score, bucket = excluded.bucket, \
+                   rationale = excluded.rationale, reasons = excluded.reasons, updated_at = now()",
+                &[&l.company, &l.features, &l.score, &l.bucket, &l.rationale, &l.reasons],
+            )
+            .await
+        };
+        futures::try_join!(history, companies, contacts, leads)
             .map_err(|e| Error::db("enrichment sink: writing enrichments", e))?;
         Ok(())
     }

@@ -34,6 +34,11 @@ impl Usage {
         Usage { client, kind, cap }
     }
 
+    /// The connection it counts on.
+    pub fn client(&self) -> Arc<Client> {
+        Arc::clone(&self.client)
+    }
+
     /// Takes `n` if that keeps today's count within the cap.
     pub async fn try_take(&self, n: u64) -> Result<bool> {
         let cap = self.cap.map(|c| c.min(i64::MAX as u64) as i64);

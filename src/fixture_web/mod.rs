@@ -189,6 +189,10 @@ struct State {
     sites_fail: AtomicBool,
     /// Bodies posted to `/webhook` (a Slack incoming webhook).
     webhooks: Mutex<Vec<serde_json::Value>>,
+    /// Every email the verification endpoint was asked about (what a ZeroBounce account is billed for).
+    verified: Mutex<Vec<String>>,
+    /// The verification endpoint answers 500 (an outage).
+    verify_fail: AtomicBool,
     log_hits: bool,
 }
 
@@ -234,6 +238,8 @@ impl FixtureWeb {
             llm_calls: AtomicU64::new(0),
             sites_fail: AtomicBool::new(false),
             webhooks: Mutex::new(Vec::new()),
+            verified: Mutex::new(Vec::new()),
+            verify_fail: AtomicBool::new(false),
             log_hits: true,
         });
         let shared = Arc::clone(&state);
@@ -311,6 +317,22 @@ impl FixtureWeb {
     /// The JSON bodies posted to the webhook, in order.
     pub fn webhooks(&self) -> Vec<serde_json::Value> {
         self.state.webhooks.lock().unwrap().clone()
+    }
+
+    /// A ZeroBounce-compatible email verification API (`ZEROBOUNCE_URL`): `POST /validatebatch`.
+    /// Answers by address: `info@`, `sales@`, `enquiry@` and `contact@` are `valid`, `hello@` and `admin@`
+    /// are `catch-all`, an address with `noreply` or `bounce` is `invalid`, any other `unknown`.
+    pub fn zerobounce_url(&self) -> String {
+        format!("http://{}/zerobounce/v2", self.addr)
+    }
+
+    /// Every email sent for verification, in order (repeats included: each one a charge).
+    pub fn verified_emails(&self) -> Vec<String> {
+        self.state.verified.lock().unwrap().clone()
+    }
+
+    pub fn set_verify_failing(&self, failing: bool) {
+        self.state.verify_fail.store(failing, Ordering::SeqCst);
     }
 
     pub fn llm_calls(&self) -> u64 {
@@ -657,6 +679,39 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
             }
             _ => Response::new(400, "text/plain", "invalid_payload"),
         },
+        ("POST", "/zerobounce/v2/validatebatch") => {
+            if state.verify_fail.load(Ordering::SeqCst) {
+                return Response::new(500, "application/json", r#"{"error": "Internal Server Error"}"#);
+            }
+            let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            if req.get("api_key").and_then(|k| k.as_str()).is_none_or(str::is_empty) {
+                return Response::new(200, "application/json", r#"{"error": "Missing parameter: api_key."}"#);
+            }
+            let emails: Vec<String> = req
+                .get("email_batch")
+                .and_then(|b| b.as_array())
+                .map(|b| b.iter().filter_map(|e| e.get("email_address")?.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            if emails.len() > 200 {
+                return Response::new(400, "application/json", r#"{"error": "Too many emails: 200 at most."}"#);
+            }
+            state.verified.lock().unwrap().extend(emails.iter().cloned());
+            let rows: Vec<serde_json::Value> = emails
+                .iter()
+                .map(|e| {
+                    let local = e.split('@').next().unwrap_or("").to_ascii_lowercase();
+                    let (status, sub) = match local.as_str() {
+                        "info" | "sales" | "enquiry" | "contact" => ("valid", ""),
+                        "hello" | "admin" => ("catch-all", ""),
+                        l if l.contains("noreply") || l.contains("bounce") => ("invalid", "mailbox_not_found"),
+                        _ => ("unknown", "mail_server_did_not_respond"),
+                    };
+                    serde_json::json!({"address": e, "status": status, "sub_status": sub, "free_email": false,
+                        "did_you_mean": null, "domain": e.split('@').nth(1), "processed_at": "2026-11-30 00:00:00.000"})
+                })
+                .collect();
+            Response::new(200, "application/json", serde_json::json!({"email_batch": rows, "errors": []}).to_string())
+        }
         ("POST", "/contacts") => {
             let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
             let company = req.get("companyName").and_then(|c| c.as_str()).unwrap_or("");

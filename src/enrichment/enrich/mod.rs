@@ -61,6 +61,10 @@ pub struct EnrichSettings {
     pub company_timeout: Duration,
     /// `ENRICH_MAX_CANDIDATES`.
     pub max_candidates: usize,
+    /// The `verify` step (`ZEROBOUNCE_*`; on when `ZEROBOUNCE_API_KEY` is set).
+    pub verify: Option<crate::enrichment::leads::VerifySettings>,
+    /// The `score` step.
+    pub score: Option<crate::enrichment::leads::ScoreSpec>,
 }
 
 impl EnrichSettings {
@@ -113,6 +117,17 @@ impl EnrichSettings {
             min_confidence: spec.min_confidence,
             company_timeout: spec.company_timeout,
             max_candidates: spec.max_candidates,
+            verify: match secret(&["ZEROBOUNCE_API_KEY"]) {
+                Some(key) => Some(crate::enrichment::leads::VerifySettings {
+                    base_url: parse("ZEROBOUNCE_URL", &spec.zerobounce_url)?,
+                    api_key: crate::config::Secret::new(key),
+                    daily_cap: spec.zerobounce_max_verifications,
+                    recheck_days: spec.zerobounce_recheck_days,
+                    timeout: spec.timeout.max(Duration::from_secs(10)),
+                }),
+                None => None,
+            },
+            score: spec.score.clone(),
         })
     }
 }
@@ -171,6 +186,10 @@ pub struct Enrichment {
     pub corpus: Option<String>,
     pub contacts: Vec<contacts::Contact>,
     pub duration: Duration,
+    /// Each email with its verification status (`unverified` without the `verify` step).
+    pub email_status: Vec<(String, String)>,
+    /// The `score` step's result.
+    pub lead: Option<crate::enrichment::leads::Lead>,
 }
 
 impl Enrichment {
@@ -211,6 +230,7 @@ pub struct Enricher {
     tokens: Usage,
     search: Provider,
     reader: Provider,
+    verifier: Option<crate::enrichment::leads::Verifier>,
 }
 
 impl Enricher {
@@ -219,7 +239,48 @@ impl Enricher {
         let http = Http::new(settings.http.clone())?;
         let search = Provider::new("search", settings.search_rate);
         let reader = Provider::new("reader", settings.reader_rate);
-        Ok(Arc::new(Enricher { settings, http, tokens, search, reader }))
+        let verifier = match &settings.verify {
+            Some(v) => Some(crate::enrichment::leads::Verifier::new(v.clone(), tokens.client())?),
+            None => None,
+        };
+        Ok(Arc::new(Enricher { settings, http, tokens, search, reader, verifier }))
+    }
+
+    /// The steps after `enrich`: each email's verification status (sales-facing order: verified first),
+    /// then the lead score. A failed enrichment gets neither.
+    async fn leads(&self, company: &Company, out: &mut Enrichment) {
+        use crate::enrichment::leads;
+        if out.status == Status::Failed {
+            return;
+        }
+        out.email_status = match &self.verifier {
+            Some(v) => v.verify(&out.public_emails).await,
+            None => out.public_emails.iter().map(|e| (e.clone(), "unverified".to_owned())).collect(),
+        };
+        if self.verifier.is_some() {
+            out.public_emails = leads::prefer_verified(&out.email_status);
+            tracing::info!(target: crate::telemetry::COMPANY, stage = "verify_email",
+                verified = out.email_status.iter().filter(|(_, s)| s == "valid").count(),
+                emails = out.email_status.len(), "verified");
+        }
+        if let Some(spec) = &self.settings.score {
+            let facts = leads::Facts {
+                emails: &out.email_status,
+                phones: out.phones.len(),
+                website_confidence: out.website_domain.as_ref().and(out.domain_confidence),
+                about_chars: out.about_text.as_deref().map_or(0, |a| a.chars().count()),
+                linkedin: out.linkedin_url.is_some(),
+                employees: out.employees_est,
+                incorporation_year: company.incorporation_year,
+                jobs: out.jobs_count,
+                industry_code: company.industry_code.as_deref(),
+            };
+            let this_year = chrono::Datelike::year(&chrono::Utc::now());
+            let lead = leads::score(leads::Features::of(&facts, spec, this_year), spec);
+            tracing::info!(target: crate::telemetry::COMPANY, stage = "score", score = lead.score,
+                bucket = lead.bucket, "scored");
+            out.lead = Some(lead);
+        }
     }
 
     /// One company's enrichment, in its `company` span. The span's stage events follow PRD 20:
@@ -262,6 +323,9 @@ impl Enricher {
                     ..Default::default()
                 };
             }
+            if !over {
+                self.leads(&company, &mut out).await;
+            }
             out.duration = started.elapsed();
             tracing::debug!(
                 stage = "enriched",
@@ -288,6 +352,9 @@ pub struct Company {
     pub street: Option<String>,
     pub building: Option<String>,
     pub former_names: Vec<String>,
+    /// From `companies`: what the lead score weighs.
+    pub incorporation_year: Option<i32>,
+    pub industry_code: Option<String>,
 }
 
 impl Company {

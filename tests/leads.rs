@@ -1,0 +1,256 @@
+//! From enriched companies to leads: email verification (batched, cached, capped across workers) and lead
+//! scores (deterministic, recomputed on every enrichment, tenant-scoped).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use acraflow::config::Overrides;
+use acraflow::enrichment::enrich::discover::name_tokens;
+use acraflow::fixture_web::{FixtureWeb, SiteSpec};
+
+use crate::enrich::live_companies;
+use crate::support::TestDb;
+
+fn sites(companies: &[(String, Option<String>)]) -> Vec<SiteSpec> {
+    let mut sites: Vec<SiteSpec> = Vec::new();
+    for (name, uen) in companies {
+        let host = format!("www.{}.com.sg", name_tokens(name).join(""));
+        if name_tokens(name).is_empty() || sites.iter().any(|s| s.host == host) {
+            continue;
+        }
+        sites.push(SiteSpec::new(&host, name, uen.as_deref()));
+    }
+    sites
+}
+
+fn env(web: &FixtureWeb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("ACRA_DIRECT_PIPELINE", "acra_direct".to_owned()),
+        ("ENRICH_HTTP_PROXY", web.proxy_url()),
+        ("ENRICH_SEARCH_URL", web.search_url()),
+        ("ENRICH_SEARCH_RATE", "off".into()),
+        ("ENRICH_HOST_SPACING", "50ms".into()),
+        ("CRAWLER_TIMEOUT_S", "2".into()),
+        ("ENRICH_POLL_INTERVAL", "100ms".into()),
+        ("ACRA_DIRECT_CONCURRENCY", "4".into()),
+        ("ZEROBOUNCE_URL", web.zerobounce_url()),
+        ("ZEROBOUNCE_API_KEY", "zb-test-key-31337".into()),
+        ("RUST_LOG", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+async fn acraflow(db: &TestDb, args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
+    cmd.args(args).env("POSTGRES_DSN", &db.dsn);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "acraflow {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Every email a company's latest enrichment saw, with its status.
+async fn statuses(db: &TestDb) -> HashMap<String, String> {
+    db.client
+        .query(
+            "select e->>0, e->>1 from company_enrichment_runs h, jsonb_array_elements(h.email_status) e \
+             where h.enriched and h.email_status is not null",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emails_are_verified_in_batches_cached_and_never_paid_for_twice() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 60).await;
+    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let env = env(&web, &[]);
+    acraflow(&db, &["backfill"], &env).await;
+
+    let seen = statuses(&db).await;
+    assert!(seen.len() >= 20, "{seen:?}");
+    for (email, status) in &seen {
+        let want = if email.starts_with("sales@") { "valid" } else { "catch-all" };
+        assert_eq!(status, want, "{email}");
+    }
+    let paid = web.verified_emails();
+    let distinct: std::collections::HashSet<&String> = paid.iter().collect();
+    assert_eq!(paid.len(), distinct.len(), "an email was paid for twice in one run");
+    assert_eq!(paid.len(), seen.len());
+    assert_eq!(db.count("select count(*) from email_verification_cache").await, seen.len() as i64);
+    // Sales-facing order: the verified address first.
+    let first: Vec<String> = db
+        .client
+        .query("select public_emails->>0 from company_enrichment_runs where enriched and jsonb_array_length(public_emails) > 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!first.is_empty() && first.iter().all(|e| e.starts_with("sales@")), "{first:?}");
+
+    // Every company enriched again: every email comes from the cache, nothing is paid for.
+    acraflow(&db, &["refresh", "--where", "true", "--force"], &[]).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    let enrichments = db.count("select count(*) from company_enrichment_runs where enriched").await;
+    assert!(enrichments >= 2 * seen.len() as i64 / 2, "{enrichments}");
+    assert_eq!(web.verified_emails().len(), paid.len(), "the second run paid for verifications");
+    assert_eq!(
+        db.count("select used from enrichment_usage where kind = 'email_verifications'").await,
+        paid.len() as i64
+    );
+    // The API key is nowhere in what acraflow stored.
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where coalesce(error, '') || coalesce(notes::text, '') like '%zb-test-key%'").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_verification_cap_holds_across_two_workers_and_an_outage_only_leaves_emails_unverified() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 60).await;
+    db.run(Overrides::default()).await;
+    acraflow(&db, &["refresh", "--where", "true"], &[]).await;
+    let jobs = db.count("select count(*) from enrichment_jobs").await;
+    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let env = env(&web, &[("ZEROBOUNCE_MAX_VERIFICATIONS", "7")]);
+    let spawn = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
+        cmd.args(["worker", "--exit-when-idle"]).env("POSTGRES_DSN", &db.dsn).stdout(std::process::Stdio::null());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+        assert!(out.status.success());
+    }
+    let paid = web.verified_emails().len();
+    assert!((5..=7).contains(&paid), "{paid} verifications against a cap of 7 (a company's two emails go together)");
+    assert!(db.count("select used from enrichment_usage where kind = 'email_verifications'").await <= 7);
+    let seen = statuses(&db).await;
+    let unverified = seen.values().filter(|s| *s == "unverified").count();
+    assert_eq!(unverified, seen.len() - paid, "past the cap, emails stay unverified");
+    // The cap fails no company: every job was worked off.
+    assert_eq!(db.count("select count(*) from enrichment_jobs").await, 0, "of {jobs} jobs");
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched and status = 'failed'").await, 0);
+
+    // An outage of the provider: retried, then the emails stay unverified and the companies are enriched.
+    web.set_verify_failing(true);
+    db.client.batch_execute("delete from enrichment_usage; delete from email_verification_cache").await.unwrap();
+    acraflow(&db, &["refresh", "--where", "true", "--force"], &[]).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched and status = 'failed'").await, 0);
+    assert_eq!(db.count("select count(*) from email_verification_cache").await, 0);
+    assert_eq!(
+        db.count("select coalesce(max(used), 0) from enrichment_usage where kind = 'email_verifications'").await,
+        0,
+        "refused calls are given back"
+    );
+}
+
+/// Scores match the features they were computed from, move when a feature moves, and another tenant's
+/// session sees none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_follow_their_features_and_row_level_security_hides_another_tenants() {
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 40).await;
+    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let role = format!("s_{}", db.name);
+    db.client
+        .batch_execute(&format!(
+            "create role {role} login password 'tenant-pw-2';
+             grant usage on schema public to {role};
+             grant select, insert, update, delete on all tables in schema public to {role};
+             grant usage, select on all sequences in schema public to {role};
+             alter table lead_scores enable row level security;
+             alter table lead_scores force row level security;
+             create policy tenant_scores on lead_scores
+               using (tenant_id = current_setting('request.tenant_id', true))
+               with check (tenant_id = current_setting('request.tenant_id', true));"
+        ))
+        .await
+        .unwrap();
+    let dsn = format!("{} user={role} password=tenant-pw-2", db.dsn);
+    let mut env = env(&web, &[("ACRA_DIRECT_TENANT_ID", "acme")]);
+    env.push(("POSTGRES_DSN".into(), dsn.clone()));
+    acraflow(&db, &["backfill"], &env).await;
+
+    let scored = db.count("select count(*) from lead_scores").await;
+    let enriched = db
+        .count("select count(distinct company_id) from company_enrichment_runs where enriched and status <> 'failed'")
+        .await;
+    assert!(scored > 10 && scored == enriched, "{scored} scores for {enriched} companies");
+    assert_eq!(db.count("select count(*) from lead_scores where tenant_id is distinct from 'acme'").await, 0);
+    assert_eq!(db.count("select count(*) from lead_features").await, scored);
+    // Each score is the weighted mean of its features with the default weights (sum 1).
+    let off = db
+        .count(
+            "select count(*) from lead_scores s join lead_features f using (company_id) where abs(s.score - ( \
+               0.20 * (f.features->>'email')::float8 + 0.10 * (f.features->>'phone')::float8 \
+               + 0.15 * (f.features->>'website')::float8 + 0.05 * (f.features->>'about')::float8 \
+               + 0.10 * (f.features->>'linkedin')::float8 + 0.10 * (f.features->>'size')::float8 \
+               + 0.10 * (f.features->>'age')::float8 + 0.10 * (f.features->>'hiring')::float8 \
+               + 0.10 * (f.features->>'industry')::float8)) > 0.0001 \
+               or s.bucket <> case when s.score >= 0.66 then 'High' when s.score >= 0.33 then 'Medium' else 'Low' end \
+               or s.rationale not like s.bucket || ' %'",
+        )
+        .await;
+    assert_eq!(off, 0, "scores that do not follow from their features");
+    // Every email is catch-all or valid here: the email feature is 1 (sales@ is valid).
+    assert_eq!(db.count("select count(*) from lead_features where (features->>'email')::float8 <> 1").await, 0);
+
+    // A feature changes (the verified address stops being valid): the score drops by its weight, once.
+    let (company, before): (i64, f64) = {
+        let r = db
+            .client
+            .query_one("select company_id, score::float8 from lead_scores order by company_id limit 1", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    db.client
+        .batch_execute("update email_verification_cache set status = 'invalid' where email like 'sales@%'")
+        .await
+        .unwrap();
+    let uen: String =
+        db.client.query_one("select uen from companies where company_id = $1", &[&company]).await.unwrap().get(0);
+    let mut refresh_env = env.clone();
+    refresh_env.retain(|(k, _)| k != "ACRA_DIRECT_PIPELINE");
+    acraflow(&db, &["refresh", "--uen", &uen], &refresh_env).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    let after: f64 = db
+        .client
+        .query_one("select score::float8 from lead_scores where company_id = $1", &[&company])
+        .await
+        .unwrap()
+        .get(0);
+    assert!((before - after - 0.10).abs() < 1e-4, "email 1 -> 0.5 (catch-all only): {before} -> {after}");
+    assert_eq!(db.count(&format!("select count(*) from lead_scores where company_id = {company}")).await, 1);
+
+    // Another tenant's session sees none of acme's scores and changes none.
+    let globex = acraflow::db::connect_as(&dsn, Some("globex"), "acraflow").await.unwrap();
+    let seen: i64 = globex.query_one("select count(*) from lead_scores", &[]).await.unwrap().get(0);
+    assert_eq!(seen, 0);
+    assert_eq!(globex.execute("update lead_scores set score = 1", &[]).await.unwrap(), 0);
+    let acme = acraflow::db::connect_as(&dsn, Some("acme"), "acraflow").await.unwrap();
+    let mine: i64 = acme.query_one("select count(*) from lead_scores", &[]).await.unwrap().get(0);
+    assert_eq!(mine, scored);
+}
