@@ -25,3 +25,23 @@ alter table lead_scores add column if not exists bucket text;
 alter table lead_scores add column if not exists rationale text;
 alter table lead_scores add column if not exists tenant_id text default current_setting('request.tenant_id', true);
 create index if not exists lead_scores_bucket on lead_scores (bucket, score desc);
+
+-- Exports to Odoo (the export step): one durable job per company scored at or above SCORE_MIN_EXPORT,
+-- leased with SKIP LOCKED; what Odoo returned is kept so a later export updates.
+create table if not exists odoo_exports (
+    company_id bigint primary key,
+    state text not null default 'pending',      -- pending, done, parked
+    version bigint not null default 1,          -- bumped by every enrichment that asks for an export
+    attempts int not null default 0,
+    not_before timestamptz not null default now(),
+    lease_owner text,
+    lease_expires_at timestamptz,
+    lease_seq bigint not null default 0,
+    partner_id bigint,                          -- res.partner id in Odoo
+    lead_id bigint,                             -- crm.lead id in Odoo
+    last_error text,
+    exported_at timestamptz,
+    tenant_id text default current_setting('request.tenant_id', true),
+    updated_at timestamptz not null default now()
+);
+create index if not exists odoo_exports_due on odoo_exports (not_before) where state = 'pending';

@@ -389,6 +389,28 @@ pub struct EnrichArgs {
     /// A verification is reused (not paid again) for this many days [default: 90]
     #[arg(long, env = "ZEROBOUNCE_RECHECK_DAYS", value_name = "DAYS")]
     pub zerobounce_recheck_days: Option<u32>,
+    /// Odoo's base URL: companies scored at or above SCORE_MIN_EXPORT are exported to it (with ODOO_DB,
+    /// ODOO_USERNAME, and ODOO_API_KEY in the environment)
+    #[arg(long, env = "ODOO_URL", value_name = "URL", hide_env_values = true)]
+    pub odoo_url: Option<String>,
+    /// The Odoo database
+    #[arg(long, env = "ODOO_DB", value_name = "NAME")]
+    pub odoo_db: Option<String>,
+    /// The Odoo user the API key belongs to
+    #[arg(long, env = "ODOO_USERNAME", value_name = "LOGIN")]
+    pub odoo_username: Option<String>,
+    /// Export companies scored at or above this, 0 to 1 [default: 0.66]
+    #[arg(long, env = "SCORE_MIN_EXPORT", value_name = "0..1")]
+    pub score_min_export: Option<f64>,
+    /// Create a crm.lead per exported company, once [default: true]
+    #[arg(long, env = "ODOO_CREATE_LEADS", value_name = "BOOL", value_parser = BoolishValueParser::new())]
+    pub odoo_create_leads: Option<bool>,
+    /// Wait after a failed export; doubles with each further one, at most 1h [default: 30s]
+    #[arg(long, env = "ODOO_RETRY_BACKOFF", value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub odoo_retry_backoff: Option<std::time::Duration>,
+    /// Attempts of an export before it is parked [default: 10]
+    #[arg(long, env = "ODOO_MAX_ATTEMPTS", value_name = "N")]
+    pub odoo_max_attempts: Option<u32>,
 }
 
 impl EnrichArgs {
@@ -427,6 +449,14 @@ impl EnrichArgs {
             zerobounce_url: self.zerobounce_url.clone(),
             zerobounce_max_verifications: self.zerobounce_max_verifications,
             zerobounce_recheck_days: self.zerobounce_recheck_days,
+            odoo_url: self.odoo_url.clone(),
+            odoo_db: self.odoo_db.clone(),
+            odoo_username: self.odoo_username.clone(),
+            odoo_api_key: None,
+            score_min_export: self.score_min_export,
+            odoo_create_leads: self.odoo_create_leads,
+            odoo_retry_backoff: self.odoo_retry_backoff,
+            odoo_max_attempts: self.odoo_max_attempts,
         }
     }
 }

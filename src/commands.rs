@@ -478,6 +478,15 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     .await?;
     let (enriched_today, tokens_today) = crate::enrichment::usage::today(&client).await?;
     let queue = crate::enrichment::queue::stats(&client).await?;
+    // Leads: scores by bucket, and the Odoo exports by state with the latest errors.
+    let buckets = q("select coalesce(bucket, '?'), count(*) from lead_scores group by 1 order by 1").await?;
+    let exports = q("select state, count(*), count(*) filter (where not_before > now()), \
+                       count(*) filter (where attempts > 0) from odoo_exports group by 1 order by 1")
+    .await?;
+    let export_errors =
+        q("select c.uen, e.attempts, e.last_error from odoo_exports e join companies c using (company_id) \
+                             where e.last_error is not null order by e.updated_at desc limit 5")
+        .await?;
     let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({
@@ -507,6 +516,13 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
             },
             "dead_letters": dead.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<std::collections::BTreeMap<_, _>>(),
             "queue": queue,
+            "lead_buckets": buckets.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<std::collections::BTreeMap<_, _>>(),
+            "odoo_exports": exports.iter().map(|r| (r.get::<_, String>(0), serde_json::json!({
+                "count": r.get::<_, i64>(1), "backing_off": r.get::<_, i64>(2), "retried": r.get::<_, i64>(3),
+            }))).collect::<std::collections::BTreeMap<_, _>>(),
+            "odoo_export_errors": export_errors.iter().map(|r| serde_json::json!({
+                "uen": r.get::<_, Option<String>>(0), "attempts": r.get::<_, i32>(1), "error": r.get::<_, Option<String>>(2),
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -579,6 +595,34 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     println!("  enrichments     {}  ACRA_DIRECT_DAILY_CAP", cap(enriched_today, args.daily_cap));
     println!("  llm tokens      {}  OPENAI_DAILY_TOKENS_CAP", cap(tokens_today, args.tokens_cap));
     print_queue(&queue);
+    println!("\nleads");
+    if buckets.is_empty() {
+        println!("  no scores (the score step runs with --pipeline acra_direct)");
+    } else {
+        let parts: Vec<String> =
+            buckets.iter().map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1))).collect();
+        println!("  by bucket       {}", parts.join(", "));
+    }
+    if exports.is_empty() {
+        println!("  odoo exports    none (ODOO_URL unset, or no score reached SCORE_MIN_EXPORT)");
+    }
+    for r in &exports {
+        println!(
+            "  odoo {:<10} {:>6}  ({} backing off after a failure, {} retried)",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, i64>(3)
+        );
+    }
+    for r in &export_errors {
+        println!(
+            "    {} after {} attempt(s): {}",
+            r.get::<_, Option<String>>(0).unwrap_or_default(),
+            r.get::<_, i32>(1),
+            r.get::<_, Option<String>>(2).unwrap_or_default()
+        );
+    }
     println!("\ndead letters by stage");
     if dead.is_empty() {
         println!("  none");

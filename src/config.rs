@@ -363,6 +363,35 @@ pub struct EnrichSpec {
     pub zerobounce_recheck_days: u32,
     /// The `score` step (`[operator.score]` under this operator; absent: no scores).
     pub score: Option<crate::enrichment::leads::ScoreSpec>,
+    /// The `export` step: Odoo's base URL (on with it and `ODOO_API_KEY`).
+    pub odoo_url: Option<String>,
+    pub odoo_db: Option<String>,
+    pub odoo_username: Option<String>,
+    /// Companies scored at or above this are exported.
+    #[serde(default = "default_score_min_export")]
+    pub score_min_export: f64,
+    /// A `crm.lead` per exported company, once.
+    #[serde(default = "yes")]
+    pub odoo_create_leads: bool,
+    #[serde(default = "default_odoo_retry_backoff", deserialize_with = "duration")]
+    pub odoo_retry_backoff: Duration,
+    #[serde(default = "default_odoo_max_attempts")]
+    pub odoo_max_attempts: u32,
+    /// Set by code only (the demo); otherwise `ODOO_API_KEY` from the environment.
+    #[serde(skip)]
+    pub odoo_api_key: Option<Secret>,
+}
+
+fn default_score_min_export() -> f64 {
+    0.66
+}
+
+fn default_odoo_retry_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_odoo_max_attempts() -> u32 {
+    10
 }
 
 fn default_zerobounce_url() -> String {
@@ -536,6 +565,14 @@ pub struct EnrichOverrides {
     pub zerobounce_url: Option<String>,
     pub zerobounce_max_verifications: Option<u64>,
     pub zerobounce_recheck_days: Option<u32>,
+    pub odoo_url: Option<String>,
+    pub odoo_db: Option<String>,
+    pub odoo_username: Option<String>,
+    pub odoo_api_key: Option<Secret>,
+    pub score_min_export: Option<f64>,
+    pub odoo_create_leads: Option<bool>,
+    pub odoo_retry_backoff: Option<Duration>,
+    pub odoo_max_attempts: Option<u32>,
 }
 
 impl EnrichSpec {
@@ -590,6 +627,14 @@ impl EnrichSpec {
         set(&mut self.zerobounce_url, &o.zerobounce_url);
         set_opt(&mut self.zerobounce_max_verifications, &o.zerobounce_max_verifications);
         set(&mut self.zerobounce_recheck_days, &o.zerobounce_recheck_days);
+        set_opt(&mut self.odoo_url, &o.odoo_url);
+        set_opt(&mut self.odoo_db, &o.odoo_db);
+        set_opt(&mut self.odoo_username, &o.odoo_username);
+        set_opt(&mut self.odoo_api_key, &o.odoo_api_key);
+        set(&mut self.score_min_export, &o.score_min_export);
+        set(&mut self.odoo_create_leads, &o.odoo_create_leads);
+        set(&mut self.odoo_retry_backoff, &o.odoo_retry_backoff);
+        set(&mut self.odoo_max_attempts, &o.odoo_max_attempts);
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -602,6 +647,25 @@ impl EnrichSpec {
         }
         if !(1..=3650).contains(&self.zerobounce_recheck_days) {
             return bad("ZEROBOUNCE_RECHECK_DAYS: use 1 to 3650");
+        }
+        if !(0.0..=1.0).contains(&self.score_min_export) {
+            return bad("SCORE_MIN_EXPORT: use a score from 0 to 1");
+        }
+        if let Some(u) = &self.odoo_url {
+            if url::Url::parse(u).is_err() {
+                return bad("ODOO_URL is not a URL (e.g. https://mycompany.odoo.com)");
+            }
+            if self.odoo_db.is_none() || self.odoo_username.is_none() {
+                return bad("ODOO_URL is set: set ODOO_DB and ODOO_USERNAME too (and ODOO_API_KEY in the environment)");
+            }
+            if self.score.is_none() {
+                return bad(
+                    "ODOO_URL is set but the pipeline has no score step ([operator.score]): exports follow scores",
+                );
+            }
+            if self.odoo_max_attempts == 0 || self.odoo_retry_backoff.is_zero() {
+                return bad("ODOO_MAX_ATTEMPTS and ODOO_RETRY_BACKOFF must be above 0");
+            }
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
             return bad(&format!("ACRA_DIRECT_CONCURRENCY is {}; use 1 to {MAX_CONCURRENCY}", self.concurrency));

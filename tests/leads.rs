@@ -254,3 +254,134 @@ async fn scores_follow_their_features_and_row_level_security_hides_another_tenan
     let mine: i64 = acme.query_one("select count(*) from lead_scores", &[]).await.unwrap().get(0);
     assert_eq!(mine, scored);
 }
+
+/// Companies in Odoo by UEN (`res.partner` with `is_company` and `ref`): how many partners each has.
+fn partners_by_uen(web: &FixtureWeb) -> HashMap<String, Vec<i64>> {
+    let mut by: HashMap<String, Vec<i64>> = HashMap::new();
+    for p in web.odoo_records("res.partner") {
+        if p["is_company"] == true {
+            by.entry(p["ref"].as_str().unwrap_or("").to_owned()).or_default().push(p["id"].as_i64().unwrap());
+        }
+    }
+    by
+}
+
+/// The export to Odoo: each qualifying company once, with its contacts and one lead; a re-run updates
+/// instead of duplicating; a worker killed mid-export leaves no duplicate; an outage is ridden out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_odoo_export_is_idempotent_through_a_kill_a_rerun_and_an_outage() {
+    use acraflow::fixture_web::odoo;
+    let db = TestDb::new().await;
+    let companies = live_companies(&db, 40).await;
+    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let (odoo_url, contacts_url) = (web.odoo_url(), web.contacts_url());
+    let env = env(
+        &web,
+        &[
+            ("ODOO_URL", &odoo_url),
+            ("ODOO_DB", odoo::DB),
+            ("ODOO_USERNAME", odoo::USERNAME),
+            ("ODOO_API_KEY", odoo::API_KEY),
+            ("SCORE_MIN_EXPORT", "0.3"),
+            ("ODOO_RETRY_BACKOFF", "300ms"),
+            ("ENABLE_APIFY_LINKEDIN", "true"),
+            ("APIFY_LINKEDIN_URL", &contacts_url),
+            ("ENRICH_LEASE", "3s"),
+            ("CRAWLER_TIMEOUT_S", "1"),
+        ],
+    );
+
+    // 1. Killed mid-export: Odoo applies a call, then takes 2 s to answer; the worker dies in between.
+    web.set_odoo_delay(Duration::from_secs(2));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
+    cmd.arg("backfill")
+        .env("POSTGRES_DSN", &db.dsn)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let created =
+        crate::support::wait_until(Duration::from_secs(60), || async { !partners_by_uen(&web).is_empty() }).await;
+    assert!(created, "no partner was ever created");
+    child.kill().unwrap();
+    let _ = child.wait();
+    web.set_odoo_delay(Duration::ZERO);
+    let before_kill: HashMap<String, Vec<i64>> = partners_by_uen(&web);
+    // Its leases (enrichment jobs and exports) return after ENRICH_LEASE.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+
+    let qualifying = db.count("select count(*) from lead_scores where score >= 0.3").await;
+    assert!(qualifying >= 10, "{qualifying} companies scored at or above 0.3");
+    let partners = partners_by_uen(&web);
+    assert_eq!(partners.len() as i64, qualifying, "every qualifying company is in Odoo");
+    for (uen, ids) in &partners {
+        assert_eq!(ids.len(), 1, "{uen} has {} partners in Odoo (kill before: {:?})", ids.len(), before_kill.get(uen));
+    }
+    assert_eq!(db.count("select count(*) from odoo_exports where state = 'done'").await, qualifying);
+    // What Odoo returned is stored: each export's partner is the one with its UEN.
+    let stored = db
+        .client
+        .query("select c.uen, e.partner_id, e.lead_id from odoo_exports e join companies c using (company_id)", &[])
+        .await
+        .unwrap();
+    for r in &stored {
+        let uen: String = r.get(0);
+        assert_eq!(Some(partners[&uen][0]), r.get::<_, Option<i64>>(1), "{uen}");
+        assert!(r.get::<_, Option<i64>>(2).is_some(), "{uen} has no lead id");
+    }
+    let leads = web.odoo_records("crm.lead");
+    let mut lead_partners: Vec<i64> = leads.iter().map(|l| l["partner_id"].as_i64().unwrap()).collect();
+    lead_partners.sort();
+    lead_partners.dedup();
+    assert_eq!((leads.len(), lead_partners.len()), (qualifying as usize, qualifying as usize), "one lead per company");
+    let contacts = web.odoo_records("res.partner").into_iter().filter(|p| p["parent_id"].is_i64()).count();
+    assert_eq!(contacts as i64, 2 * qualifying, "two contacts per company, as child partners, once");
+
+    // 2. A re-run updates what is there.
+    acraflow(&db, &["refresh", "--where", "true", "--force"], &[]).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    assert_eq!(partners_by_uen(&web), partners, "a re-run created or lost partners");
+    assert_eq!(web.odoo_records("crm.lead").len(), leads.len(), "a re-run created leads");
+    assert!(web.odoo_calls().iter().filter(|c| *c == "res.partner.write").count() as i64 >= 2 * qualifying);
+
+    // 3. An outage: the enrichment commits, the export waits and retries, then goes out.
+    web.set_odoo_down(true);
+    let uen: String = db
+        .client
+        .query_one(
+            "select c.uen from lead_scores s join companies c using (company_id) where s.score >= 0.3 limit 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let enriched_before = db.count("select count(*) from company_enrichment_runs where enriched").await;
+    acraflow(&db, &["refresh", "--uen", &uen, "--force"], &[]).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched").await, enriched_before + 1);
+    let row = db
+        .client
+        .query_one("select e.state, e.attempts, e.last_error from odoo_exports e join companies c using (company_id) where c.uen = $1", &[&uen])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert!(row.get::<_, i32>(1) >= 1);
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("Odoo answered HTTP 503"));
+    let status = acraflow(&db, &["status"], &[]).await;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.contains("odoo pending") && status.contains("Odoo answered HTTP 503"), "{status}");
+    assert!(!status.contains(odoo::API_KEY));
+    web.set_odoo_down(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    assert_eq!(db.count("select count(*) from odoo_exports where state <> 'done'").await, 0);
+    assert_eq!(partners_by_uen(&web), partners);
+    // The key is nowhere in what acraflow stored.
+    assert_eq!(
+        db.count(&format!("select count(*) from odoo_exports where last_error like '%{}%'", odoo::API_KEY)).await,
+        0
+    );
+}

@@ -12,6 +12,7 @@
 //!   [`sink`], renews leases while work is in flight and gives them back on shutdown.
 //! - [`enrich`]: one company's crawl and extraction (find_domain, crawl, extract, llm, contacts).
 //! - [`sink`]: commits a job's effects and its removal together, fenced by the lease; retries and parks.
+//! - [`export`]: leads into Odoo CRM, from durable jobs (`odoo_exports`), idempotent by UEN.
 //! - [`leads`]: the steps after enrich: email verification (cached, capped per day) and the lead score.
 //! - [`usage`]: spend per UTC day in the database, so caps hold across workers.
 //!
@@ -20,6 +21,7 @@
 //! `acraflow worker` runs only this one, on any machine that reaches the database.
 
 pub mod enrich;
+pub mod export;
 pub mod leads;
 pub mod queue;
 pub mod sink;

@@ -90,6 +90,8 @@ pub struct EnrichmentSink {
     owner: String,
     run_id: i64,
     retry: RetryPolicy,
+    /// `SCORE_MIN_EXPORT` when the export step is on: a score at or above it enqueues an Odoo export.
+    export_min: Option<f64>,
 }
 
 /// What to do with one held job.
@@ -120,7 +122,13 @@ fn decide(done: &Done, version: i64, attempts: i32, retry: &RetryPolicy) -> Verd
 
 impl EnrichmentSink {
     pub fn new(client: Client, owner: String, run_id: i64, retry: RetryPolicy) -> Self {
-        EnrichmentSink { client, owner, run_id, retry }
+        EnrichmentSink { client, owner, run_id, retry, export_min: None }
+    }
+
+    /// Turns on the export step's enqueue (see `export`).
+    pub fn with_exports(mut self, min_score: Option<f64>) -> Self {
+        self.export_min = min_score;
+        self
     }
 
     /// Commits `done` (jobs this worker leased) in one transaction; when the database refuses the batch for
@@ -247,7 +255,7 @@ impl EnrichmentSink {
                 }
             }
         }
-        let effects = rows.write(&tx, self.run_id);
+        let effects = rows.write(&tx, self.run_id, self.export_min);
         let removed = async {
             if remove.is_empty() {
                 return Ok(0);
@@ -507,7 +515,7 @@ impl EnrichedRows {
         }
     }
 
-    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, run_id: i64) -> Result<()> {
+    async fn write(&self, tx: &tokio_postgres::Transaction<'_>, run_id: i64, export_min: Option<f64>) -> Result<()> {
         if self.company.is_empty() {
             return Ok(());
         }
@@ -633,7 +641,23 @@ impl EnrichedRows {
             )
             .await
         };
-        futures::try_join!(history, companies, contacts, leads)
+        // Exports are side effects outside the database: a durable job per qualifying company, in this
+        // transaction, worked by the exporter (see `export`). A new score re-asks (version + 1).
+        let exports = async {
+            let Some(min) = export_min else { return Ok(0) };
+            let ids: Vec<i64> = l.company.iter().zip(&l.score).filter(|(_, s)| **s >= min).map(|(c, _)| *c).collect();
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                "insert into odoo_exports as e (company_id) select unnest($1::int8[]) \
+                 on conflict (company_id) do update set state = 'pending', version = e.version + 1, attempts = 0, \
+                   not_before = now(), last_error = null, updated_at = now()",
+                &[&ids],
+            )
+            .await
+        };
+        futures::try_join!(history, companies, contacts, leads, exports)
             .map_err(|e| Error::db("enrichment sink: writing enrichments", e))?;
         Ok(())
     }

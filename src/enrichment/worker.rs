@@ -155,7 +155,22 @@ pub async fn run(
     let mut lease_client = db::connect_as(dsn, tenant, "acraflow-worker").await?;
     let control = Arc::new(db::connect_as(dsn, tenant, "acraflow-worker-control").await?);
     let sink_client = db::connect_as(dsn, tenant, "acraflow-worker-sink").await?;
-    let mut sink = EnrichmentSink::new(sink_client, owner.to_owned(), run_id, ws.retry);
+    let export = settings.export.clone();
+    let mut sink = EnrichmentSink::new(sink_client, owner.to_owned(), run_id, ws.retry)
+        .with_exports(export.as_ref().map(|e| e.min_score));
+    // The export step: a task of its own, so a slow or down Odoo never holds enrichment back.
+    let (export_stop, export_stop_rx) = watch::channel(false);
+    let (export_drain, export_drain_rx) = watch::channel(false);
+    let exporter = match export {
+        Some(e) => Some(crate::enrichment::export::spawn(
+            e,
+            db::connect_as(dsn, tenant, "acraflow-export").await?,
+            owner.to_owned(),
+            export_stop_rx,
+            export_drain_rx,
+        )),
+        None => None,
+    };
     // An earlier attempt of this process (before a reconnect) may still hold leases.
     let released = queue::release(&control, owner).await?;
     if released > 0 {
@@ -305,6 +320,16 @@ pub async fn run(
     }
     let abandoned = in_flight.len() as i64;
     drop(in_flight); // aborts the jobs still running
+    if let Some(task) = exporter {
+        // Drained: the exports this worker's enrichments asked for go out before it exits. Stopped: the
+        // exporter finishes the company in hand and gives its leases back.
+        if stopping {
+            let _ = export_stop.send(true);
+        } else {
+            let _ = export_drain.send(true);
+        }
+        let _ = task.await;
+    }
     metrics().worker_leases.dec_by(abandoned);
     match queue::release(&control, owner).await {
         Ok(n) if n > 0 => tracing::info!(released = n, "gave back unfinished leases; other workers take them now"),

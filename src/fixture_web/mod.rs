@@ -156,6 +156,7 @@ pub struct Expected {
     pub hq_postal: Option<String>,
 }
 
+pub mod odoo;
 pub mod trust;
 pub use trust::SiteKind;
 
@@ -193,6 +194,10 @@ struct State {
     verified: Mutex<Vec<String>>,
     /// The verification endpoint answers 500 (an outage).
     verify_fail: AtomicBool,
+    /// The Odoo external API (`/jsonrpc`), its outage switch and a delay before each answer.
+    odoo: Mutex<odoo::OdooDb>,
+    odoo_down: AtomicBool,
+    odoo_delay_ms: AtomicU64,
     log_hits: bool,
 }
 
@@ -240,6 +245,9 @@ impl FixtureWeb {
             webhooks: Mutex::new(Vec::new()),
             verified: Mutex::new(Vec::new()),
             verify_fail: AtomicBool::new(false),
+            odoo: Mutex::new(odoo::OdooDb::default()),
+            odoo_down: AtomicBool::new(false),
+            odoo_delay_ms: AtomicU64::new(0),
             log_hits: true,
         });
         let shared = Arc::clone(&state);
@@ -333,6 +341,32 @@ impl FixtureWeb {
 
     pub fn set_verify_failing(&self, failing: bool) {
         self.state.verify_fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// An Odoo whose external API is at `{odoo_url}/jsonrpc`; see [`odoo`] for what it accepts.
+    pub fn odoo_url(&self) -> String {
+        format!("http://{}/odoo", self.addr)
+    }
+
+    /// The Odoo records of `model` (`res.partner`, `crm.lead`).
+    pub fn odoo_records(&self, model: &str) -> Vec<serde_json::Value> {
+        self.state.odoo.lock().unwrap().records(model)
+    }
+
+    /// Every `execute_kw` call Odoo received, as `model.method`.
+    pub fn odoo_calls(&self) -> Vec<String> {
+        self.state.odoo.lock().unwrap().calls.clone()
+    }
+
+    /// Odoo answers 503 to everything (an outage), or stops.
+    pub fn set_odoo_down(&self, down: bool) {
+        self.state.odoo_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Odoo applies each call at once but answers only after `delay` (a slow server: a client killed in
+    /// between never learns what was created).
+    pub fn set_odoo_delay(&self, delay: Duration) {
+        self.state.odoo_delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn llm_calls(&self) -> u64 {
@@ -473,7 +507,18 @@ async fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
     };
     let host = authority.split(':').next().unwrap_or("").to_owned();
     let at = Instant::now();
-    let response = if authority == state.own || host == "localhost" {
+    let response = if (authority == state.own || host == "localhost") && path == "/odoo/jsonrpc" && method == "POST" {
+        if state.odoo_down.load(Ordering::SeqCst) {
+            Response::new(503, "text/html", "<h1>503 Service Unavailable</h1>")
+        } else {
+            let answer = odoo::handle(&mut state.odoo.lock().unwrap(), &body);
+            let delay = state.odoo_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            Response::new(200, "application/json", answer.to_string())
+        }
+    } else if authority == state.own || host == "localhost" {
         endpoint(state, &method, &path, &body)
     } else {
         match state.sites.get(&host) {

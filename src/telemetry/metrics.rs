@@ -57,6 +57,12 @@ pub struct ProviderNameLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// ok, failed
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: &'static str,
 }
@@ -106,6 +112,8 @@ pub struct Metrics {
     /// Pages whose HTML was extracted, and the CPU seconds extraction took.
     pub extract_pages: Counter,
     pub extract_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Exports to Odoo attempted, by outcome.
+    pub odoo_exports: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -137,6 +145,7 @@ impl Metrics {
             provider_wait: Family::default(),
             extract_pages: Counter::default(),
             extract_seconds: Counter::default(),
+            odoo_exports: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -179,6 +188,7 @@ impl Metrics {
         );
         r.register("extract_pages", "Pages whose HTML was extracted", m.extract_pages.clone());
         r.register("extract_seconds", "Seconds of CPU spent extracting pages", m.extract_seconds.clone());
+        r.register("odoo_exports", "Exports of leads to Odoo attempted, by outcome", m.odoo_exports.clone());
         // Every labelled series exists from the start at zero, so a dashboard or an alert sees 0 rather
         // than no data before the first event (and `rate()` sees the first increment).
         for fate in ["processed", "filtered", "skipped", "ignored", "dead_lettered"] {
@@ -196,6 +206,9 @@ impl Metrics {
         }
         for reason in ["new", "changed", "express", "retry", "stale"] {
             drop(m.queue_waiting.get_or_create(&ReasonLabel { reason }));
+        }
+        for outcome in ["ok", "failed"] {
+            drop(m.odoo_exports.get_or_create(&OutcomeLabel { outcome }));
         }
         for provider in ["search", "reader"] {
             for outcome in ["ok", "refused", "error"] {

@@ -65,6 +65,8 @@ pub struct EnrichSettings {
     pub verify: Option<crate::enrichment::leads::VerifySettings>,
     /// The `score` step.
     pub score: Option<crate::enrichment::leads::ScoreSpec>,
+    /// The `export` step (`ODOO_*`).
+    pub export: Option<crate::enrichment::export::OdooSettings>,
 }
 
 impl EnrichSettings {
@@ -128,6 +130,29 @@ impl EnrichSettings {
                 None => None,
             },
             score: spec.score.clone(),
+            export: match &spec.odoo_url {
+                Some(u) => {
+                    let key =
+                        spec.odoo_api_key.clone().or_else(|| secret(&["ODOO_API_KEY"]).map(crate::config::Secret::new));
+                    let Some(api_key) = key else {
+                        return Err(Error::config("ODOO_URL is set but ODOO_API_KEY is not (environment only)"));
+                    };
+                    Some(crate::enrichment::export::OdooSettings {
+                        url: parse("ODOO_URL", u)?,
+                        db: spec.odoo_db.clone().unwrap_or_default(),
+                        username: spec.odoo_username.clone().unwrap_or_default(),
+                        api_key,
+                        min_score: spec.score_min_export,
+                        create_leads: spec.odoo_create_leads,
+                        backoff: spec.odoo_retry_backoff,
+                        max_attempts: spec.odoo_max_attempts,
+                        timeout: spec.timeout.max(Duration::from_secs(10)),
+                        poll: spec.poll_interval,
+                        lease: spec.lease,
+                    })
+                }
+                None => None,
+            },
         })
     }
 }
