@@ -99,7 +99,7 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
         .await
         .map_err(|e| Error::io("starting the local web", e))?;
     println!(
-        "a local web stands in for the internet: {} company sites and traps, a search engine and an LLM",
+        "a local web stands in for the internet: {} company sites and traps, a search engine, an LLM and an Odoo CRM",
         truth.len()
     );
 
@@ -121,6 +121,12 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
             // The local web's search and reader are ours: no budget to keep to.
             search_rate: Some(None),
             reader_rate: Some(None),
+            // Leads at or above the default SCORE_MIN_EXPORT go to the local web's Odoo.
+            odoo_url: Some(web.odoo_url()),
+            odoo_db: Some(crate::fixture_web::odoo::DB.into()),
+            odoo_username: Some(crate::fixture_web::odoo::USERNAME.into()),
+            odoo_api_key: Some(crate::config::Secret::new(crate::fixture_web::odoo::API_KEY)),
+            odoo_retry_backoff: Some(Duration::from_secs(1)),
             ..Default::default()
         },
         ..Default::default()
@@ -212,6 +218,10 @@ async fn phases(
         return Ok(false);
     }
     println!("the {} new companies were streamed and enriched in {:.1}s", uens.len(), t.elapsed().as_secs_f64());
+    let exported = "select count(*) where not exists (select 1 from odoo_exports where state = 'pending')";
+    if !wait(client, stop, exported).await? {
+        return Ok(false);
+    }
     Ok(true)
 }
 
@@ -373,6 +383,9 @@ struct Report {
     linkedin: i64,
     about: i64,
     reasons: Vec<(String, i64)>,
+    /// Leads by bucket (High, Medium, Low) and the Odoo exports (done, pending or parked).
+    buckets: Vec<(String, i64)>,
+    exports: Vec<(String, i64)>,
     examples: Vec<[String; 5]>,
     log: Option<std::path::PathBuf>,
 }
@@ -422,6 +435,21 @@ impl Report {
             linkedin: 0,
             about: 0,
             reasons: Vec::new(),
+            buckets: pairs(
+                client,
+                "select s.bucket, count(*) from lead_scores s where s.company_id in \
+                   (select company_id from company_enrichment_runs where run_id > $1) \
+                 group by 1 order by min(s.score) desc",
+                before,
+            )
+            .await?,
+            exports: pairs(
+                client,
+                "select e.state, count(*) from odoo_exports e where e.company_id in \
+                   (select company_id from company_enrichment_runs where run_id > $1) group by 1 order by 1",
+                before,
+            )
+            .await?,
             examples: Vec::new(),
             log: None,
         };
@@ -525,6 +553,20 @@ impl Report {
             self.about,
             pct(self.about, self.enriched),
         );
+        if !self.buckets.is_empty() {
+            let of = |list: &[(String, i64)], k: &str| list.iter().find(|(b, _)| b == k).map_or(0, |(_, n)| *n);
+            println!(
+                "  leads      High {}, Medium {}, Low {}; exported to Odoo {}{}",
+                of(&self.buckets, "High"),
+                of(&self.buckets, "Medium"),
+                of(&self.buckets, "Low"),
+                of(&self.exports, "done"),
+                match (of(&self.exports, "pending"), of(&self.exports, "parked")) {
+                    (0, 0) => String::new(),
+                    (p, k) => format!(" ({p} still pending, {k} parked)"),
+                }
+            );
+        }
         if !self.reasons.is_empty() {
             println!("  top reasons a company got no website or failed:");
             for (reason, n) in &self.reasons {
@@ -563,6 +605,16 @@ impl Report {
         println!("  your own database:                 POSTGRES_DSN='host=... dbname=...' acraflow run");
         println!("  real ACRA files (data.gov.sg):     acraflow import FILE.csv ...");
     }
+}
+
+async fn pairs(client: &tokio_postgres::Client, sql: &str, before: i64) -> Result<Vec<(String, i64)>> {
+    Ok(client
+        .query(sql, &[&before])
+        .await
+        .map_err(|e| Error::db("reading the demo's leads", e))?
+        .iter()
+        .map(|r| (r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1)))
+        .collect())
 }
 
 /// An error reduced to what it says about the company, so the same reason counts once: addresses, hosts,

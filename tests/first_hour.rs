@@ -50,7 +50,16 @@ async fn the_demo_reports_its_own_run_briefly_and_leaves_no_slot() {
     let lines = first.lines().count();
     assert!((10..=60).contains(&lines), "the demo printed {lines} lines:\n{first}");
     assert!(first.contains("demo completed"), "{first}");
-    for named in ["websites   found for", "emails", "phones", "LinkedIn", "uen", "acraflow import"] {
+    for named in [
+        "websites   found for",
+        "emails",
+        "phones",
+        "LinkedIn",
+        "uen",
+        "acraflow import",
+        "leads      High",
+        "exported to Odoo",
+    ] {
         assert!(first.contains(named), "the report lacks {named:?}:\n{first}");
     }
     assert!(first.lines().all(|l| l.chars().count() <= 100), "a line is wider than COLUMNS:\n{first}");
