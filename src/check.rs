@@ -18,11 +18,30 @@ use crate::db;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Environment variables acraflow reads that no flag carries.
-const OTHER_KNOWN: &[&str] =
-    &["ACRAFLOW_PG_BIN", "LLM_API_KEY", "OPENAI_API_KEY", "APIFY_TOKEN", "DEFAULT_TENANT_ID", "RUST_LOG"];
+const OTHER_KNOWN: &[&str] = &[
+    "ACRAFLOW_PG_BIN",
+    "LLM_API_KEY",
+    "OPENAI_API_KEY",
+    "APIFY_TOKEN",
+    "ZEROBOUNCE_API_KEY",
+    "ODOO_API_KEY",
+    "DEFAULT_TENANT_ID",
+    "RUST_LOG",
+];
 
 /// Prefixes of the variables that are ours: a variable with one of them that we do not know is a typo.
-const OUR_PREFIXES: &[&str] = &["ACRA_DIRECT_", "ACRAFLOW_", "ENRICH_", "CRAWL", "LLM_", "EXTRACT_", "METRICS_"];
+const OUR_PREFIXES: &[&str] = &[
+    "ACRA_DIRECT_",
+    "ACRAFLOW_",
+    "ENRICH_",
+    "CRAWL",
+    "LLM_",
+    "EXTRACT_",
+    "METRICS_",
+    "ZEROBOUNCE_",
+    "ODOO_",
+    "SCORE_",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {

@@ -98,10 +98,7 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
     let web = crate::fixture_web::FixtureWeb::start(sites, Duration::from_millis(20))
         .await
         .map_err(|e| Error::io("starting the local web", e))?;
-    println!(
-        "a local web stands in for the internet: {} company sites and traps, a search engine, an LLM and an Odoo CRM",
-        truth.len()
-    );
+    println!("a local web stands in for the internet: {} sites and traps, search, an LLM and an Odoo CRM", truth.len());
 
     client.execute("delete from service_progress where key = $1", &[&KEY]).await.map_err(q)?;
     drop_slot(&client).await;

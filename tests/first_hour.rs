@@ -257,7 +257,11 @@ async fn old_slots_and_checkpoints_are_listed_and_dropped_when_confirmed() {
 
     let out = db.cli(&["slots"], &[]).await;
     let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(listed.lines().any(|l| l.starts_with(&slot) && l.contains("idle") && l.contains("this one")), "{listed}");
+    assert!(
+        listed.lines().any(|l| l.starts_with(&slot) && l.contains("idle") && l.contains("this one")),
+        "{slot} not listed as idle here:\n{listed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = db.cli(&["checkpoints"], &[]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("old_key"));
 
