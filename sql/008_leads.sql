@@ -10,7 +10,6 @@ create table if not exists email_verification_cache (
 
 -- The emails of an enrichment with their verification status: [["sales@x.sg", "valid"], ...].
 alter table company_enrichment_runs add column if not exists email_status jsonb;
-alter table contacts add column if not exists email_status text;
 
 -- The feature vector a score was computed from, per company (and tenant, as every acraflow write).
 create table if not exists lead_features (

@@ -5,23 +5,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use acraflow::config::Overrides;
-use acraflow::enrichment::enrich::discover::name_tokens;
-use acraflow::fixture_web::{FixtureWeb, SiteSpec};
+use acraflow::fixture_web::FixtureWeb;
 
 use crate::enrich::live_companies;
 use crate::support::TestDb;
-
-fn sites(companies: &[(String, Option<String>)]) -> Vec<SiteSpec> {
-    let mut sites: Vec<SiteSpec> = Vec::new();
-    for (name, uen) in companies {
-        let host = format!("www.{}.com.sg", name_tokens(name).join(""));
-        if name_tokens(name).is_empty() || sites.iter().any(|s| s.host == host) {
-            continue;
-        }
-        sites.push(SiteSpec::new(&host, name, uen.as_deref()));
-    }
-    sites
-}
 
 fn env(web: &FixtureWeb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
@@ -48,14 +35,7 @@ fn env(web: &FixtureWeb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 async fn acraflow(db: &TestDb, args: &[&str], env: &[(String, String)]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
-    cmd.args(args).env("POSTGRES_DSN", &db.dsn);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
-    assert!(out.status.success(), "acraflow {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out
+    crate::queue::run_to_end(crate::queue::acraflow(db, args, env)).await
 }
 
 /// Every email a company's latest enrichment saw, with its status.
@@ -77,7 +57,7 @@ async fn statuses(db: &TestDb) -> HashMap<String, String> {
 async fn emails_are_verified_in_batches_cached_and_never_paid_for_twice() {
     let db = TestDb::new().await;
     let companies = live_companies(&db, 60).await;
-    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
     let env = env(&web, &[]);
     acraflow(&db, &["backfill"], &env).await;
 
@@ -127,7 +107,7 @@ async fn the_daily_verification_cap_holds_across_two_workers_and_an_outage_only_
     db.run(Overrides::default()).await;
     acraflow(&db, &["refresh", "--where", "true"], &[]).await;
     let jobs = db.count("select count(*) from enrichment_jobs").await;
-    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
     let env = env(&web, &[("ZEROBOUNCE_MAX_VERIFICATIONS", "7")]);
     let spawn = || {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
@@ -172,7 +152,7 @@ async fn the_daily_verification_cap_holds_across_two_workers_and_an_outage_only_
 async fn scores_follow_their_features_and_row_level_security_hides_another_tenants() {
     let db = TestDb::new().await;
     let companies = live_companies(&db, 40).await;
-    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
     let role = format!("s_{}", db.name);
     db.client
         .batch_execute(&format!(
@@ -273,7 +253,7 @@ async fn the_odoo_export_is_idempotent_through_a_kill_a_rerun_and_an_outage() {
     use acraflow::fixture_web::odoo;
     let db = TestDb::new().await;
     let companies = live_companies(&db, 40).await;
-    let web = FixtureWeb::start(sites(&companies), Duration::from_millis(10)).await.unwrap();
+    let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
     let (odoo_url, contacts_url) = (web.odoo_url(), web.contacts_url());
     let env = env(
         &web,

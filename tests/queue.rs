@@ -12,7 +12,7 @@ use crate::enrich::{live_companies, web_overrides};
 use crate::support::{wait_until, TestDb};
 
 /// A healthy site for every company, found by search.
-fn healthy_sites(companies: &[(String, Option<String>)]) -> Vec<SiteSpec> {
+pub(crate) fn healthy_sites(companies: &[(String, Option<String>)]) -> Vec<SiteSpec> {
     let mut sites: Vec<SiteSpec> = Vec::new();
     for (name, uen) in companies {
         let host = format!("www.{}.com.sg", name_tokens(name).join(""));
@@ -46,7 +46,7 @@ fn worker_env(web: &FixtureWeb, extra: &[(&str, &str)]) -> Vec<(String, String)>
     env
 }
 
-fn acraflow(db: &TestDb, args: &[&str], env: &[(String, String)]) -> std::process::Command {
+pub(crate) fn acraflow(db: &TestDb, args: &[&str], env: &[(String, String)]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
     cmd.args(args).env("POSTGRES_DSN", &db.dsn);
     for (k, v) in env {
@@ -55,7 +55,7 @@ fn acraflow(db: &TestDb, args: &[&str], env: &[(String, String)]) -> std::proces
     cmd
 }
 
-async fn run_to_end(mut cmd: std::process::Command) -> std::process::Output {
+pub(crate) async fn run_to_end(mut cmd: std::process::Command) -> std::process::Output {
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     out

@@ -51,6 +51,11 @@ fn matches(record: &Map<String, Value>, domain: &Value) -> bool {
     })
 }
 
+/// The record ids an `execute_kw` call's first positional argument lists.
+fn ids(positional: &[Value]) -> Vec<i64> {
+    positional.first().and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_i64).collect()
+}
+
 /// Answers one JSON-RPC request body.
 pub fn handle(db: &mut OdooDb, body: &[u8]) -> Value {
     let Ok(req) = serde_json::from_slice::<Value>(body) else {
@@ -99,13 +104,7 @@ pub fn handle(db: &mut OdooDb, body: &[u8]) -> Value {
                     }
                 }
                 "read" => {
-                    let ids: Vec<i64> = positional
-                        .first()
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_i64)
-                        .collect();
+                    let ids = ids(&positional);
                     ok(json!(ids.iter().filter_map(|i| table.get(i)).collect::<Vec<_>>()))
                 }
                 "create" => {
@@ -126,13 +125,7 @@ pub fn handle(db: &mut OdooDb, body: &[u8]) -> Value {
                     }
                 }
                 "write" => {
-                    let ids: Vec<i64> = positional
-                        .first()
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_i64)
-                        .collect();
+                    let ids = ids(&positional);
                     let vals = positional.get(1).and_then(Value::as_object).cloned().unwrap_or_default();
                     for i in &ids {
                         match table.get_mut(i) {
