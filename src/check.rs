@@ -167,10 +167,16 @@ pub async fn check(cli: &Cli, dsn: &str, embedded: bool, args: &RunArgs) -> Resu
         let ops: Vec<&str> = spec.operators.iter().map(|o| o.kind()).collect();
         println!("          source -> {} -> sink", ops.join(" -> "));
     }
-    println!("\nsettings (only those not at their default, and the database)");
+    println!("\nsettings: the effective value and where it came from (secrets hidden)");
     let matches = Cli::command().ignore_errors(true).get_matches();
     let run = matches.subcommand().map(|(_, m)| m.clone());
-    print_settings(cli, run.as_ref(), dsn, embedded);
+    let (text, origin) = match args.pipeline.as_deref().and_then(|p| p.to_str()) {
+        None | Some("registry_sync") => (crate::config::REGISTRY_SYNC.to_owned(), "built-in pipeline"),
+        Some("acra_direct") => (crate::config::ACRA_DIRECT.to_owned(), "built-in pipeline"),
+        Some(path) => (std::fs::read_to_string(path).unwrap_or_default(), "pipeline file"),
+    };
+    let enriching = spec.as_ref().is_some_and(|s| s.enrich().is_some());
+    print_settings(cli, run.as_ref(), dsn, embedded, &pipeline_values(&text), origin, enriching);
     if let Some(spec) = &spec {
         findings.extend(config_findings(spec, &our_vars()));
     }
@@ -197,8 +203,40 @@ pub async fn check(cli: &Cli, dsn: &str, embedded: bool, args: &RunArgs) -> Resu
     Ok(())
 }
 
-/// Each setting given by a flag or the environment, and the database, with its source; secrets hidden.
-fn print_settings(cli: &Cli, run: Option<&ArgMatches>, dsn: &str, embedded: bool) {
+/// The settings a pipeline file gives, by the environment name its comment names:
+/// `batch_size = 5000   # [ACRA_DIRECT_BATCH_SIZE] ...` gives `ACRA_DIRECT_BATCH_SIZE = 5000`.
+pub fn pipeline_values(text: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let (Some((setting, comment)), true) = (line.split_once('#'), line.contains('=')) else { continue };
+        let Some(value) = setting.split_once('=').map(|(_, v)| v.trim().trim_matches('"').to_owned()) else { continue };
+        let Some(name) = comment.trim().strip_prefix('[').and_then(|c| c.split_once(']')).map(|(n, _)| n.to_owned())
+        else {
+            continue;
+        };
+        if name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !value.is_empty() {
+            out.insert(name, value);
+        }
+    }
+    out
+}
+
+/// Every setting with its effective value and where it came from (flag, environment, the pipeline, the
+/// default), the database first; secrets hidden. Enrichment settings only when the pipeline enriches.
+#[allow(clippy::too_many_arguments)]
+fn print_settings(
+    cli: &Cli,
+    run: Option<&ArgMatches>,
+    dsn: &str,
+    embedded: bool,
+    from_pipeline: &std::collections::HashMap<String, String>,
+    origin: &str,
+    enriching: bool,
+) {
     let row = |name: &str, value: &str, source: &str| println!("  {name:<34} {:<40} {source}", cut(value, 40));
     if embedded {
         row("POSTGRES_DSN", "(unset)", "the private cluster");
@@ -211,21 +249,49 @@ fn print_settings(cli: &Cli, run: Option<&ArgMatches>, dsn: &str, embedded: bool
     let Some(sub) = cmd.find_subcommand("check") else { return };
     for a in sub.get_arguments() {
         let id = a.get_id().as_str();
-        let source = match m.value_source(id) {
-            Some(ValueSource::CommandLine) => "flag",
-            Some(ValueSource::EnvVariable) => "environment",
-            _ => continue,
-        };
-        let name = a.get_env().and_then(|e| e.to_str()).map(str::to_owned).unwrap_or_else(|| format!("--{id}"));
-        if name == "POSTGRES_DSN" {
+        let Some(name) = a.get_env().and_then(|e| e.to_str()).map(str::to_owned) else { continue };
+        if name == "POSTGRES_DSN" || name == "ACRAFLOW_HOME" {
             continue;
         }
-        let raw: Vec<String> =
-            m.get_raw(id).map(|vals| vals.map(|v| v.to_string_lossy().into_owned()).collect()).unwrap_or_default();
-        let value =
-            if a.is_hide_env_values_set() || looks_secret(&name) { "(set; hidden)".to_owned() } else { raw.join(",") };
+        let given = match m.value_source(id) {
+            Some(ValueSource::CommandLine) => Some("flag"),
+            Some(ValueSource::EnvVariable) => Some("environment"),
+            _ => None,
+        };
+        if given.is_none() && !enriching && a.get_help_heading() == Some("Enrichment") {
+            continue; // not read by this pipeline
+        }
+        let secret = a.is_hide_env_values_set() || looks_secret(&name);
+        let (value, source) = match given {
+            Some(source) => {
+                let raw: Vec<String> = m
+                    .get_raw(id)
+                    .map(|vals| vals.map(|v| v.to_string_lossy().into_owned()).collect())
+                    .unwrap_or_default();
+                (raw.join(","), source)
+            }
+            None => match from_pipeline.get(&name) {
+                Some(v) => (v.clone(), origin),
+                None => match default_of(a) {
+                    Some(d) => (d, "default"),
+                    None => ("(unset)".to_owned(), "default"),
+                },
+            },
+        };
+        let value = if secret && source != "default" { "(set; hidden)".to_owned() } else { value };
         row(&name, &value, source);
     }
+}
+
+/// A flag's default: clap's, or the `[default: X]` its help names.
+fn default_of(a: &clap::Arg) -> Option<String> {
+    if let Some(d) = a.get_default_values().first() {
+        return Some(d.to_string_lossy().into_owned());
+    }
+    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+    let start = help.rfind("[default: ")? + "[default: ".len();
+    let end = help[start..].find(']')? + start;
+    Some(help[start..end].to_owned())
 }
 
 fn home(cli: &Cli) -> String {
@@ -233,7 +299,7 @@ fn home(cli: &Cli) -> String {
 }
 
 fn looks_secret(name: &str) -> bool {
-    ["KEY", "TOKEN", "PASSWORD", "SECRET", "WEBHOOK", "URL", "PROXY"].iter().any(|w| name.contains(w))
+    ["API_KEY", "TOKEN", "PASSWORD", "SECRET", "WEBHOOK", "URL", "PROXY"].iter().any(|w| name.contains(w))
 }
 
 fn cut(s: &str, n: usize) -> String {
@@ -406,6 +472,14 @@ mod tests {
         assert!(f.iter().any(|f| f.what.contains("ignores CRAWL_MAX_PAGES")), "{f:?}");
         assert!(!f.iter().any(|f| f.what.contains("ACRA_DIRECT_BATCH_SIZE")), "{f:?}");
         assert!(config_findings(&PipelineSpec::acra_direct(), &vars).is_empty());
+    }
+
+    #[test]
+    fn the_pipeline_files_settings_are_read_by_their_environment_names() {
+        let v = pipeline_values(crate::config::ACRA_DIRECT);
+        assert_eq!(v.get("ACRA_DIRECT_BATCH_SIZE").map(String::as_str), Some("5000"));
+        assert_eq!(v.get("ENRICH_SEARCH_RATE").map(String::as_str), Some("200/hour"));
+        assert!(!v.contains_key("ACRA_DIRECT_START_AFTER_ID"), "a commented-out setting is not set");
     }
 
     #[test]

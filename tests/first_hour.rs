@@ -175,7 +175,18 @@ async fn check_flags_a_misspelled_variable_and_fails_on_an_unmigrated_database()
         "{stdout}"
     );
     assert!(stdout.contains("FAIL") && stdout.contains("acraflow migrate"), "{stdout}");
-    assert!(stdout.contains("ACRA_DIRECT_BATCH_SIZE") && stdout.contains("800"), "{stdout}");
+    // Every setting with its value and where it came from.
+    let line = |name: &str| stdout.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or("").to_owned();
+    assert!(
+        line("ACRA_DIRECT_BATCH_SIZE ").contains("800") && line("ACRA_DIRECT_BATCH_SIZE ").ends_with("environment"),
+        "{stdout}"
+    );
+    assert!(
+        line("ACRA_DIRECT_SLOT ").contains("acraflow") && line("ACRA_DIRECT_SLOT ").ends_with("built-in pipeline"),
+        "{stdout}"
+    );
+    assert!(line("METRICS_PORT ").contains("9464") && line("METRICS_PORT ").ends_with("default"), "{stdout}");
+    assert!(line("SLACK_WEBHOOK_URL ").contains("hidden"), "{stdout}");
     assert!(!stdout.contains("secretpart") && !stdout.contains(&db.dsn), "a secret was printed:\n{stdout}");
 
     let db = TestDb::new().await;
