@@ -479,14 +479,25 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let (enriched_today, tokens_today) = crate::enrichment::usage::today(&client).await?;
     let queue = crate::enrichment::queue::stats(&client).await?;
     // Leads: scores by bucket, and the Odoo exports by state with the latest errors.
-    let buckets = q("select coalesce(bucket, '?'), count(*) from lead_scores group by 1 order by 1").await?;
-    let exports = q("select state, count(*), count(*) filter (where not_before > now()), \
-                       count(*) filter (where attempts > 0) from odoo_exports group by 1 order by 1")
-    .await?;
-    let export_errors =
-        q("select c.uen, e.attempts, e.last_error from odoo_exports e join companies c using (company_id) \
-                             where e.last_error is not null order by e.updated_at desc limit 5")
-        .await?;
+    // A database migrated by an older acraflow has no leads tables yet: the section is then empty.
+    let leads_schema = client
+        .query_one("select to_regclass('odoo_exports') is not null and to_regclass('lead_features') is not null", &[])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false);
+    let (buckets, exports, export_errors) = if leads_schema {
+        (
+            q("select coalesce(bucket, '?'), count(*) from lead_scores group by 1 order by 1").await?,
+            q("select state, count(*), count(*) filter (where not_before > now()), \
+                 count(*) filter (where attempts > 0) from odoo_exports group by 1 order by 1")
+            .await?,
+            q("select c.uen, e.attempts, e.last_error from odoo_exports e join companies c using (company_id) \
+                 where e.last_error is not null order by e.updated_at desc limit 5")
+            .await?,
+        )
+    } else {
+        (Vec::new(), Vec::new(), Vec::new())
+    };
     let (staged, companies, history): (i64, i64, i64) = (counts[0].get(0), counts[0].get(1), counts[0].get(2));
     if args.json {
         let v = serde_json::json!({
