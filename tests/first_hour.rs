@@ -290,3 +290,33 @@ async fn old_slots_and_checkpoints_are_listed_and_dropped_when_confirmed() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(db.count("select count(*) from service_progress where key = 'old_key'").await, 0);
 }
+
+/// Ctrl-C in the middle of the demo: it stops its engine and still prints its report, saying it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_demo_still_reports_what_it_did() {
+    let db = TestDb::new().await;
+    let home = TempDir::new("demo-int");
+    let out_path = home.path().join("stdout");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
+        .args(["demo", "--rows", "3000", "--yes"])
+        .env("POSTGRES_DSN", &db.dsn)
+        .env("ACRAFLOW_HOME", home.path())
+        .env("COLUMNS", "100")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Interrupt once enrichment is under way (some companies enriched, the queue not yet worked off).
+    let under_way = crate::support::wait_until(std::time::Duration::from_secs(120), || async {
+        db.count("select count(*) from company_enrichment_runs where enriched").await >= 5
+    })
+    .await;
+    assert!(under_way, "enrichment never started");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let report = std::fs::read_to_string(&out_path).unwrap();
+    assert!(status.success(), "{status:?}\n{report}");
+    assert!(report.contains("demo STOPPED before the end"), "{report}");
+    assert!(report.contains("  enrichment ") && report.contains("websites   found for"), "{report}");
+    assert_eq!(db.count("select count(*) from pg_replication_slots where slot_name = 'acraflow_demo'").await, 0);
+}
