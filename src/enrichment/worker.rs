@@ -161,14 +161,15 @@ pub async fn run(
     // The export step: a task of its own, so a slow or down Odoo never holds enrichment back.
     let (export_stop, export_stop_rx) = watch::channel(false);
     let (export_drain, export_drain_rx) = watch::channel(false);
+    // Aborted if this worker returns early (a lost database): a restart spawns a new one.
     let exporter = match export {
-        Some(e) => Some(crate::enrichment::export::spawn(
+        Some(e) => Some(AbortOnDrop(crate::enrichment::export::spawn(
             e,
             db::connect_as(dsn, tenant, "acraflow-export").await?,
             owner.to_owned(),
             export_stop_rx,
             export_drain_rx,
-        )),
+        ))),
         None => None,
     };
     // An earlier attempt of this process (before a reconnect) may still hold leases.
@@ -320,15 +321,20 @@ pub async fn run(
     }
     let abandoned = in_flight.len() as i64;
     drop(in_flight); // aborts the jobs still running
-    if let Some(task) = exporter {
+    if let Some(mut task) = exporter {
         // Drained: the exports this worker's enrichments asked for go out before it exits. Stopped: the
-        // exporter finishes the company in hand and gives its leases back.
+        // exporter finishes the company in hand within ACRA_DIRECT_DRAIN_TIMEOUT, or is cut off (its
+        // leases expire; a partner it created is found by its UEN next time).
         if stopping {
             let _ = export_stop.send(true);
+            if tokio::time::timeout(ws.drain_timeout, &mut task).await.is_err() {
+                drop(task); // aborts it
+                tracing::warn!("ACRA_DIRECT_DRAIN_TIMEOUT passed with an Odoo export in flight; it is retried later");
+            }
         } else {
             let _ = export_drain.send(true);
+            let _ = task.await;
         }
-        let _ = task.await;
     }
     metrics().worker_leases.dec_by(abandoned);
     match queue::release(&control, owner).await {
