@@ -69,6 +69,14 @@ struct Partner {
     contacts: Vec<(String, Option<String>, Option<String>)>,
 }
 
+/// The fields of `vals` with a value (nulls dropped).
+fn known(mut vals: Value) -> Value {
+    if let Some(map) = vals.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
+    }
+    vals
+}
+
 pub struct Exporter {
     settings: OdooSettings,
     http: reqwest::Client,
@@ -232,10 +240,11 @@ impl Exporter {
     /// Creates or updates the partner, its contacts and (once) its lead; returns (partner id, lead id).
     async fn export(&mut self, p: &Partner, job: &Leased) -> std::result::Result<(i64, Option<i64>), String> {
         let started = std::time::Instant::now();
-        let vals = json!({
+        // Only what we know: a field we did not find is left as Odoo has it (a salesperson may have set it).
+        let vals = known(json!({
             "name": p.name, "ref": p.uen, "is_company": true, "website": p.website, "email": p.email,
             "phone": p.phone, "comment": p.about,
-        });
+        }));
         // The partner is the one whose ref is the UEN, whatever id was stored: Odoo is the truth.
         let found = self
             .execute_kw(
@@ -265,8 +274,9 @@ impl Exporter {
                     json!({"limit": 1}),
                 )
                 .await?;
-            let vals =
-                json!({"name": name, "parent_id": partner_id, "function": title, "email": email, "type": "contact"});
+            let vals = known(
+                json!({"name": name, "parent_id": partner_id, "function": title, "email": email, "type": "contact"}),
+            );
             match found.as_array().and_then(|a| a.first()).and_then(Value::as_i64) {
                 Some(id) => {
                     self.execute_kw("res.partner", "write", json!([[id], vals]), json!({})).await?;
@@ -287,8 +297,9 @@ impl Exporter {
                     .execute_kw(
                         "crm.lead",
                         "create",
-                        json!([{"name": p.name, "partner_id": partner_id, "type": "lead", "email_from": p.email,
-                            "phone": p.phone, "website": p.website, "description": p.rationale}]),
+                        json!([known(json!({"name": p.name, "partner_id": partner_id, "type": "lead",
+                            "email_from": p.email, "phone": p.phone, "website": p.website,
+                            "description": p.rationale}))]),
                         json!({}),
                     )
                     .await?
