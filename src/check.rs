@@ -15,6 +15,7 @@ use clap::{ArgMatches, CommandFactory};
 use crate::cli::{Cli, RunArgs};
 use crate::config::PipelineSpec;
 use crate::db;
+use crate::demo::cut;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Environment variables acraflow reads that no flag carries.
@@ -135,9 +136,9 @@ pub fn warn_at_start(spec: &PipelineSpec) {
 }
 
 fn our_vars() -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| OUR_PREFIXES.iter().any(|p| k.starts_with(p)) || known_names().contains(k))
-        .collect();
+    let known = known_names();
+    let mut vars: Vec<(String, String)> =
+        std::env::vars().filter(|(k, _)| OUR_PREFIXES.iter().any(|p| k.starts_with(p)) || known.contains(k)).collect();
     vars.sort();
     vars
 }
@@ -300,14 +301,6 @@ fn home(cli: &Cli) -> String {
 
 fn looks_secret(name: &str) -> bool {
     ["API_KEY", "TOKEN", "PASSWORD", "SECRET", "WEBHOOK", "URL", "PROXY"].iter().any(|w| name.contains(w))
-}
-
-fn cut(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_owned()
-    } else {
-        s.chars().take(n - 1).chain(std::iter::once('…')).collect()
-    }
 }
 
 async fn database_findings(dsn: &str, spec: Option<&PipelineSpec>, embedded: bool) -> Vec<Finding> {

@@ -315,21 +315,13 @@ async fn fresh_database(dsn: &str) -> Result<String> {
             &[&DATABASE],
         )
         .await;
-    // A database with a replication slot cannot be dropped; the walsender may take a moment to let go.
-    for _ in 0..50 {
-        let left = admin
-            .query_one(
-                "select count(*) from pg_replication_slots where database = $1 and \
-                   (active or pg_drop_replication_slot(slot_name) is null)",
-                &[&DATABASE],
-            )
-            .await
-            .map_err(q)?
-            .get::<_, i64>(0);
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // A database with a replication slot cannot be dropped.
+    let left = drop_slots(&admin, "database = $1", DATABASE).await.map_err(q)?;
+    if left > 0 {
+        return Err(Error::new(
+            crate::ErrorKind::Config,
+            format!("{DATABASE} still has {left} replication slot(s) in use: is another demo running?"),
+        ));
     }
     admin.batch_execute(&format!("drop database if exists {DATABASE} with (force)")).await.map_err(q)?;
     admin.batch_execute(&format!("create database {DATABASE}")).await.map_err(q)?;
@@ -338,25 +330,36 @@ async fn fresh_database(dsn: &str) -> Result<String> {
 
 /// Drops the demo's slot, waiting for its walsender to let go of it.
 async fn drop_slot(client: &tokio_postgres::Client) {
-    for _ in 0..100 {
-        let left = client
-            .query_one(
-                "select count(*) from pg_replication_slots where slot_name = $1 and \
-                   (active or pg_drop_replication_slot(slot_name) is null)",
-                &[&SLOT],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0));
-        match left {
-            Ok(0) => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => {
-                tracing::warn!(error = %e, slot = SLOT, "could not drop the demo's replication slot");
-                return;
-            }
-        }
+    match drop_slots(client, "slot_name = $1", SLOT).await {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!(
+            slot = SLOT,
+            "the demo's replication slot is still in use; drop it with `acraflow slots drop acraflow_demo`"
+        ),
+        Err(e) => tracing::warn!(error = %e, slot = SLOT, "could not drop the demo's replication slot"),
     }
-    tracing::warn!(slot = SLOT, "the demo's replication slot is still in use; drop it with pg_drop_replication_slot");
+}
+
+/// Drops the replication slots `filter` (with `$1` = `value`) selects, waiting up to 10 s for a walsender
+/// to let go of one; returns how many are left.
+async fn drop_slots(
+    client: &tokio_postgres::Client,
+    filter: &str,
+    value: &str,
+) -> std::result::Result<i64, tokio_postgres::Error> {
+    let sql = format!(
+        "select count(*) from pg_replication_slots where {filter} and \
+           (active or pg_drop_replication_slot(slot_name) is null)"
+    );
+    let mut left = 0;
+    for _ in 0..100 {
+        left = client.query_one(&sql, &[&value]).await?.get::<_, i64>(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(left)
 }
 
 /// What this demo's runs did, read back from the database.
@@ -655,7 +658,8 @@ fn reason(error: &str) -> String {
     out.trim().trim_end_matches([';', ':']).to_owned()
 }
 
-fn cut(s: &str, width: usize) -> String {
+/// `s` cut to `width` characters, an ellipsis marking the cut.
+pub(crate) fn cut(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
         return s.to_owned();
     }

@@ -336,7 +336,7 @@ impl FixtureWeb {
 
     /// Every email sent for verification, in order (repeats included: each one a charge).
     pub fn verified_emails(&self) -> Vec<String> {
-        self.state.verified.lock().unwrap().clone()
+        self.state.verified.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_verify_failing(&self, failing: bool) {
@@ -350,12 +350,12 @@ impl FixtureWeb {
 
     /// The Odoo records of `model` (`res.partner`, `crm.lead`).
     pub fn odoo_records(&self, model: &str) -> Vec<serde_json::Value> {
-        self.state.odoo.lock().unwrap().records(model)
+        self.state.odoo.lock().unwrap_or_else(|p| p.into_inner()).records(model)
     }
 
     /// Every `execute_kw` call Odoo received, as `model.method`.
     pub fn odoo_calls(&self) -> Vec<String> {
-        self.state.odoo.lock().unwrap().calls.clone()
+        self.state.odoo.lock().unwrap_or_else(|p| p.into_inner()).calls.clone()
     }
 
     /// Odoo answers 503 to everything (an outage), or stops.
@@ -511,7 +511,7 @@ async fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
         if state.odoo_down.load(Ordering::SeqCst) {
             Response::new(503, "text/html", "<h1>503 Service Unavailable</h1>")
         } else {
-            let answer = odoo::handle(&mut state.odoo.lock().unwrap(), &body);
+            let answer = odoo::handle(&mut state.odoo.lock().unwrap_or_else(|p| p.into_inner()), &body);
             let delay = state.odoo_delay_ms.load(Ordering::SeqCst);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -740,7 +740,7 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
             if emails.len() > 200 {
                 return Response::new(400, "application/json", r#"{"error": "Too many emails: 200 at most."}"#);
             }
-            state.verified.lock().unwrap().extend(emails.iter().cloned());
+            state.verified.lock().unwrap_or_else(|p| p.into_inner()).extend(emails.iter().cloned());
             let rows: Vec<serde_json::Value> = emails
                 .iter()
                 .map(|e| {
