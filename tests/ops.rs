@@ -616,16 +616,44 @@ async fn progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() {
     assert!(screen.contains("3,000/3,000 rows") && screen.contains("ETA"), "no progress bar: {screen}");
     assert!(!screen.contains("rows_done"), "progress log lines while a bar is shown: {screen}");
 
-    // `run` on a terminal: the same bar over its first backfill, then it streams (stopped by SIGTERM).
+    // `run` on a terminal: the same bar over its first backfill, then it streams until SIGTERM. The
+    // signal is sent once the bar is full, not after a fixed time: creating the slot waits for every
+    // transaction open on the server, and other tests share it.
+    let pid_file = std::env::temp_dir().join(format!("acraflow-runbar-{}.pid", std::process::id()));
     let command_line = format!(
-        "timeout -s TERM 10 {} run --checkpoint-key runbar --slot runbar --batch-size 100",
+        "echo $$ > {}; exec {} run --checkpoint-key runbar --slot runbar --batch-size 100",
+        pid_file.display(),
         env!("CARGO_BIN_EXE_acraflow")
     );
-    let mut script = std::process::Command::new("script");
-    script.args(["-qec", &command_line, "/dev/null"]).env("POSTGRES_DSN", &db.dsn).env("RUST_LOG", "info");
-    let out = output(script).await;
-    let screen = String::from_utf8_lossy(&out.stdout);
-    assert!(screen.contains("3,000/3,000 rows"), "run showed no backfill bar: {screen}");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command_line, "/dev/null"])
+        .env("POSTGRES_DSN", &db.dsn)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (mut stdout, screen) = (child.stdout.take().unwrap(), screen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !screen.lock().unwrap().contains("3,000/3,000 rows") {
+        assert!(tokio::time::Instant::now() < deadline, "run showed no full backfill bar: {}", screen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    reader.join().unwrap();
+    let _ = std::fs::remove_file(&pid_file);
+    let screen = screen.lock().unwrap().clone();
+    assert!(status.success(), "{screen}");
     assert!(screen.contains("interrupted"), "{screen}");
 }
 
