@@ -349,10 +349,10 @@ async fn database_findings(dsn: &str, spec: Option<&PipelineSpec>, embedded: boo
     match db::schema_facts(&client).await {
         Ok(_) => {
             let current = client
-                // The newest migration's mark (sql/008_leads.sql).
+                // The newest migration's mark (sql/009_pacing.sql).
                 .query_opt(
-                    "select 1 from information_schema.columns where table_schema = current_schema() \
-                     and table_name = 'odoo_exports' and column_name = 'lease_seq'",
+                    "select 1 from information_schema.tables where table_schema = current_schema() \
+                     and table_name = 'provider_pacing'",
                     &[],
                 )
                 .await

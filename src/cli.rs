@@ -389,6 +389,10 @@ pub struct EnrichArgs {
     /// A verification is reused (not paid again) for this many days [default: 90]
     #[arg(long, env = "ZEROBOUNCE_RECHECK_DAYS", value_name = "DAYS")]
     pub zerobounce_recheck_days: Option<u32>,
+    /// validatebatch calls across every worker; ZeroBounce allows 5 a minute and blocks a key past it for
+    /// 10 minutes [default: 5/min]
+    #[arg(long, env = "ZEROBOUNCE_BATCH_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
+    pub zerobounce_batch_rate: Option<crate::config::RateSetting>,
     /// Odoo's base URL: companies scored at or above SCORE_MIN_EXPORT are exported to it (with ODOO_DB,
     /// ODOO_USERNAME, and ODOO_API_KEY in the environment)
     #[arg(long, env = "ODOO_URL", value_name = "URL", hide_env_values = true)]
@@ -411,6 +415,9 @@ pub struct EnrichArgs {
     /// Attempts of an export before it is parked [default: 10]
     #[arg(long, env = "ODOO_MAX_ATTEMPTS", value_name = "N")]
     pub odoo_max_attempts: Option<u32>,
+    /// Calls to Odoo's external API across every worker, e.g. 10/s, or off [default: 10/s]
+    #[arg(long, env = "ODOO_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
+    pub odoo_rate: Option<crate::config::RateSetting>,
 }
 
 impl EnrichArgs {
@@ -449,6 +456,8 @@ impl EnrichArgs {
             zerobounce_url: self.zerobounce_url.clone(),
             zerobounce_max_verifications: self.zerobounce_max_verifications,
             zerobounce_recheck_days: self.zerobounce_recheck_days,
+            zerobounce_batch_rate: self.zerobounce_batch_rate.map(|r| r.0),
+            odoo_rate: self.odoo_rate.map(|r| r.0),
             odoo_url: self.odoo_url.clone(),
             odoo_db: self.odoo_db.clone(),
             odoo_username: self.odoo_username.clone(),
@@ -502,7 +511,7 @@ pub struct WorkerArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("which").required(true).args(["uen", "file", "where_", "failed"])))]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["uen", "file", "where_", "failed", "exports"])))]
 pub struct RefreshArgs {
     /// Companies by UEN (several may follow one flag)
     #[arg(long, num_args = 1.., value_name = "UEN")]
@@ -516,6 +525,9 @@ pub struct RefreshArgs {
     /// Re-queue every parked job (those that failed ENRICH_MAX_ATTEMPTS times)
     #[arg(long)]
     pub failed: bool,
+    /// Re-queue every parked export to Odoo (those that failed ODOO_MAX_ATTEMPTS times)
+    #[arg(long, conflicts_with_all = ["force", "max_pages", "no_llm"])]
+    pub exports: bool,
     /// Find the website again, ignoring the domain the company has
     #[arg(long)]
     pub force: bool,

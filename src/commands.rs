@@ -245,6 +245,11 @@ async fn refresh(dsn: &str, args: &RefreshArgs) -> Result<()> {
     use crate::enrichment::queue::{self, Selection};
     let client = db::connect_as(dsn, args.tenant_id.as_deref(), "acraflow").await?;
     db::schema_facts(&client).await?;
+    if args.exports {
+        let n = crate::enrichment::export::requeue_parked(&client).await?;
+        println!("re-queued {n} parked exports to Odoo; a running worker with ODOO_URL set sends them");
+        return Ok(());
+    }
     let selection = if args.failed {
         Selection::Failed
     } else if let Some(predicate) = &args.where_ {
@@ -619,11 +624,12 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     }
     for r in &exports {
         println!(
-            "  odoo {:<10} {:>6}  ({} backing off after a failure, {} retried)",
+            "  odoo {:<10} {:>6}  ({} backing off after a failure, {} retried){}",
             r.get::<_, String>(0),
             r.get::<_, i64>(1),
             r.get::<_, i64>(2),
-            r.get::<_, i64>(3)
+            r.get::<_, i64>(3),
+            if r.get::<_, String>(0) == "parked" { "; `acraflow refresh --exports` re-queues them" } else { "" }
         );
     }
     for r in &export_errors {

@@ -361,6 +361,10 @@ pub struct EnrichSpec {
     /// A cached verification younger than this many days is used instead of a new one.
     #[serde(default = "default_zerobounce_recheck_days")]
     pub zerobounce_recheck_days: u32,
+    /// `validatebatch` calls across every worker (ZeroBounce allows 5 a minute per account and blocks a key
+    /// past it for 10 minutes); a company's emails wait for the next batch.
+    #[serde(default = "default_zerobounce_batch_rate", deserialize_with = "rate")]
+    pub zerobounce_batch_rate: Option<Rate>,
     /// The `score` step (`[operator.score]` under this operator; absent: no scores).
     pub score: Option<crate::enrichment::leads::ScoreSpec>,
     /// The `export` step: Odoo's base URL (on with it and `ODOO_API_KEY`).
@@ -377,6 +381,9 @@ pub struct EnrichSpec {
     pub odoo_retry_backoff: Duration,
     #[serde(default = "default_odoo_max_attempts")]
     pub odoo_max_attempts: u32,
+    /// Calls to Odoo's external API across every worker.
+    #[serde(default = "default_odoo_rate", deserialize_with = "rate")]
+    pub odoo_rate: Option<Rate>,
     /// Set by code only (the demo); otherwise `ODOO_API_KEY` from the environment.
     #[serde(skip)]
     pub odoo_api_key: Option<Secret>,
@@ -396,6 +403,18 @@ fn default_odoo_max_attempts() -> u32 {
 
 fn default_zerobounce_url() -> String {
     "https://bulkapi.zerobounce.net/v2".into()
+}
+
+/// ZeroBounce's documented limit for `validatebatch`.
+pub const DEFAULT_ZEROBOUNCE_BATCH_RATE: Rate = Rate { calls: 5, per: Duration::from_secs(60) };
+pub const DEFAULT_ODOO_RATE: Rate = Rate { calls: 10, per: Duration::from_secs(1) };
+
+fn default_zerobounce_batch_rate() -> Option<Rate> {
+    Some(DEFAULT_ZEROBOUNCE_BATCH_RATE)
+}
+
+fn default_odoo_rate() -> Option<Rate> {
+    Some(DEFAULT_ODOO_RATE)
 }
 
 fn default_zerobounce_recheck_days() -> u32 {
@@ -565,6 +584,8 @@ pub struct EnrichOverrides {
     pub zerobounce_url: Option<String>,
     pub zerobounce_max_verifications: Option<u64>,
     pub zerobounce_recheck_days: Option<u32>,
+    pub zerobounce_batch_rate: Option<Option<Rate>>,
+    pub odoo_rate: Option<Option<Rate>>,
     pub odoo_url: Option<String>,
     pub odoo_db: Option<String>,
     pub odoo_username: Option<String>,
@@ -627,6 +648,8 @@ impl EnrichSpec {
         set(&mut self.zerobounce_url, &o.zerobounce_url);
         set_opt(&mut self.zerobounce_max_verifications, &o.zerobounce_max_verifications);
         set(&mut self.zerobounce_recheck_days, &o.zerobounce_recheck_days);
+        set(&mut self.zerobounce_batch_rate, &o.zerobounce_batch_rate);
+        set(&mut self.odoo_rate, &o.odoo_rate);
         set_opt(&mut self.odoo_url, &o.odoo_url);
         set_opt(&mut self.odoo_db, &o.odoo_db);
         set_opt(&mut self.odoo_username, &o.odoo_username);

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("006_trust", include_str!("../sql/006_trust.sql")),
     ("007_backfill", include_str!("../sql/007_backfill.sql")),
     ("008_leads", include_str!("../sql/008_leads.sql")),
+    ("009_pacing", include_str!("../sql/009_pacing.sql")),
 ];
 
 /// Whether this process has connected to its database at least once (a fresh start that never did fails

@@ -118,6 +118,7 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
             // The local web's search and reader are ours: no budget to keep to.
             search_rate: Some(None),
             reader_rate: Some(None),
+            odoo_rate: Some(None),
             // Leads at or above the default SCORE_MIN_EXPORT go to the local web's Odoo.
             odoo_url: Some(web.odoo_url()),
             odoo_db: Some(crate::fixture_web::odoo::DB.into()),

@@ -22,6 +22,7 @@ fn env(web: &FixtureWeb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         ("ACRA_DIRECT_CONCURRENCY", "4".into()),
         ("ZEROBOUNCE_URL", web.zerobounce_url()),
         ("ZEROBOUNCE_API_KEY", "zb-test-key-31337".into()),
+        ("ZEROBOUNCE_BATCH_RATE", "4/s".into()),
         ("RUST_LOG", "warn".into()),
     ]
     .into_iter()
@@ -58,7 +59,9 @@ async fn emails_are_verified_in_batches_cached_and_never_paid_for_twice() {
     let db = TestDb::new().await;
     let companies = live_companies(&db, 60).await;
     let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
-    let env = env(&web, &[]);
+    // ZeroBounce's validatebatch limit, scaled down: one call per 5 s, and a call sooner is refused.
+    web.set_verify_rate_limit(1, Duration::from_millis(4500));
+    let env = env(&web, &[("ZEROBOUNCE_BATCH_RATE", "1/5s")]);
     acraflow(&db, &["backfill"], &env).await;
 
     let seen = statuses(&db).await;
@@ -72,6 +75,10 @@ async fn emails_are_verified_in_batches_cached_and_never_paid_for_twice() {
     assert_eq!(paid.len(), distinct.len(), "an email was paid for twice in one run");
     assert_eq!(paid.len(), seen.len());
     assert_eq!(db.count("select count(*) from email_verification_cache").await, seen.len() as i64);
+    // Batches gather the emails of the companies that finished meanwhile, and keep to the limit.
+    let (calls, refused) = web.verify_calls();
+    assert_eq!(refused, 0, "the provider's rate limit was exceeded");
+    assert!(calls * 3 <= seen.len() / 2, "{calls} validatebatch calls for {} companies' emails", seen.len() / 2);
     // Sales-facing order: the verified address first.
     let first: Vec<String> = db
         .client
@@ -109,6 +116,8 @@ async fn the_daily_verification_cap_holds_across_two_workers_and_an_outage_only_
     let jobs = db.count("select count(*) from enrichment_jobs").await;
     let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
     let env = env(&web, &[("ZEROBOUNCE_MAX_VERIFICATIONS", "7")]);
+    // Two workers share the provider's limit (4 a second here, paced in the database).
+    web.set_verify_rate_limit(5, Duration::from_secs(1));
     let spawn = || {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"));
         cmd.args(["worker", "--exit-when-idle"]).env("POSTGRES_DSN", &db.dsn).stdout(std::process::Stdio::null());
@@ -128,6 +137,7 @@ async fn the_daily_verification_cap_holds_across_two_workers_and_an_outage_only_
     let seen = statuses(&db).await;
     let unverified = seen.values().filter(|s| *s == "unverified").count();
     assert_eq!(unverified, seen.len() - paid, "past the cap, emails stay unverified");
+    assert_eq!(web.verify_calls().1, 0, "two workers together exceeded the provider's rate limit");
     // The cap fails no company: every job was worked off.
     assert_eq!(db.count("select count(*) from enrichment_jobs").await, 0, "of {jobs} jobs");
     assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched and status = 'failed'").await, 0);
@@ -268,8 +278,10 @@ async fn the_odoo_export_is_idempotent_through_a_kill_a_rerun_and_an_outage() {
             ("APIFY_LINKEDIN_URL", &contacts_url),
             ("ENRICH_LEASE", "3s"),
             ("CRAWLER_TIMEOUT_S", "1"),
+            ("ODOO_RATE", "40/s"),
         ],
     );
+    web.set_odoo_rate_limit(50, Duration::from_secs(1));
 
     // 1. Killed mid-export: Odoo applies a call, then takes 2 s to answer; the worker dies in between.
     web.set_odoo_delay(Duration::from_secs(2));
@@ -325,6 +337,8 @@ async fn the_odoo_export_is_idempotent_through_a_kill_a_rerun_and_an_outage() {
     acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
     assert_eq!(partners_by_uen(&web), partners, "a re-run created or lost partners");
     assert_eq!(web.odoo_records("crm.lead").len(), leads.len(), "a re-run created leads");
+    let (requests, refused) = web.odoo_requests();
+    assert_eq!(refused, 0, "{refused} of {requests} requests to Odoo came faster than ODOO_RATE");
     assert!(web.odoo_calls().iter().filter(|c| *c == "res.partner.write").count() as i64 >= 2 * qualifying);
 
     // 3. An outage: the enrichment commits, the export waits and retries, then goes out.
@@ -364,4 +378,19 @@ async fn the_odoo_export_is_idempotent_through_a_kill_a_rerun_and_an_outage() {
         db.count(&format!("select count(*) from odoo_exports where last_error like '%{}%'", odoo::API_KEY)).await,
         0
     );
+
+    // 4. An export that fails ODOO_MAX_ATTEMPTS times is parked, shown, and re-queued by one command.
+    web.set_odoo_down(true);
+    let once: Vec<(String, String)> = env.iter().cloned().chain([("ODOO_MAX_ATTEMPTS".into(), "1".into())]).collect();
+    acraflow(&db, &["refresh", "--uen", &uen], &[]).await;
+    acraflow(&db, &["worker", "--exit-when-idle"], &once).await;
+    assert_eq!(db.count("select count(*) from odoo_exports where state = 'parked'").await, 1);
+    let status = String::from_utf8_lossy(&acraflow(&db, &["status"], &[]).await.stdout).into_owned();
+    assert!(status.contains("odoo parked") && status.contains("acraflow refresh --exports"), "{status}");
+    web.set_odoo_down(false);
+    let out = acraflow(&db, &["refresh", "--exports"], &[]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("re-queued 1 parked export"));
+    acraflow(&db, &["worker", "--exit-when-idle"], &env).await;
+    assert_eq!(db.count("select count(*) from odoo_exports where state <> 'done'").await, 0);
+    assert_eq!(partners_by_uen(&web), partners);
 }

@@ -24,6 +24,7 @@ use tokio_postgres::Client;
 
 use crate::config::Secret;
 use crate::error::{Error, Result};
+use crate::telemetry::metrics::{metrics, ProviderLabel, ProviderNameLabel};
 
 /// `ODOO_*`: on when `ODOO_URL` and `ODOO_API_KEY` are set.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct OdooSettings {
     pub poll: Duration,
     /// `ENRICH_LEASE`: an exporter's hold on an export; a killed exporter's rows return after it.
     pub lease: Duration,
+    /// `ODOO_RATE`: calls across every worker (`None`: unpaced).
+    pub rate: Option<crate::config::Rate>,
 }
 
 /// Rows an exporter leases at once.
@@ -77,6 +80,18 @@ fn known(mut vals: Value) -> Value {
     vals
 }
 
+/// `acraflow refresh --exports`: parked exports (past `ODOO_MAX_ATTEMPTS`) due again, with fresh attempts.
+pub async fn requeue_parked(client: &Client) -> Result<u64> {
+    client
+        .execute(
+            "update odoo_exports set state = 'pending', attempts = 0, not_before = now(), updated_at = now() \
+             where state = 'parked'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db("re-queuing parked exports (odoo_exports)", e))
+}
+
 pub struct Exporter {
     settings: OdooSettings,
     http: reqwest::Client,
@@ -84,6 +99,7 @@ pub struct Exporter {
     owner: String,
     uid: Option<i64>,
     next_id: u64,
+    pacing: Option<crate::enrichment::usage::Pacing>,
 }
 
 /// Runs an exporter until `stop`; with `drain` set, it returns once no export is due.
@@ -103,7 +119,8 @@ pub fn spawn(
             }
         };
         let poll = settings.poll;
-        let mut ex = Exporter { settings, http, client, owner, uid: None, next_id: 0 };
+        let pacing = settings.rate.map(|r| crate::enrichment::usage::Pacing::new("odoo", r.interval()));
+        let mut ex = Exporter { settings, http, client, owner, uid: None, next_id: 0, pacing };
         loop {
             if *stop.borrow() {
                 break;
@@ -387,8 +404,29 @@ impl Exporter {
         self.call("object", "execute_kw", args).await.map_err(|e| format!("{model}.{method}: {e}"))
     }
 
-    /// One JSON-RPC call: `{"jsonrpc": "2.0", "method": "call", "params": {service, method, args}}`.
+    /// One JSON-RPC call, in its turn (`ODOO_RATE`): `{"jsonrpc": "2.0", "method": "call", "params":
+    /// {service, method, args}}`.
     async fn call(&mut self, service: &str, method: &str, args: Value) -> std::result::Result<Value, String> {
+        if let Some(p) = &self.pacing {
+            let started = std::time::Instant::now();
+            let wait = p.take(&self.client).await.map_err(|e| e.to_string())?;
+            tokio::time::sleep(wait).await;
+            metrics()
+                .provider_wait
+                .get_or_create(&ProviderNameLabel { provider: "odoo" })
+                .inc_by(started.elapsed().as_secs_f64());
+        }
+        let answer = self.call_now(service, method, args).await;
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(e) if e.starts_with("Odoo: ") => "refused",
+            Err(_) => "error",
+        };
+        metrics().provider_calls.get_or_create(&ProviderLabel { provider: "odoo", outcome }).inc();
+        answer
+    }
+
+    async fn call_now(&mut self, service: &str, method: &str, args: Value) -> std::result::Result<Value, String> {
         self.next_id += 1;
         let url = format!("{}/jsonrpc", self.settings.url.as_str().trim_end_matches('/'));
         let body = json!({"jsonrpc": "2.0", "method": "call", "id": self.next_id,

@@ -4,8 +4,10 @@
 //!
 //! **Verify** (on when `ZEROBOUNCE_API_KEY` is set): a company's emails are looked up in
 //! `email_verification_cache` first; only those not checked within `ZEROBOUNCE_RECHECK_DAYS` go to the
-//! provider, in one ZeroBounce v2 `validatebatch` call (200 at most), and their answers are cached at once,
-//! so no email is paid for twice. `ZEROBOUNCE_MAX_VERIFICATIONS` caps the calls per UTC day across runs and
+//! provider in a ZeroBounce v2 `validatebatch` call (200 at most) that a worker's batcher fills with every
+//! waiting company's emails while it waits for its turn (`ZEROBOUNCE_BATCH_RATE`, 5 a minute by default,
+//! paced across all workers in `provider_pacing`: ZeroBounce blocks a key past that for 10 minutes). The
+//! answers are cached at once, so no email is paid for twice. `ZEROBOUNCE_MAX_VERIFICATIONS` caps the calls per UTC day across runs and
 //! workers (reserved in the database before the call, like the other daily caps). Past the cap, or when the
 //! provider keeps refusing, emails stay `unverified`: the company is never failed for it.
 //!
@@ -19,8 +21,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio_postgres::Client;
 
-use crate::enrichment::usage::Usage;
+use crate::enrichment::usage::{Pacing, Usage};
 use crate::error::{Error, Result};
+use crate::telemetry::metrics::{metrics, ProviderLabel, ProviderNameLabel};
 
 /// What the `score` step weighs (pipeline file: `[operator.score]` under the enrich operator).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -226,32 +229,76 @@ pub struct VerifySettings {
     pub daily_cap: Option<u64>,
     /// `ZEROBOUNCE_RECHECK_DAYS`: a cached answer younger than this is used instead of paying again.
     pub recheck_days: u32,
+    /// `ZEROBOUNCE_BATCH_RATE`: `validatebatch` calls across every worker (`None`: unpaced).
+    pub batch_rate: Option<crate::config::Rate>,
     pub timeout: Duration,
 }
 
 /// Emails a `validatebatch` call takes at most (the provider's limit).
 pub const BATCH_MAX: usize = 200;
 pub const VERIFICATIONS: &str = "email_verifications";
+/// How long the provider may take over a batch (ZeroBounce: "up to 70 seconds"; it answers `unknown` for
+/// what it could not check in time), sent as its `timeout` parameter.
+const PROVIDER_TIMEOUT_S: u64 = 60;
+/// A company waits this long for its batch at most; then its emails stay unverified.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// How long a key is left alone after a 429 without `Retry-After` (ZeroBounce blocks it for 10 minutes).
+const BLOCKED_FOR: Duration = Duration::from_secs(600);
 
+/// What a company's emails come back with: `(email, status)` pairs, or why none were verified.
+type Answer = std::result::Result<Vec<(String, String)>, String>;
+
+/// One company's emails waiting for a batch: lower case, distinct, not in the cache, and already reserved
+/// against the daily cap (the batcher gives back what it does not pay for).
+struct Request {
+    emails: Vec<String>,
+    reply: tokio::sync::oneshot::Sender<Answer>,
+}
+
+/// The `verify` step of a worker: a company's emails are looked up in the cache, and the rest join the
+/// next `validatebatch` call of the worker's batcher task, which gathers every company's emails while it
+/// waits for its turn (`ZEROBOUNCE_BATCH_RATE`, across all workers), so the provider sees a few large
+/// batches rather than a call per company.
 pub struct Verifier {
-    settings: VerifySettings,
-    http: reqwest::Client,
+    recheck_days: u32,
     client: Arc<Client>,
     usage: Usage,
+    batches: tokio::sync::mpsc::Sender<Request>,
+    batcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.batcher.abort();
+    }
 }
 
 impl Verifier {
+    /// Starts the batcher task (so it must be called inside the runtime).
     pub fn new(settings: VerifySettings, client: Arc<Client>) -> Result<Verifier> {
         let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
+            .timeout(settings.timeout.max(Duration::from_secs(PROVIDER_TIMEOUT_S + 20)))
             .build()
             .map_err(|e| Error::config(format!("building the verification client: {e}")))?;
         let usage = Usage::new(Arc::clone(&client), VERIFICATIONS, settings.daily_cap);
-        Ok(Verifier { settings, http, client, usage })
+        let pacing = settings.batch_rate.map(|r| Pacing::new("zerobounce", r.interval()));
+        let (batches, rx) = tokio::sync::mpsc::channel(4096);
+        let recheck_days = settings.recheck_days;
+        let batcher = Batcher {
+            settings,
+            http,
+            usage: usage.clone(),
+            pacing,
+            rx,
+            pending: std::collections::VecDeque::new(),
+            blocked_until: None,
+        };
+        let batcher = tokio::spawn(batcher.run());
+        Ok(Verifier { recheck_days, client, usage, batches, batcher })
     }
 
-    /// Each email with its status: cached, verified now, or `unverified` (past the daily cap, or the
-    /// provider refused after its retries). Never fails the company.
+    /// Each email with its status: cached, verified now, or `unverified` (past the daily cap, the provider
+    /// refused after its retries, or the batch did not come within [`MAX_WAIT`]). Never fails the company.
     pub async fn verify(&self, emails: &[String]) -> Vec<(String, String)> {
         if emails.is_empty() {
             return Vec::new();
@@ -262,7 +309,7 @@ impl Verifier {
             .query(
                 "select email, status from email_verification_cache \
                  where email = any($1) and checked_at > now() - make_interval(days => $2)",
-                &[&lower, &(self.settings.recheck_days.min(36_500) as i32)],
+                &[&lower, &(self.recheck_days.min(36_500) as i32)],
             )
             .await
         {
@@ -278,21 +325,27 @@ impl Verifier {
         todo.truncate(BATCH_MAX);
         if !todo.is_empty() {
             match self.usage.try_take(todo.len() as u64).await {
-                Ok(true) => match self.call(&todo).await {
-                    Ok(answers) => {
-                        // Paid for: cached at once, whatever happens to the company.
-                        self.cache(&answers).await;
-                        let answered: std::collections::HashSet<&String> = answers.iter().map(|(e, _, _)| e).collect();
-                        let unanswered = todo.iter().filter(|e| !answered.contains(e)).count() as i64;
-                        self.usage.adjust(-unanswered).await;
-                        known.extend(answers.into_iter().map(|(e, s, _)| (e, s)));
+                Ok(true) => {
+                    let n = todo.len() as i64;
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    if self.batches.send(Request { emails: todo, reply }).await.is_err() {
+                        self.usage.adjust(-n).await;
+                    } else {
+                        match tokio::time::timeout(MAX_WAIT, answer).await {
+                            Ok(Ok(Ok(answers))) => known.extend(answers),
+                            Ok(Ok(Err(e))) => {
+                                tracing::warn!(target: crate::telemetry::COMPANY, stage = "verify_email", error = %e,
+                                    "email verification refused; emails stay unverified");
+                            }
+                            // The batcher is gone (the worker is stopping).
+                            Ok(Err(_)) => {}
+                            Err(_) => {
+                                tracing::warn!(target: crate::telemetry::COMPANY, stage = "verify_email",
+                                    waited_s = MAX_WAIT.as_secs(), "no verification batch in time; emails stay unverified");
+                            }
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(target: crate::telemetry::COMPANY, stage = "verify_email", error = %e,
-                            "email verification refused; emails stay unverified");
-                        self.usage.adjust(-(todo.len() as i64)).await;
-                    }
-                },
+                }
                 Ok(false) => {
                     tracing::info!(target: crate::telemetry::COMPANY, stage = "verify_email", emails = todo.len(),
                         "ZEROBOUNCE_MAX_VERIFICATIONS reached today; emails stay unverified");
@@ -306,89 +359,256 @@ impl Verifier {
             .map(|(e, l)| (e.clone(), known.get(l).cloned().unwrap_or_else(|| "unverified".to_owned())))
             .collect()
     }
+}
 
-    /// One `validatebatch` call, retried with backoff on a refusal (429, 5xx, a timeout).
-    async fn call(&self, emails: &[String]) -> std::result::Result<Vec<(String, String, String)>, String> {
+/// How one `validatebatch` call went.
+enum Call {
+    /// `(email, status, sub_status)` for each address the provider answered.
+    Answered(Vec<(String, String, String)>),
+    /// Worth another try (5xx, a timeout, no connection).
+    Retry(String),
+    /// No retry helps (a bad key, no credits, a 4xx).
+    Refused(String),
+    /// HTTP 429: the key is blocked for this long.
+    Blocked(Duration),
+}
+
+/// The worker's batcher task: see [`Verifier`].
+struct Batcher {
+    settings: VerifySettings,
+    http: reqwest::Client,
+    usage: Usage,
+    pacing: Option<Pacing>,
+    rx: tokio::sync::mpsc::Receiver<Request>,
+    /// Requests in arrival order; a batch is taken from the front.
+    pending: std::collections::VecDeque<Request>,
+    blocked_until: Option<std::time::Instant>,
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        loop {
+            if self.pending.is_empty() {
+                match self.rx.recv().await {
+                    Some(r) => self.pending.push_back(r),
+                    None => return,
+                }
+            }
+            if let Some(left) = self.blocked_until.and_then(|u| u.checked_duration_since(std::time::Instant::now())) {
+                let why = format!(
+                    "the verification provider blocked the key after a 429; calls resume in {}",
+                    humantime::format_duration(Duration::from_secs(left.as_secs()))
+                );
+                let all: Vec<Request> = self.pending.drain(..).collect();
+                self.refuse(all, &why).await;
+                continue;
+            }
+            self.batch().await;
+        }
+    }
+
+    /// One batch from the front of the queue, retried (each try taking its turn) until answered, refused
+    /// or out of tries.
+    async fn batch(&mut self) {
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            if let Err(e) = self.turn().await {
+                let all: Vec<Request> = self.pending.drain(..).collect();
+                self.refuse(all, &e.to_string()).await;
+                return;
+            }
+            while let Ok(r) = self.rx.try_recv() {
+                self.pending.push_back(r);
+            }
+            // Companies that stopped waiting: never paid for.
+            let (waiting, gone): (Vec<Request>, Vec<Request>) =
+                self.pending.drain(..).partition(|r| !r.reply.is_closed());
+            self.pending.extend(waiting);
+            self.refuse(gone, "").await;
+            let batch = self.take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let mut emails: Vec<String> = batch.iter().flat_map(|r| r.emails.iter().cloned()).collect();
+            emails.sort();
+            emails.dedup();
+            let reserved: usize = batch.iter().map(|r| r.emails.len()).sum();
+            match self.call(&emails).await {
+                Call::Answered(answers) => {
+                    self.count("ok");
+                    // Paid for: cached at once, whatever happens to the companies.
+                    cache(&self.usage.client(), &answers).await;
+                    self.usage.adjust(answers.len() as i64 - reserved as i64).await;
+                    let statuses: std::collections::HashMap<String, String> =
+                        answers.into_iter().map(|(e, s, _)| (e, s)).collect();
+                    for r in batch {
+                        let mine = r.emails.iter().filter_map(|e| Some((e.clone(), statuses.get(e)?.clone())));
+                        let _ = r.reply.send(Ok(mine.collect()));
+                    }
+                    return;
+                }
+                Call::Retry(why) if attempt < 2 => {
+                    self.count("error");
+                    tracing::debug!(error = %why, attempt, "verification batch failed; retrying");
+                    // Back in front, in order, for the next try.
+                    for r in batch.into_iter().rev() {
+                        self.pending.push_front(r);
+                    }
+                }
+                Call::Retry(why) | Call::Refused(why) => {
+                    self.count("refused");
+                    self.refuse(batch, &why).await;
+                    return;
+                }
+                Call::Blocked(d) => {
+                    self.count("refused");
+                    tracing::warn!(
+                        blocked_s = d.as_secs(),
+                        "the verification provider answered 429 (its rate limit): \
+                        no calls until it lifts; emails stay unverified meanwhile (ZEROBOUNCE_BATCH_RATE)"
+                    );
+                    self.blocked_until = Some(std::time::Instant::now() + d);
+                    self.refuse(batch, "the verification provider answered 429 (rate limited)").await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for this worker's next turn at the provider, gathering the requests that arrive meanwhile.
+    async fn turn(&mut self) -> Result<()> {
+        let Some(pacing) = &self.pacing else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let wait = pacing.take(&self.usage.client()).await?;
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                r = self.rx.recv() => match r {
+                    Some(r) => self.pending.push_back(r),
+                    None => (&mut sleep).await,
+                },
+            }
+        }
+        metrics()
+            .provider_wait
+            .get_or_create(&ProviderNameLabel { provider: "zerobounce" })
+            .inc_by(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// The front requests whose distinct emails fit one call (the first always does: a company sends
+    /// [`BATCH_MAX`] at most).
+    fn take_batch(&mut self) -> Vec<Request> {
+        let mut seen = std::collections::HashSet::new();
+        let mut batch = Vec::new();
+        while let Some(r) = self.pending.front() {
+            let new = r.emails.iter().filter(|e| !seen.contains(*e)).count();
+            if !batch.is_empty() && seen.len() + new > BATCH_MAX {
+                break;
+            }
+            seen.extend(r.emails.iter().cloned());
+            batch.extend(self.pending.pop_front());
+        }
+        batch
+    }
+
+    /// Answers `why` to requests that will not be verified, and gives their reservations back.
+    async fn refuse(&self, requests: Vec<Request>, why: &str) {
+        let reserved: usize = requests.iter().map(|r| r.emails.len()).sum();
+        self.usage.adjust(-(reserved as i64)).await;
+        for r in requests {
+            let _ = r.reply.send(Err(why.to_owned()));
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics().provider_calls.get_or_create(&ProviderLabel { provider: "zerobounce", outcome }).inc();
+    }
+
+    /// One `validatebatch` call.
+    async fn call(&self, emails: &[String]) -> Call {
         let url = format!("{}/validatebatch", self.settings.base_url.as_str().trim_end_matches('/'));
         let body = serde_json::json!({
             "api_key": self.settings.api_key.expose(),
             "email_batch": emails.iter().map(|e| serde_json::json!({"email_address": e, "ip_address": ""})).collect::<Vec<_>>(),
+            "timeout": PROVIDER_TIMEOUT_S,
         });
-        let mut delay = Duration::from_millis(500);
-        let mut last = String::new();
-        for attempt in 0..4 {
-            if attempt > 0 {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+        let resp = match self.http.post(&url).json(&body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Call::Retry(format!(
+                    "could not reach the verification provider ({})",
+                    if e.is_timeout() { "timeout" } else { "connection" }
+                ))
             }
-            let resp = match self.http.post(&url).json(&body).send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    last = format!(
-                        "could not reach the verification provider ({})",
-                        if e.is_timeout() { "timeout" } else { "connection" }
-                    );
-                    continue;
-                }
-            };
-            let status = resp.status().as_u16();
-            if status == 429 || status >= 500 {
-                last = format!("the verification provider answered HTTP {status}");
-                continue;
-            }
-            if status != 200 {
-                return Err(format!("the verification provider answered HTTP {status}"));
-            }
-            let v: serde_json::Value =
-                resp.json().await.map_err(|_| "the verification provider's answer is not JSON".to_owned())?;
-            if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
-                // ZeroBounce answers 200 with an error for a bad key or no credits: no retry helps.
-                return Err(format!(
-                    "the verification provider refused: {}",
-                    err.chars().take(200).collect::<String>()
-                ));
-            }
-            let rows = v.get("email_batch").and_then(|b| b.as_array()).cloned().unwrap_or_default();
-            let answers = rows
-                .iter()
-                .filter_map(|r| {
-                    let address = r.get("address")?.as_str()?.to_lowercase();
-                    let status = r.get("status")?.as_str()?.to_lowercase();
-                    let sub = r.get("sub_status").and_then(|s| s.as_str()).unwrap_or("").to_owned();
-                    emails.contains(&address).then_some((address, status, sub))
-                })
-                .collect();
-            return Ok(answers);
+        };
+        let status = resp.status().as_u16();
+        if status == 429 {
+            let after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map_or(BLOCKED_FOR, |s| Duration::from_secs(s.min(3600)));
+            return Call::Blocked(after);
         }
-        Err(last)
-    }
-
-    async fn cache(&self, answers: &[(String, String, String)]) {
-        if answers.is_empty() {
-            return;
+        if status >= 500 {
+            return Call::Retry(format!("the verification provider answered HTTP {status}"));
         }
-        let (e, s, ss): (Vec<&str>, Vec<&str>, Vec<&str>) = answers
+        if status != 200 {
+            return Call::Refused(format!("the verification provider answered HTTP {status}"));
+        }
+        let v: serde_json::Value = match resp.json().await {
+            Ok(v) => v,
+            Err(_) => return Call::Retry("the verification provider's answer is not JSON".to_owned()),
+        };
+        if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+            // ZeroBounce answers 200 with an error for a bad key or no credits: no retry helps.
+            return Call::Refused(format!(
+                "the verification provider refused: {}",
+                err.chars().take(200).collect::<String>()
+            ));
+        }
+        let rows = v.get("email_batch").and_then(|b| b.as_array()).cloned().unwrap_or_default();
+        let wanted: std::collections::HashSet<&str> = emails.iter().map(String::as_str).collect();
+        let mut answers: Vec<(String, String, String)> = rows
             .iter()
-            .map(|(e, s, ss)| (e.as_str(), s.as_str(), ss.as_str()))
-            .fold((Vec::new(), Vec::new(), Vec::new()), |mut acc, (e, s, ss)| {
-                acc.0.push(e);
-                acc.1.push(s);
-                acc.2.push(ss);
-                acc
-            });
-        let done = self
-            .client
-            .execute(
-                "insert into email_verification_cache (email, status, sub_status, checked_at) \
-                 select * , now() from unnest($1::text[], $2::text[], $3::text[]) \
-                 on conflict (email) do update set status = excluded.status, sub_status = excluded.sub_status, \
-                   checked_at = now()",
-                &[&e, &s, &ss],
-            )
-            .await;
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "could not cache email verifications");
-        }
+            .filter_map(|r| {
+                let address = r.get("address")?.as_str()?.to_lowercase();
+                let status = r.get("status")?.as_str()?.to_lowercase();
+                let sub = r.get("sub_status").and_then(|s| s.as_str()).unwrap_or("").to_owned();
+                wanted.contains(address.as_str()).then_some((address, status, sub))
+            })
+            .collect();
+        answers.sort();
+        answers.dedup_by(|a, b| a.0 == b.0);
+        Call::Answered(answers)
+    }
+}
+
+async fn cache(client: &Client, answers: &[(String, String, String)]) {
+    if answers.is_empty() {
+        return;
+    }
+    let e: Vec<&str> = answers.iter().map(|a| a.0.as_str()).collect();
+    let s: Vec<&str> = answers.iter().map(|a| a.1.as_str()).collect();
+    let ss: Vec<&str> = answers.iter().map(|a| a.2.as_str()).collect();
+    let done = client
+        .execute(
+            "insert into email_verification_cache (email, status, sub_status, checked_at) \
+             select * , now() from unnest($1::text[], $2::text[], $3::text[]) \
+             on conflict (email) do update set status = excluded.status, sub_status = excluded.sub_status, \
+               checked_at = now()",
+            &[&e, &s, &ss],
+        )
+        .await;
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "could not cache email verifications");
     }
 }
 

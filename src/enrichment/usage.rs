@@ -98,3 +98,32 @@ pub async fn today(client: &Client) -> Result<(i64, i64)> {
         .map_err(|e| Error::db("reading today's usage (ACRA_DIRECT_DAILY_CAP, OPENAI_DAILY_TOKENS_CAP)", e))?;
     Ok((row.get(0), row.get(1)))
 }
+
+/// Calls to a provider whose limit is per account, spaced `interval` apart across every worker on every
+/// machine (`provider_pacing`): each call takes the next free slot with one upsert, then waits for it. Slots are not given back, so a worker that dies holding one only wastes it.
+pub struct Pacing {
+    provider: &'static str,
+    interval: std::time::Duration,
+}
+
+impl Pacing {
+    pub fn new(provider: &'static str, interval: std::time::Duration) -> Self {
+        Pacing { provider, interval }
+    }
+
+    /// Takes the next free slot; returns how long to wait for it.
+    pub async fn take(&self, client: &Client) -> Result<std::time::Duration> {
+        let row = client
+            .query_one(
+                "insert into provider_pacing as p (provider, next_at) \
+                   values ($1, clock_timestamp() + make_interval(secs => $2)) \
+                 on conflict (provider) do update \
+                   set next_at = greatest(p.next_at, clock_timestamp()) + make_interval(secs => $2) \
+                 returning extract(epoch from p.next_at - make_interval(secs => $2) - clock_timestamp())::float8",
+                &[&self.provider, &self.interval.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| Error::db(format!("taking a turn for {} (provider_pacing)", self.provider), e))?;
+        Ok(std::time::Duration::try_from_secs_f64(row.get::<_, f64>(0)).unwrap_or_default())
+    }
+}

@@ -130,6 +130,11 @@ pub fn owner_id() -> &'static str {
 
 type InFlight = FuturesUnordered<BoxFuture<'static, Done>>;
 
+/// Companies past their crawl and in the steps after it (waiting for the email verifier's next batch,
+/// scored) at most. They hold no crawl slot (`ACRA_DIRECT_CONCURRENCY` bounds crawls), so a verifier paced
+/// at a few batches a minute gathers many companies per batch instead of stalling the crawls.
+const FINISHING_MAX: usize = crate::enrichment::leads::BATCH_MAX;
+
 /// The run a worker reports to.
 pub struct RunContext {
     /// The `enrichment_runs` header its history rows point to.
@@ -192,6 +197,7 @@ pub async fn run(
     let mut summary = WorkerSummary::default();
     let mut latencies = Latencies::default();
     let mut in_flight: InFlight = FuturesUnordered::new();
+    let mut finishing: InFlight = FuturesUnordered::new();
     let every = |d: Duration| {
         let mut i = tokio::time::interval(d.max(Duration::from_millis(50)));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -217,7 +223,7 @@ pub async fn run(
     }
     update_gauges(&control).await;
     loop {
-        let room = ws.concurrency.saturating_sub(in_flight.len());
+        let room = if finishing.len() >= FINISHING_MAX { 0 } else { ws.concurrency.saturating_sub(in_flight.len()) };
         if !stopping && room > 0 && Instant::now() >= next_lease {
             if monitor.gate().is_paused() {
                 next_lease = Instant::now() + ws.poll;
@@ -237,7 +243,7 @@ pub async fn run(
                         "ACRA_DIRECT_DAILY_CAP reached: no more jobs are leased today; they wait in the queue"
                     );
                 }
-                if got == 0 && draining && registry_done && in_flight.is_empty() {
+                if got == 0 && draining && registry_done && in_flight.is_empty() && finishing.is_empty() {
                     if leased.capped {
                         break;
                     }
@@ -253,10 +259,10 @@ pub async fn run(
                 }
             }
         }
-        if stopping && in_flight.is_empty() {
+        if stopping && in_flight.is_empty() && finishing.is_empty() {
             break;
         }
-        let full = stopping || in_flight.len() >= ws.concurrency;
+        let full = stopping || in_flight.len() >= ws.concurrency || finishing.len() >= FINISHING_MAX;
         let lease_wait = async {
             if full {
                 std::future::pending::<()>().await
@@ -278,7 +284,7 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = deadline => {
-                tracing::warn!(in_flight = in_flight.len(),
+                tracing::warn!(in_flight = in_flight.len() + finishing.len(),
                     "ACRA_DIRECT_DRAIN_TIMEOUT passed: giving back the leases of the jobs still in flight");
                 break;
             }
@@ -292,9 +298,15 @@ pub async fn run(
                 registry_done = !alive || done_rx.as_ref().is_some_and(|rx| *rx.borrow());
                 next_lease = Instant::now();
             }
-            Some(first) = in_flight.next() => {
-                let mut batch = vec![first];
+            Some(crawled) = in_flight.next() => {
+                finishing.push(finish(&enricher, crawled));
                 while let Some(Some(d)) = in_flight.next().now_or_never() {
+                    finishing.push(finish(&enricher, d));
+                }
+            }
+            Some(first) = finishing.next() => {
+                let mut batch = vec![first];
+                while let Some(Some(d)) = finishing.next().now_or_never() {
                     batch.push(d);
                 }
                 let o = sink.write(&batch).await?;
@@ -308,7 +320,7 @@ pub async fn run(
                 next_lease = next_lease.min(Instant::now());
             }
             _ = renew.tick() => {
-                if !in_flight.is_empty() {
+                if !in_flight.is_empty() || !finishing.is_empty() {
                     if let Err(e) = queue::renew(&control, owner, ws.lease).await {
                         tracing::warn!(error = %e, "could not renew leases; retrying at the next tick");
                     }
@@ -319,8 +331,9 @@ pub async fn run(
             _ = lease_wait => {}
         }
     }
-    let abandoned = in_flight.len() as i64;
+    let abandoned = (in_flight.len() + finishing.len()) as i64;
     drop(in_flight); // aborts the jobs still running
+    drop(finishing);
     if let Some(mut task) = exporter {
         // Drained: the exports this worker's enrichments asked for go out before it exits. Stopped: the
         // exporter finishes the company in hand within ACRA_DIRECT_DRAIN_TIMEOUT, or is cut off (its
@@ -361,6 +374,27 @@ fn start(enricher: &Arc<Enricher>, job: Job) -> BoxFuture<'static, Done> {
         let enrichment = task.await.unwrap_or_else(|_| Enrichment {
             status: Status::Failed,
             error: Some("internal error: the enrichment task ended abnormally".into()),
+            ..Default::default()
+        });
+        Done { job, enrichment }
+    }
+    .boxed()
+}
+
+/// The steps after a company's crawl: verify (on a task of its own: it waits for a batch) and score.
+fn finish(enricher: &Arc<Enricher>, crawled: Done) -> BoxFuture<'static, Done> {
+    let Done { job, mut enrichment } = crawled;
+    if !enricher.verifies() {
+        let c = &job.company;
+        let _span = tracing::info_span!("company", company_id = c.id, uen = c.uen.as_deref().unwrap_or("")).entered();
+        enricher.score(c, &mut enrichment);
+        return futures::future::ready(Done { job, enrichment }).boxed();
+    }
+    let task = AbortOnDrop(tokio::spawn(Arc::clone(enricher).leads(job.company.clone(), enrichment)));
+    async move {
+        let enrichment = task.await.unwrap_or_else(|_| Enrichment {
+            status: Status::Failed,
+            error: Some("internal error: the steps after the crawl ended abnormally".into()),
             ..Default::default()
         });
         Done { job, enrichment }

@@ -194,11 +194,41 @@ struct State {
     verified: Mutex<Vec<String>>,
     /// The verification endpoint answers 500 (an outage).
     verify_fail: AtomicBool,
+    /// The verification endpoint's and Odoo's rate limits (429 past them).
+    verify_limit: Mutex<Limiter>,
+    odoo_limit: Mutex<Limiter>,
     /// The Odoo external API (`/jsonrpc`), its outage switch and a delay before each answer.
     odoo: Mutex<odoo::OdooDb>,
     odoo_down: AtomicBool,
     odoo_delay_ms: AtomicU64,
     log_hits: bool,
+}
+
+/// A provider's published rate limit: a call past `limit.0` within any `limit.1` is refused.
+#[derive(Default)]
+struct Limiter {
+    limit: Option<(usize, Duration)>,
+    admitted: std::collections::VecDeque<Instant>,
+    calls: usize,
+    refused: usize,
+}
+
+impl Limiter {
+    /// Counts a call; false when it is past the limit.
+    fn admit(&mut self) -> bool {
+        self.calls += 1;
+        let Some((calls, window)) = self.limit else { return true };
+        let now = Instant::now();
+        while self.admitted.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            self.admitted.pop_front();
+        }
+        if self.admitted.len() >= calls {
+            self.refused += 1;
+            return false;
+        }
+        self.admitted.push_back(now);
+        true
+    }
 }
 
 pub struct FixtureWeb {
@@ -245,6 +275,8 @@ impl FixtureWeb {
             webhooks: Mutex::new(Vec::new()),
             verified: Mutex::new(Vec::new()),
             verify_fail: AtomicBool::new(false),
+            verify_limit: Mutex::new(Limiter::default()),
+            odoo_limit: Mutex::new(Limiter::default()),
             odoo: Mutex::new(odoo::OdooDb::default()),
             odoo_down: AtomicBool::new(false),
             odoo_delay_ms: AtomicU64::new(0),
@@ -341,6 +373,29 @@ impl FixtureWeb {
 
     pub fn set_verify_failing(&self, failing: bool) {
         self.state.verify_fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// The verification API answers 429 to a call past `calls` within any `window` (ZeroBounce's
+    /// `validatebatch`: 5 a minute).
+    pub fn set_verify_rate_limit(&self, calls: usize, window: Duration) {
+        self.state.verify_limit.lock().unwrap_or_else(|p| p.into_inner()).limit = Some((calls, window));
+    }
+
+    /// `validatebatch` calls received, and how many of them were refused with 429.
+    pub fn verify_calls(&self) -> (usize, usize) {
+        let l = self.state.verify_limit.lock().unwrap_or_else(|p| p.into_inner());
+        (l.calls, l.refused)
+    }
+
+    /// Odoo answers 429 to a request past `calls` within any `window`.
+    pub fn set_odoo_rate_limit(&self, calls: usize, window: Duration) {
+        self.state.odoo_limit.lock().unwrap_or_else(|p| p.into_inner()).limit = Some((calls, window));
+    }
+
+    /// Requests Odoo received, and how many of them were refused with 429.
+    pub fn odoo_requests(&self) -> (usize, usize) {
+        let l = self.state.odoo_limit.lock().unwrap_or_else(|p| p.into_inner());
+        (l.calls, l.refused)
     }
 
     /// An Odoo whose external API is at `{odoo_url}/jsonrpc`; see [`odoo`] for what it accepts.
@@ -510,6 +565,8 @@ async fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
     let response = if (authority == state.own || host == "localhost") && path == "/odoo/jsonrpc" && method == "POST" {
         if state.odoo_down.load(Ordering::SeqCst) {
             Response::new(503, "text/html", "<h1>503 Service Unavailable</h1>")
+        } else if !state.odoo_limit.lock().unwrap_or_else(|p| p.into_inner()).admit() {
+            Response::new(429, "text/html", "<h1>429 Too Many Requests</h1>")
         } else {
             let answer = odoo::handle(&mut state.odoo.lock().unwrap_or_else(|p| p.into_inner()), &body);
             let delay = state.odoo_delay_ms.load(Ordering::SeqCst);
@@ -727,6 +784,9 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
         ("POST", "/zerobounce/v2/validatebatch") => {
             if state.verify_fail.load(Ordering::SeqCst) {
                 return Response::new(500, "application/json", r#"{"error": "Internal Server Error"}"#);
+            }
+            if !state.verify_limit.lock().unwrap_or_else(|p| p.into_inner()).admit() {
+                return Response::new(429, "application/json", r#"{"error": "Rate limit exceeded."}"#);
             }
             let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
             if req.get("api_key").and_then(|k| k.as_str()).is_none_or(str::is_empty) {

@@ -180,7 +180,11 @@ impl Metrics {
             "Seconds from a job's enqueue to the commit of its enrichment",
             m.queue_latency.clone(),
         );
-        r.register("provider_calls", "Calls to search and reader providers, by outcome", m.provider_calls.clone());
+        r.register(
+            "provider_calls",
+            "Calls to external providers (search, reader, zerobounce, odoo), by outcome",
+            m.provider_calls.clone(),
+        );
         r.register(
             "provider_wait_seconds",
             "Seconds spent waiting for a provider's rate budget",
@@ -210,7 +214,7 @@ impl Metrics {
         for outcome in ["ok", "failed"] {
             drop(m.odoo_exports.get_or_create(&OutcomeLabel { outcome }));
         }
-        for provider in ["search", "reader"] {
+        for provider in ["search", "reader", "zerobounce", "odoo"] {
             for outcome in ["ok", "refused", "error"] {
                 drop(m.provider_calls.get_or_create(&ProviderLabel { provider, outcome }));
             }

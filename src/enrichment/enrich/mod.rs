@@ -125,7 +125,8 @@ impl EnrichSettings {
                     api_key: crate::config::Secret::new(key),
                     daily_cap: spec.zerobounce_max_verifications,
                     recheck_days: spec.zerobounce_recheck_days,
-                    timeout: spec.timeout.max(Duration::from_secs(10)),
+                    batch_rate: spec.zerobounce_batch_rate,
+                    timeout: spec.timeout,
                 }),
                 None => None,
             },
@@ -149,6 +150,7 @@ impl EnrichSettings {
                         timeout: spec.timeout.max(Duration::from_secs(10)),
                         poll: spec.poll_interval,
                         lease: spec.lease,
+                        rate: spec.odoo_rate,
                     })
                 }
                 None => None,
@@ -271,22 +273,39 @@ impl Enricher {
         Ok(Arc::new(Enricher { settings, http, tokens, search, reader, verifier }))
     }
 
+    /// Whether the steps after the crawl wait on anything (the email verifier's batches).
+    pub fn verifies(&self) -> bool {
+        self.verifier.is_some()
+    }
+
     /// The steps after `enrich`: each email's verification status (sales-facing order: verified first),
-    /// then the lead score. A failed enrichment gets neither.
-    async fn leads(&self, company: &Company, out: &mut Enrichment) {
+    /// then the lead score. A failed enrichment gets neither. The worker runs them apart from the crawl:
+    /// a company waiting for the verifier's next batch holds no crawl slot.
+    pub async fn leads(self: Arc<Self>, company: Company, mut out: Enrichment) -> Enrichment {
+        let span = tracing::info_span!("company", company_id = company.id, uen = company.uen.as_deref().unwrap_or(""));
+        async {
+            if let (Some(v), false) = (&self.verifier, out.status == Status::Failed) {
+                out.email_status = v.verify(&out.public_emails).await;
+                out.public_emails = crate::enrichment::leads::prefer_verified(&out.email_status);
+                tracing::info!(target: crate::telemetry::COMPANY, stage = "verify_email",
+                    verified = out.email_status.iter().filter(|(_, s)| s == "valid").count(),
+                    emails = out.email_status.len(), "verified");
+            }
+            self.score(&company, &mut out);
+        }
+        .instrument(span)
+        .await;
+        out
+    }
+
+    /// The `score` step (no I/O): emails not verified are `unverified`.
+    pub fn score(&self, company: &Company, out: &mut Enrichment) {
         use crate::enrichment::leads;
         if out.status == Status::Failed {
             return;
         }
-        out.email_status = match &self.verifier {
-            Some(v) => v.verify(&out.public_emails).await,
-            None => out.public_emails.iter().map(|e| (e.clone(), "unverified".to_owned())).collect(),
-        };
-        if self.verifier.is_some() {
-            out.public_emails = leads::prefer_verified(&out.email_status);
-            tracing::info!(target: crate::telemetry::COMPANY, stage = "verify_email",
-                verified = out.email_status.iter().filter(|(_, s)| s == "valid").count(),
-                emails = out.email_status.len(), "verified");
+        if self.verifier.is_none() {
+            out.email_status = out.public_emails.iter().map(|e| (e.clone(), "unverified".to_owned())).collect();
         }
         if let Some(spec) = &self.settings.score {
             let facts = leads::Facts {
@@ -347,9 +366,6 @@ impl Enricher {
                     pages_fetched: out.pages_fetched,
                     ..Default::default()
                 };
-            }
-            if !over {
-                self.leads(&company, &mut out).await;
             }
             out.duration = started.elapsed();
             tracing::debug!(
