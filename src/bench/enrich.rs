@@ -27,7 +27,8 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
     let sweep: u64 = args.concurrency.iter().map(|c| (*c as u64 * args.per_slot).max(args.per_slot)).sum();
     // Then two rounds of PATHOLOGICAL companies at concurrency 16: a control, and one whose first company's
     // homepage is the 2 MB nested page.
-    let total = sweep + 2 * PATHOLOGICAL;
+    let verify: u64 = VERIFY_ROUNDS.iter().map(|(_, n)| n).sum();
+    let total = sweep + 2 * PATHOLOGICAL + verify;
     let deep_at = (sweep + PATHOLOGICAL) as usize;
     let (web, sites) = super::companies_with_sites(&client, total, 5, "BENCH", args.latency, |i, site| {
         if i == deep_at {
@@ -64,7 +65,7 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
     let mut after_id = 0i64;
     for &c in &args.concurrency {
         let n = (c as u64 * args.per_slot).max(args.per_slot);
-        let r = round(&dsn, &client, &web, args, c, n, after_id, &format!("bench_{c}")).await?;
+        let r = round(&dsn, &client, &web, args, c, n, after_id, &format!("bench_{c}"), &[]).await?;
         after_id += n as i64;
         if r.durations.len() as u64 != n {
             return Err(Error::new(
@@ -96,7 +97,7 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
     println!("{:>10} {:>13} {:>8} {:>8} {:>22}", "round", "companies/s", "p50 ms", "p95 ms", "pathological company");
     let mut control_p50 = 0u64;
     for (label, key) in [("control", "bench_control"), ("with page", "bench_deep")] {
-        let r = round(&dsn, &client, &web, args, 16, PATHOLOGICAL, after_id, key).await?;
+        let r = round(&dsn, &client, &web, args, 16, PATHOLOGICAL, after_id, key, &[]).await?;
         after_id += PATHOLOGICAL as i64;
         let deep = client
             .query_opt(
@@ -128,10 +129,75 @@ pub async fn enrich(admin_dsn: &str, args: &BenchEnrichArgs) -> Result<()> {
         }
     }
 
+    after_id = verification(&dsn, &client, &web, args, per_company, after_id).await?;
+    debug_assert_eq!(after_id as u64, total);
     Ok(())
 }
 
 const PATHOLOGICAL: u64 = 64;
+/// The verify rounds at concurrency 64: (ZEROBOUNCE_BATCH_RATE, companies). ZeroBounce's own limit, where
+/// the provider bounds throughput, and a pace at which it keeps up with the crawl.
+const VERIFY_ROUNDS: [(&str, u64); 2] = [("5/min", 400), ("30/min", 1024)];
+
+/// Email verification on, against the fixture's ZeroBounce, which refuses a call sooner than the pace: the
+/// rate against the smaller of the crawl's bound and the provider's (`BATCH_MAX` emails per call).
+async fn verification(
+    dsn: &str,
+    client: &tokio_postgres::Client,
+    web: &FixtureWeb,
+    args: &BenchEnrichArgs,
+    per_company: Duration,
+    mut after_id: i64,
+) -> Result<i64> {
+    let c = 64usize;
+    println!(
+        "
+email verification at concurrency {c} (validatebatch of {} emails at most):",
+        crate::enrichment::leads::BATCH_MAX
+    );
+    println!(
+        "{:>8} {:>9} {:>13} {:>11} {:>14} {:>13} {:>7} {:>6} {:>8}",
+        "pace", "companies", "companies/s", "crawl bound", "provider bound", "emails/call", "ratio", "calls", "refused"
+    );
+    for (pace, n) in VERIFY_ROUNDS {
+        let rate = crate::config::parse_rate(pace)
+            .map_err(crate::error::Error::config)?
+            .unwrap_or(crate::config::DEFAULT_ZEROBOUNCE_BATCH_RATE);
+        let interval = rate.interval();
+        client
+            .batch_execute(
+                "delete from provider_pacing; delete from enrichment_usage where kind = 'email_verifications'",
+            )
+            .await
+            .map_err(|e| Error::db("resetting the verification pace", e))?;
+        web.set_verify_rate_limit(1, interval.mul_f64(0.9));
+        let (calls_before, refused_before) = web.verify_calls();
+        let emails_before = web.verified_emails().len();
+        let key = format!("bench_verify_{}", pace.replace('/', "_"));
+        let env = [
+            ("ZEROBOUNCE_API_KEY", "bench".to_owned()),
+            ("ZEROBOUNCE_URL", web.zerobounce_url()),
+            ("ZEROBOUNCE_BATCH_RATE", pace.to_owned()),
+        ];
+        let r = round(dsn, client, web, args, c, n, after_id, &key, &env).await?;
+        after_id += n as i64;
+        let (calls, refused) = web.verify_calls();
+        let (calls, refused) = (calls - calls_before, refused - refused_before);
+        let emails = web.verified_emails().len() - emails_before;
+        let per_call = emails as f64 / calls.max(1) as f64;
+        let emails_per_company = emails as f64 / n as f64;
+        let crawl_bound = c as f64 / per_company.as_secs_f64();
+        let provider_bound =
+            crate::enrichment::leads::BATCH_MAX as f64 / emails_per_company.max(1e-9) / interval.as_secs_f64();
+        let measured = n as f64 / r.seconds;
+        println!(
+            "{pace:>8} {n:>9} {measured:>13.2} {crawl_bound:>11.2} {provider_bound:>14.2} {per_call:>13.1} {:>6.0}% {calls:>6} {refused:>8}",
+            100.0 * measured / crawl_bound.min(provider_bound)
+        );
+    }
+    println!("targets: no call refused; >= 80% of the smaller bound (a round starts with one call and ends with a partial batch)");
+    Ok(after_id)
+}
 
 struct Round {
     seconds: f64,
@@ -151,9 +217,12 @@ async fn round(
     n: u64,
     after_id: i64,
     key: &str,
+    env: &[(&str, String)],
 ) -> Result<Round> {
     let started = Instant::now();
-    let mut child = super::child_on_fixture_web(dsn, web, args.host_spacing)?
+    let mut child = super::child_on_fixture_web(dsn, web, args.host_spacing)?;
+    child.envs(env.iter().map(|(k, v)| (k, v)));
+    let mut child = child
         .args(["backfill", "--pipeline", "acra_direct"])
         .env("ACRA_DIRECT_CHECKPOINT_KEY", key)
         .env("ACRA_DIRECT_START_AFTER_ID", after_id.to_string())
