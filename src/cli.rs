@@ -462,6 +462,7 @@ impl EnrichArgs {
             odoo_db: self.odoo_db.clone(),
             odoo_username: self.odoo_username.clone(),
             odoo_api_key: None,
+            zerobounce_api_key: None,
             score_min_export: self.score_min_export,
             odoo_create_leads: self.odoo_create_leads,
             odoo_retry_backoff: self.odoo_retry_backoff,

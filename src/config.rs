@@ -387,6 +387,9 @@ pub struct EnrichSpec {
     /// Set by code only (the demo); otherwise `ODOO_API_KEY` from the environment.
     #[serde(skip)]
     pub odoo_api_key: Option<Secret>,
+    /// Set by code only (the demo); otherwise `ZEROBOUNCE_API_KEY` from the environment.
+    #[serde(skip)]
+    pub zerobounce_api_key: Option<Secret>,
 }
 
 fn default_score_min_export() -> f64 {
@@ -590,6 +593,7 @@ pub struct EnrichOverrides {
     pub odoo_db: Option<String>,
     pub odoo_username: Option<String>,
     pub odoo_api_key: Option<Secret>,
+    pub zerobounce_api_key: Option<Secret>,
     pub score_min_export: Option<f64>,
     pub odoo_create_leads: Option<bool>,
     pub odoo_retry_backoff: Option<Duration>,
@@ -654,6 +658,7 @@ impl EnrichSpec {
         set_opt(&mut self.odoo_db, &o.odoo_db);
         set_opt(&mut self.odoo_username, &o.odoo_username);
         set_opt(&mut self.odoo_api_key, &o.odoo_api_key);
+        set_opt(&mut self.zerobounce_api_key, &o.zerobounce_api_key);
         set(&mut self.score_min_export, &o.score_min_export);
         set(&mut self.odoo_create_leads, &o.odoo_create_leads);
         set(&mut self.odoo_retry_backoff, &o.odoo_retry_backoff);

@@ -125,6 +125,10 @@ pub async fn demo(database: &Database, args: &DemoArgs, log: &std::path::Path) -
             odoo_username: Some(crate::fixture_web::odoo::USERNAME.into()),
             odoo_api_key: Some(crate::config::Secret::new(crate::fixture_web::odoo::API_KEY)),
             odoo_retry_backoff: Some(Duration::from_secs(1)),
+            // Emails are verified by the local web's ZeroBounce (no pace to keep: it is ours).
+            zerobounce_url: Some(web.zerobounce_url()),
+            zerobounce_api_key: Some(crate::config::Secret::new("demo")),
+            zerobounce_batch_rate: Some(None),
             ..Default::default()
         },
         ..Default::default()
@@ -380,6 +384,8 @@ struct Report {
     site_right: i64,
     site_wrong: i64,
     emails: i64,
+    /// Emails by verification status (valid, catch-all, ...), over every company's latest enrichment.
+    verified: Vec<(String, i64)>,
     phones: i64,
     linkedin: i64,
     about: i64,
@@ -411,7 +417,7 @@ impl Report {
             .map_err(q)?;
         // The latest enrichment of each company in this demo.
         let latest = "select distinct on (h.company_id) h.company_id, h.status, h.error, h.website_domain, \
-               h.public_emails, h.phones, h.linkedin_url, h.about_text, c.uen, c.name \
+               h.public_emails, h.phones, h.linkedin_url, h.about_text, c.uen, c.name, h.email_status \
              from company_enrichment_runs h join companies c using (company_id) \
              where h.run_id > $1 and h.enriched order by h.company_id, h.id desc";
         let rows = client.query(latest, &[&before]).await.map_err(q)?;
@@ -432,6 +438,7 @@ impl Report {
             site_right: 0,
             site_wrong: 0,
             emails: 0,
+            verified: Vec::new(),
             phones: 0,
             linkedin: 0,
             about: 0,
@@ -455,6 +462,7 @@ impl Report {
             log: None,
         };
         let mut reasons: std::collections::HashMap<String, i64> = Default::default();
+        let mut verified: std::collections::HashMap<String, i64> = Default::default();
         let live_uens: Vec<&str> = live.iter().map(|c| c.uen.as_str()).collect();
         for row in &rows {
             let status: String = row.get(1);
@@ -489,6 +497,11 @@ impl Report {
                 }
             }
             r.emails += i64::from(!emails.is_empty());
+            for pair in list(10) {
+                if let Some(status) = pair.get(1).and_then(|s| s.as_str()) {
+                    *verified.entry(status.to_owned()).or_default() += 1;
+                }
+            }
             r.phones += i64::from(!phones.is_empty());
             r.linkedin += i64::from(linkedin.is_some());
             r.about += i64::from(about.as_deref().is_some_and(|a| !a.is_empty()));
@@ -511,6 +524,9 @@ impl Report {
         reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         reasons.truncate(5);
         r.reasons = reasons;
+        let mut verified: Vec<(String, i64)> = verified.into_iter().collect();
+        verified.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        r.verified = verified;
         Ok(r)
     }
 
@@ -554,6 +570,11 @@ impl Report {
             self.about,
             pct(self.about, self.enriched),
         );
+        if !self.verified.is_empty() {
+            let total: i64 = self.verified.iter().map(|(_, n)| n).sum();
+            let parts: Vec<String> = self.verified.iter().take(4).map(|(s, n)| format!("{n} {s}")).collect();
+            println!("  verified   {total} emails with ZeroBounce: {}", parts.join(", "));
+        }
         if !self.buckets.is_empty() {
             let of = |list: &[(String, i64)], k: &str| list.iter().find(|(b, _)| b == k).map_or(0, |(_, n)| *n);
             println!(

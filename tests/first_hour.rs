@@ -59,6 +59,7 @@ async fn the_demo_reports_its_own_run_briefly_and_leaves_no_slot() {
         "acraflow import",
         "leads      High",
         "exported to Odoo",
+        "valid",
     ] {
         assert!(first.contains(named), "the report lacks {named:?}:\n{first}");
     }

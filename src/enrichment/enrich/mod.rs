@@ -119,10 +119,14 @@ impl EnrichSettings {
             min_confidence: spec.min_confidence,
             company_timeout: spec.company_timeout,
             max_candidates: spec.max_candidates,
-            verify: match secret(&["ZEROBOUNCE_API_KEY"]) {
-                Some(key) => Some(crate::enrichment::leads::VerifySettings {
+            verify: match spec
+                .zerobounce_api_key
+                .clone()
+                .or_else(|| secret(&["ZEROBOUNCE_API_KEY"]).map(crate::config::Secret::new))
+            {
+                Some(api_key) => Some(crate::enrichment::leads::VerifySettings {
                     base_url: parse("ZEROBOUNCE_URL", &spec.zerobounce_url)?,
-                    api_key: crate::config::Secret::new(key),
+                    api_key,
                     daily_cap: spec.zerobounce_max_verifications,
                     recheck_days: spec.zerobounce_recheck_days,
                     batch_rate: spec.zerobounce_batch_rate,
