@@ -11,8 +11,13 @@
 //!
 //! The CA is `sslrootcert` (a PEM file), `sslrootcert=system` for the public web PKI (Mozilla's roots),
 //! else `~/.postgresql/root.crt` as libpq looks for it. `verify-ca` and `verify-full` without any of them
-//! is an error that says so, not a silent downgrade. Both keys are taken out of the DSN before
-//! tokio-postgres (which knows neither `verify-ca` nor `verify-full`) reads the rest.
+//! is an error that says so, not a silent downgrade.
+//!
+//! A client certificate (mutual TLS, for `cert` authentication or `clientcert=verify-full` in
+//! `pg_hba.conf`) is `sslcert` with `sslkey`, else `~/.postgresql/postgresql.crt` and `postgresql.key` when
+//! both exist, as libpq does; the key must not be readable by group or others (libpq's rule: 0600, or
+//! 0640 when root owns it). The TLS keys are taken out of the DSN before tokio-postgres (which knows
+//! neither `verify-ca`, `verify-full` nor client certificates) reads the rest.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,17 +79,74 @@ pub enum Roots {
     System,
 }
 
+/// A client certificate chain and its private key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ClientCert {
+    fn load(&self) -> Result<(Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)> {
+        let read = |setting: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                Error::with_source(ErrorKind::Config, format!("{setting} {}: cannot read it", path.display()), e)
+            })
+        };
+        let pem = read("sslcert", &self.cert)?;
+        let chain: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut pem.as_slice()).collect::<std::result::Result<_, _>>().map_err(|e| {
+                Error::with_source(ErrorKind::Config, format!("sslcert {}: not PEM", self.cert.display()), e)
+            })?;
+        if chain.is_empty() {
+            return Err(Error::config(format!(
+                "sslcert {} holds no certificate (a PEM file with a BEGIN CERTIFICATE block)",
+                self.cert.display()
+            )));
+        }
+        key_is_private(&self.key)?;
+        let pem = read("sslkey", &self.key)?;
+        let key = rustls_pemfile::private_key(&mut pem.as_slice())
+            .map_err(|e| Error::with_source(ErrorKind::Config, format!("sslkey {}: not PEM", self.key.display()), e))?
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "sslkey {} holds no private key (PKCS#8, PKCS#1 or SEC1 PEM)",
+                    self.key.display()
+                ))
+            })?;
+        Ok((chain, key))
+    }
+}
+
+/// libpq's rule for a private key file: no access for others, nor for the group unless root owns it.
+fn key_is_private(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::with_source(ErrorKind::Config, format!("sslkey {}: cannot read it", path.display()), e))?;
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        return Err(Error::config(format!(
+            "sslkey {} may be read by {} (mode {mode:04o}): `chmod 600` it, as libpq requires of a private key",
+            path.display(),
+            if mode & 0o007 != 0 { "anyone" } else { "its group" }
+        )));
+    }
+    Ok(())
+}
+
 /// The TLS half of a DSN.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Tls {
     pub mode: SslMode,
     pub roots: Option<Roots>,
+    pub client: Option<ClientCert>,
 }
 
 /// Parses a DSN (`key=value ...` or a `postgres://` URL): tokio-postgres's config for the rest, and the TLS
 /// settings.
 pub fn parse(dsn: &str) -> Result<(Config, Tls)> {
-    let (rest, mode, rootcert) = split(dsn)?;
+    let Parts { rest, mode, rootcert, cert, key } = split(dsn)?;
     let mut config: Config = rest.parse().map_err(|e| {
         Error::with_source(
             ErrorKind::Config,
@@ -96,13 +158,28 @@ pub fn parse(dsn: &str) -> Result<(Config, Tls)> {
         Some(m) => SslMode::parse(&m)?,
         None => SslMode::default(),
     };
+    let in_home = |name: &str| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql").join(name)).filter(|p| p.exists())
+    };
     let roots = match rootcert.as_deref() {
         Some("system") => Some(Roots::System),
         Some(path) => Some(Roots::File(PathBuf::from(path))),
-        None => {
-            let home = std::env::var_os("HOME").map(PathBuf::from);
-            home.map(|h| h.join(".postgresql/root.crt")).filter(|p| p.exists()).map(Roots::File)
+        None => in_home("root.crt").map(Roots::File),
+    };
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some(ClientCert { cert: cert.into(), key: key.into() }),
+        (Some(_), None) => return Err(Error::config(
+            "sslcert is set in POSTGRES_DSN without sslkey: add sslkey=<PEM file with the certificate's private key>",
+        )),
+        (None, Some(_)) => {
+            return Err(Error::config(
+                "sslkey is set in POSTGRES_DSN without sslcert: add sslcert=<PEM file with the client certificate>",
+            ))
         }
+        (None, None) => match (in_home("postgresql.crt"), in_home("postgresql.key")) {
+            (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+            _ => None,
+        },
     };
     if mode.verifies() && roots.is_none() {
         return Err(Error::config(format!(
@@ -116,57 +193,67 @@ pub fn parse(dsn: &str) -> Result<(Config, Tls)> {
         SslMode::Prefer => PgSslMode::Prefer,
         _ => PgSslMode::Require,
     });
-    Ok((config, Tls { mode, roots }))
+    Ok((config, Tls { mode, roots, client }))
 }
 
-/// The DSN without `sslmode` and `sslrootcert`, for what reads only the rest (e.g. [`crate::db::describe`]).
+/// The DSN without its TLS keys, for what reads only the rest (e.g. [`crate::db::describe`]).
 pub fn without_tls(dsn: &str) -> String {
-    split(dsn).map(|(rest, _, _)| rest).unwrap_or_else(|_| dsn.to_owned())
+    split(dsn).map(|p| p.rest).unwrap_or_else(|_| dsn.to_owned())
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a DSN; returns the rest as text tokio-postgres can parse.
-fn split(dsn: &str) -> Result<(String, Option<String>, Option<String>)> {
+/// A DSN with its TLS keys taken out.
+#[derive(Debug, Default)]
+struct Parts {
+    /// The rest, as text tokio-postgres can parse.
+    rest: String,
+    mode: Option<String>,
+    rootcert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl Parts {
+    /// Keeps the value of a TLS key; false for any other key.
+    fn take(&mut self, key: &str, value: &str) -> bool {
+        let slot = match key {
+            "sslmode" => &mut self.mode,
+            "sslrootcert" => &mut self.rootcert,
+            "sslcert" => &mut self.cert,
+            "sslkey" => &mut self.key,
+            _ => return false,
+        };
+        *slot = Some(value.to_owned());
+        true
+    }
+}
+
+fn split(dsn: &str) -> Result<Parts> {
     let trimmed = dsn.trim();
+    let mut parts = Parts::default();
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        let Ok(mut url) = url::Url::parse(trimmed) else { return Ok((dsn.to_owned(), None, None)) };
-        let mut mode = None;
-        let mut root = None;
+        let Ok(mut url) = url::Url::parse(trimmed) else { return Ok(Parts { rest: dsn.to_owned(), ..parts }) };
         let kept: Vec<(String, String)> = url
             .query_pairs()
-            .filter_map(|(k, v)| match k.as_ref() {
-                "sslmode" => {
-                    mode = Some(v.into_owned());
-                    None
-                }
-                "sslrootcert" => {
-                    root = Some(v.into_owned());
-                    None
-                }
-                _ => Some((k.into_owned(), v.into_owned())),
-            })
+            .filter(|(k, v)| !parts.take(k, v))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         if kept.is_empty() {
             url.set_query(None);
         } else {
             url.query_pairs_mut().clear().extend_pairs(kept);
         }
-        return Ok((url.to_string(), mode, root));
+        parts.rest = url.to_string();
+        return Ok(parts);
     }
-    let mut rest = String::new();
-    let (mut mode, mut root) = (None, None);
     for (key, raw, value) in key_values(trimmed)? {
-        match key.as_str() {
-            "sslmode" => mode = Some(value),
-            "sslrootcert" => root = Some(value),
-            _ => {
-                if !rest.is_empty() {
-                    rest.push(' ');
-                }
-                rest.push_str(&raw);
+        if !parts.take(&key, &value) {
+            if !parts.rest.is_empty() {
+                parts.rest.push(' ');
             }
+            parts.rest.push_str(&raw);
         }
     }
-    Ok((rest, mode, root))
+    Ok(parts)
 }
 
 /// `key=value` pairs of a libpq connection string: the key, the pair's text as written, and the value
@@ -249,14 +336,23 @@ pub fn client_config(tls: &Tls) -> Result<Option<rustls::ClientConfig>> {
             .build()
             .map_err(|e| Error::config(format!("sslrootcert: {e}")))?;
         if tls.mode == SslMode::VerifyFull {
-            builder.dangerous().with_custom_certificate_verifier(webpki).with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(webpki)
         } else {
             let v = Arc::new(Relaxed { chain: Some(webpki), provider });
-            builder.dangerous().with_custom_certificate_verifier(v).with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(v)
         }
     } else {
         let v = Arc::new(Relaxed { chain: None, provider });
-        builder.dangerous().with_custom_certificate_verifier(v).with_no_client_auth()
+        builder.dangerous().with_custom_certificate_verifier(v)
+    };
+    let config = match &tls.client {
+        None => config.with_no_client_auth(),
+        Some(c) => {
+            let (chain, key) = c.load()?;
+            config.with_client_auth_cert(chain, key).map_err(|e| {
+                Error::config(format!("sslcert {} with sslkey {}: {e}", c.cert.display(), c.key.display()))
+            })?
+        }
     };
     Ok(Some(config))
 }
@@ -307,6 +403,8 @@ pub fn replication_tls(tls: &Tls, host: &str) -> pgwire_replication::config::Tls
             Some(Roots::File(p)) => Some(p.clone()),
             _ => None,
         },
+        client_cert_pem_path: tls.client.as_ref().map(|c| c.cert.clone()),
+        client_key_pem_path: tls.client.as_ref().map(|c| c.key.clone()),
         ..TlsConfig::default()
     }
 }
@@ -365,20 +463,23 @@ mod tests {
 
     #[test]
     fn sslmode_and_rootcert_leave_the_dsn() {
-        let (rest, mode, root) =
-            split("host=db.example port=5432 sslmode=verify-full sslrootcert='/etc/ca dir/ca.pem' user=x").unwrap();
-        assert_eq!(rest, "host=db.example port=5432 user=x");
-        assert_eq!(mode.as_deref(), Some("verify-full"));
-        assert_eq!(root.as_deref(), Some("/etc/ca dir/ca.pem"));
-        let (rest, mode, root) =
-            split("postgres://u:p@db.example:5432/acra?sslmode=require&application_name=a&sslrootcert=%2Fca.pem")
-                .unwrap();
-        assert_eq!(rest, "postgres://u:p@db.example:5432/acra?application_name=a");
-        assert_eq!((mode.as_deref(), root.as_deref()), (Some("require"), Some("/ca.pem")));
-        let (rest, mode, _) = split("postgresql://db/acra?sslmode=disable").unwrap();
-        assert_eq!((rest.as_str(), mode.as_deref()), ("postgresql://db/acra", Some("disable")));
+        let p = split(
+            "host=db.example port=5432 sslmode=verify-full sslrootcert='/etc/ca dir/ca.pem' user=x sslcert=/c.pem \
+             sslkey=/k.pem",
+        )
+        .unwrap();
+        assert_eq!(p.rest, "host=db.example port=5432 user=x");
+        assert_eq!(p.mode.as_deref(), Some("verify-full"));
+        assert_eq!(p.rootcert.as_deref(), Some("/etc/ca dir/ca.pem"));
+        assert_eq!((p.cert.as_deref(), p.key.as_deref()), (Some("/c.pem"), Some("/k.pem")));
+        let p = split("postgres://u:p@db.example:5432/acra?sslmode=require&application_name=a&sslrootcert=%2Fca.pem")
+            .unwrap();
+        assert_eq!(p.rest, "postgres://u:p@db.example:5432/acra?application_name=a");
+        assert_eq!((p.mode.as_deref(), p.rootcert.as_deref()), (Some("require"), Some("/ca.pem")));
+        let p = split("postgresql://db/acra?sslmode=disable").unwrap();
+        assert_eq!((p.rest.as_str(), p.mode.as_deref()), ("postgresql://db/acra", Some("disable")));
         assert!(split("host='unterminated").is_err());
-        assert_eq!(split(r"password='it\'s' host=h").unwrap().0, r"password='it\'s' host=h");
+        assert_eq!(split(r"password='it\'s' host=h").unwrap().rest, r"password='it\'s' host=h");
     }
 
     #[test]
@@ -392,7 +493,10 @@ mod tests {
         let (_, tls) = parse("host=h sslmode=verify-full sslrootcert=system").unwrap();
         assert_eq!(tls.roots, Some(Roots::System));
         assert!(client_config(&tls).unwrap().is_some());
-        let missing = Tls { mode: SslMode::VerifyCa, roots: Some(Roots::File("/nonexistent/ca.pem".into())) };
+        let missing =
+            Tls { mode: SslMode::VerifyCa, roots: Some(Roots::File("/nonexistent/ca.pem".into())), client: None };
         assert!(client_config(&missing).unwrap_err().to_string().contains("/nonexistent/ca.pem"));
+        let err = parse("host=h sslcert=/c.pem").unwrap_err().to_string();
+        assert!(err.contains("sslkey"), "{err}");
     }
 }

@@ -35,9 +35,21 @@ impl Pki {
         let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
         std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
         std::fs::write(dir.join("other-ca.pem"), other_cert.pem()).unwrap();
+        // A client certificate for the role `certuser` (`cert` authentication matches the common name).
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "certuser");
+        let client_key = KeyPair::generate().unwrap();
+        let client = p.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join("client.crt"), client.pem()).unwrap();
+        std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(dir.join("client.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
         // The server reads its certificate and key from its data directory, as its own OS user.
         let owner = std::fs::metadata(pgdata).unwrap();
-        for (name, text, mode) in [("server.crt", cert.pem(), 0o644), ("server.key", key.serialize_pem(), 0o600)] {
+        for (name, text, mode) in [
+            ("server.crt", cert.pem(), 0o644),
+            ("server.key", key.serialize_pem(), 0o600),
+            ("root.crt", ca_cert.pem(), 0o644),
+        ] {
             let path = pgdata.join(name);
             std::fs::write(&path, text).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -58,6 +70,11 @@ impl Pki {
     fn other_ca(&self) -> String {
         self.dir.join("other-ca.pem").display().to_string()
     }
+
+    /// `sslcert=... sslkey=...` for the role `certuser`.
+    fn client(&self) -> String {
+        format!("sslcert={} sslkey={}", self.dir.join("client.crt").display(), self.dir.join("client.key").display())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,6 +87,7 @@ async fn tls_verify_full_works_a_wrong_ca_or_name_is_refused_and_no_session_is_p
     for sql in [
         "alter system set ssl_cert_file = 'server.crt'",
         "alter system set ssl_key_file = 'server.key'",
+        "alter system set ssl_ca_file = 'root.crt'",
         "alter system set ssl = on",
         "select pg_reload_conf()",
     ] {
@@ -173,6 +191,8 @@ async fn tls_verify_full_works_a_wrong_ca_or_name_is_refused_and_no_session_is_p
     assert!(plaintext.is_empty(), "plaintext sessions: {plaintext:?}");
     assert!(backfilled, "the backfill ran over TLS");
 
+    client_certificates_authenticate_sessions_and_the_replication_stream(&client, &cluster, &pki).await;
+
     // Against a server without TLS: `require` never falls back to plaintext; `prefer` does.
     let plain = crate::support::cluster().dsn("postgres");
     let err = acraflow::db::connect(&format!("{plain} sslmode=require")).await.unwrap_err().to_string();
@@ -180,4 +200,79 @@ async fn tls_verify_full_works_a_wrong_ca_or_name_is_refused_and_no_session_is_p
     acraflow::db::connect(&format!("{plain} sslmode=prefer")).await.unwrap();
     drop(cluster);
     let _ = std::fs::remove_dir_all(&home);
+}
+
+/// Mutual TLS: a role that may log in only with a certificate (`cert` in pg_hba.conf) connects with
+/// `sslcert`/`sslkey`, sessions and the replication stream alike; without one it is refused, and a key file
+/// others may read is refused before it is used, as libpq does.
+async fn client_certificates_authenticate_sessions_and_the_replication_stream(
+    admin: &tokio_postgres::Client,
+    cluster: &Cluster,
+    pki: &Pki,
+) {
+    admin.batch_execute("create role certuser login superuser replication").await.unwrap();
+    let hba: String = admin.query_one("show hba_file", &[]).await.unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "hostssl all certuser all cert\nhostssl replication certuser all cert\n\
+             host all certuser all reject\nhost replication certuser all reject\n{rules}"
+        ),
+    )
+    .unwrap();
+    admin.batch_execute("select pg_reload_conf()").await.unwrap();
+    let base = format!("host=localhost port={} dbname=tls user=certuser connect_timeout=5", cluster.port());
+    let mtls = format!("{base} sslmode=verify-full sslrootcert={} {}", pki.ca(), pki.client());
+    let reloaded = wait_until(Duration::from_secs(20), || async { acraflow::db::connect(&mtls).await.is_ok() }).await;
+    assert!(reloaded, "certuser never got in with its certificate");
+    let c = acraflow::db::connect(&mtls).await.unwrap();
+    let dn: Option<String> =
+        c.query_one("select client_dn from pg_stat_ssl where pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(dn.is_some_and(|d| d.contains("certuser")), "the session presented no client certificate");
+
+    // No certificate: the server refuses the role.
+    let err = acraflow::db::connect(&format!("{base} sslmode=verify-full sslrootcert={}", pki.ca()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("connecting to"), "{err}");
+    // A key file others may read is refused by name before any connection.
+    let key = pki.dir.join("client.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = acraflow::db::connect(&mtls).await.unwrap_err().to_string();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(err.contains("sslkey") && err.contains("chmod 600"), "{err}");
+    // sslcert without sslkey names what is missing.
+    let err = acraflow::db::connect(&format!("{base} sslcert={}", pki.dir.join("client.crt").display()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("without sslkey"), "{err}");
+
+    // The engine as certuser: its replication stream authenticates with the certificate too.
+    let mut engine = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
+        .args(["run", "--pipeline", "registry_sync", "--checkpoint-key", "mtls"])
+        .env("POSTGRES_DSN", &mtls)
+        .env("ACRA_DIRECT_SLOT", "tls_cert_slot")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let streaming = wait_until(Duration::from_secs(60), || async {
+        admin
+            .query_one(
+                "select count(*) from pg_stat_activity a join pg_stat_ssl s using (pid) \
+                 where a.backend_type = 'walsender' and a.usename = 'certuser' and s.client_dn like '%certuser%'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    let _ = engine.kill();
+    let out = engine.wait_with_output().unwrap();
+    assert!(streaming, "no replication stream with a client certificate: {}", String::from_utf8_lossy(&out.stderr));
 }

@@ -459,7 +459,12 @@ impl Batcher {
                         self.pending.push_front(r);
                     }
                 }
-                Call::Retry(why) | Call::Refused(why) => {
+                Call::Retry(why) => {
+                    self.count("error");
+                    self.refuse(batch, &why).await;
+                    return;
+                }
+                Call::Refused(why) => {
                     self.count("refused");
                     self.refuse(batch, &why).await;
                     return;
