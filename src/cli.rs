@@ -343,6 +343,12 @@ pub struct EnrichArgs {
     /// The contacts endpoint (POST, JSON in, a JSON array of people out)
     #[arg(long, env = "APIFY_LINKEDIN_URL", value_name = "URL", hide_env_values = true)]
     pub apify_linkedin_url: Option<String>,
+    /// Contacts lookups across every worker, e.g. 60/min, or off [default: 60/min]
+    #[arg(long, env = "APIFY_LINKEDIN_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
+    pub apify_linkedin_rate: Option<crate::config::RateSetting>,
+    /// Contacts lookups per UTC day at most, across runs and workers; past it companies get no contacts
+    #[arg(long, env = "APIFY_MAX_LOOKUPS", value_name = "N")]
+    pub apify_max_lookups: Option<u64>,
     /// How long a worker's lease on a job lasts unless renewed; a dead worker's jobs return to the queue after it [default: 60s]
     #[arg(long, env = "ENRICH_LEASE", value_name = "DURATION", value_parser = crate::config::parse_duration)]
     pub lease: Option<std::time::Duration>,
@@ -441,6 +447,8 @@ impl EnrichArgs {
             llm_daily_tokens: self.openai_daily_tokens_cap,
             contacts: self.enable_apify_linkedin,
             contacts_url: self.apify_linkedin_url.clone(),
+            contacts_rate: self.apify_linkedin_rate.map(|r| r.0),
+            contacts_daily_cap: self.apify_max_lookups,
             lease: self.lease,
             poll_interval: self.poll_interval,
             max_attempts: self.max_attempts,

@@ -361,6 +361,11 @@ pub struct EnrichSpec {
     /// A cached verification younger than this many days is used instead of a new one.
     #[serde(default = "default_zerobounce_recheck_days")]
     pub zerobounce_recheck_days: u32,
+    /// Contacts lookups (`APIFY_LINKEDIN_URL`) across every worker.
+    #[serde(default = "default_contacts_rate", deserialize_with = "rate")]
+    pub contacts_rate: Option<Rate>,
+    /// Contacts lookups per UTC day at most, across runs and workers (unset: no cap).
+    pub contacts_daily_cap: Option<u64>,
     /// `validatebatch` calls across every worker (ZeroBounce allows 5 a minute per account and blocks a key
     /// past it for 10 minutes); a company's emails wait for the next batch.
     #[serde(default = "default_zerobounce_batch_rate", deserialize_with = "rate")]
@@ -411,6 +416,13 @@ fn default_zerobounce_url() -> String {
 /// ZeroBounce's documented limit for `validatebatch`.
 pub const DEFAULT_ZEROBOUNCE_BATCH_RATE: Rate = Rate { calls: 5, per: Duration::from_secs(60) };
 pub const DEFAULT_ODOO_RATE: Rate = Rate { calls: 10, per: Duration::from_secs(1) };
+
+/// An Apify actor run per lookup: a pace that keeps a misconfigured run from starting thousands at once.
+pub const DEFAULT_CONTACTS_RATE: Rate = Rate { calls: 60, per: Duration::from_secs(60) };
+
+fn default_contacts_rate() -> Option<Rate> {
+    Some(DEFAULT_CONTACTS_RATE)
+}
 
 fn default_zerobounce_batch_rate() -> Option<Rate> {
     Some(DEFAULT_ZEROBOUNCE_BATCH_RATE)
@@ -589,6 +601,8 @@ pub struct EnrichOverrides {
     pub zerobounce_recheck_days: Option<u32>,
     pub zerobounce_batch_rate: Option<Option<Rate>>,
     pub odoo_rate: Option<Option<Rate>>,
+    pub contacts_rate: Option<Option<Rate>>,
+    pub contacts_daily_cap: Option<u64>,
     pub odoo_url: Option<String>,
     pub odoo_db: Option<String>,
     pub odoo_username: Option<String>,
@@ -654,6 +668,8 @@ impl EnrichSpec {
         set(&mut self.zerobounce_recheck_days, &o.zerobounce_recheck_days);
         set(&mut self.zerobounce_batch_rate, &o.zerobounce_batch_rate);
         set(&mut self.odoo_rate, &o.odoo_rate);
+        set(&mut self.contacts_rate, &o.contacts_rate);
+        set_opt(&mut self.contacts_daily_cap, &o.contacts_daily_cap);
         set_opt(&mut self.odoo_url, &o.odoo_url);
         set_opt(&mut self.odoo_db, &o.odoo_db);
         set_opt(&mut self.odoo_username, &o.odoo_username);

@@ -552,7 +552,7 @@ async fn api_keys_never_reach_logs_or_stored_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_llm_token_cap_holds_and_contacts_are_stored() {
+async fn the_llm_token_cap_and_the_contacts_budget_hold_and_contacts_are_stored() {
     let db = TestDb::new().await;
     let companies = live_companies(&db, 12).await;
     let web = FixtureWeb::start(realistic_sites(&companies), Duration::ZERO).await.unwrap();
@@ -560,6 +560,10 @@ async fn the_llm_token_cap_holds_and_contacts_are_stored() {
     enrich.llm_daily_tokens = Some(1); // less than any call needs
     enrich.contacts = Some(true);
     enrich.contacts_url = Some(web.contacts_url());
+    // The contacts provider's budget: 5 lookups today, 20 a second across workers (its limit: 25).
+    enrich.contacts_daily_cap = Some(5);
+    enrich.contacts_rate = Some(acraflow::config::parse_rate("20/s").unwrap());
+    web.set_contacts_rate_limit(25, Duration::from_secs(1));
     let s = run_acra_direct(&db, Overrides { enrich, ..Default::default() }).await.unwrap();
     assert!(s.counters.processed > 0);
     assert_eq!(web.llm_calls(), 0, "no call over the daily token cap");
@@ -570,9 +574,17 @@ async fn the_llm_token_cap_holds_and_contacts_are_stored() {
     let pages = db.count("select count(*) from company_enrichment_runs where pages_fetched > 0").await;
     assert!(pages > 0);
     assert_eq!(capped, pages);
-    // The contacts endpoint's people, once per company (two each from the fixture).
-    assert_eq!(db.count("select count(*) from contacts").await, 2 * pages);
-    assert_eq!(db.count("select count(distinct company_id) from contacts").await, pages);
+    // The contacts endpoint's people (two each from the fixture), for the first five companies: the rest
+    // are enriched without contacts, and say why.
+    assert!(pages > 5, "{pages}");
+    assert_eq!(db.count("select count(*) from contacts").await, 2 * 5);
+    assert_eq!(db.count("select count(distinct company_id) from contacts").await, 5);
+    assert_eq!(web.contacts_calls(), (5, 0), "lookups made, and refused for coming too fast");
+    assert_eq!(db.count("select used from enrichment_usage where kind = 'contact_lookups'").await, 5);
+    assert_eq!(
+        db.count("select count(*) from company_enrichment_runs where error like '%APIFY_MAX_LOOKUPS reached%'").await,
+        pages - 5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

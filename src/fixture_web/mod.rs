@@ -197,6 +197,7 @@ struct State {
     /// The verification endpoint's and Odoo's rate limits (429 past them).
     verify_limit: Mutex<Limiter>,
     odoo_limit: Mutex<Limiter>,
+    contacts_limit: Mutex<Limiter>,
     /// The Odoo external API (`/jsonrpc`), its outage switch and a delay before each answer.
     odoo: Mutex<odoo::OdooDb>,
     odoo_down: AtomicBool,
@@ -277,6 +278,7 @@ impl FixtureWeb {
             verify_fail: AtomicBool::new(false),
             verify_limit: Mutex::new(Limiter::default()),
             odoo_limit: Mutex::new(Limiter::default()),
+            contacts_limit: Mutex::new(Limiter::default()),
             odoo: Mutex::new(odoo::OdooDb::default()),
             odoo_down: AtomicBool::new(false),
             odoo_delay_ms: AtomicU64::new(0),
@@ -384,6 +386,17 @@ impl FixtureWeb {
     /// `validatebatch` calls received, and how many of them were refused with 429.
     pub fn verify_calls(&self) -> (usize, usize) {
         let l = self.state.verify_limit.lock().unwrap_or_else(|p| p.into_inner());
+        (l.calls, l.refused)
+    }
+
+    /// The contacts endpoint answers 429 to a lookup past `calls` within any `window`.
+    pub fn set_contacts_rate_limit(&self, calls: usize, window: Duration) {
+        self.state.contacts_limit.lock().unwrap_or_else(|p| p.into_inner()).limit = Some((calls, window));
+    }
+
+    /// Lookups the contacts endpoint received, and how many of them were refused with 429.
+    pub fn contacts_calls(&self) -> (usize, usize) {
+        let l = self.state.contacts_limit.lock().unwrap_or_else(|p| p.into_inner());
         (l.calls, l.refused)
     }
 
@@ -816,6 +829,9 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
                 })
                 .collect();
             Response::new(200, "application/json", serde_json::json!({"email_batch": rows, "errors": []}).to_string())
+        }
+        ("POST", "/contacts") if !state.contacts_limit.lock().unwrap_or_else(|p| p.into_inner()).admit() => {
+            Response::new(429, "application/json", r#"{"error": {"type": "rate-limit-exceeded"}}"#)
         }
         ("POST", "/contacts") => {
             let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();

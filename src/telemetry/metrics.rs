@@ -182,7 +182,7 @@ impl Metrics {
         );
         r.register(
             "provider_calls",
-            "Calls to external providers (search, reader, zerobounce, odoo), by outcome",
+            "Calls to external providers (search, reader, contacts, zerobounce, odoo), by outcome",
             m.provider_calls.clone(),
         );
         r.register(
@@ -214,7 +214,7 @@ impl Metrics {
         for outcome in ["ok", "failed"] {
             drop(m.odoo_exports.get_or_create(&OutcomeLabel { outcome }));
         }
-        for provider in ["search", "reader", "zerobounce", "odoo"] {
+        for provider in ["search", "reader", "contacts", "zerobounce", "odoo"] {
             for outcome in ["ok", "refused", "error"] {
                 drop(m.provider_calls.get_or_create(&ProviderLabel { provider, outcome }));
             }

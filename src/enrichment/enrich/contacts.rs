@@ -14,7 +14,14 @@ pub struct ContactsSettings {
     pub url: Url,
     /// `APIFY_TOKEN`; a bearer token, never logged.
     pub token: Option<String>,
+    /// `APIFY_LINKEDIN_RATE`: lookups across every worker (`None`: unpaced).
+    pub rate: Option<crate::config::Rate>,
+    /// `APIFY_MAX_LOOKUPS`: lookups per UTC day across runs and workers (`None`: no cap).
+    pub daily_cap: Option<u64>,
 }
+
+/// The kind of spend a lookup is counted as (`enrichment_usage`).
+pub const LOOKUPS: &str = "contact_lookups";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contact {

@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::enrichment::usage::Usage;
 use crate::error::{Error, Result};
-use crate::telemetry::metrics::metrics;
+use crate::telemetry::metrics::{metrics, ProviderLabel, ProviderNameLabel};
 
 pub mod contacts;
 pub mod discover;
@@ -89,6 +89,8 @@ impl EnrichSettings {
             (Some(u), true) => Some(contacts::ContactsSettings {
                 url: parse("APIFY_LINKEDIN_URL", u)?,
                 token: secret(&["APIFY_TOKEN"]),
+                rate: spec.contacts_rate,
+                daily_cap: spec.contacts_daily_cap,
             }),
             _ => None,
         };
@@ -262,6 +264,9 @@ pub struct Enricher {
     search: Provider,
     reader: Provider,
     verifier: Option<crate::enrichment::leads::Verifier>,
+    /// The contacts provider's daily cap and pace (both across workers).
+    lookups: Usage,
+    contacts_pace: Option<crate::enrichment::usage::Pacing>,
 }
 
 impl Enricher {
@@ -274,7 +279,37 @@ impl Enricher {
             Some(v) => Some(crate::enrichment::leads::Verifier::new(v.clone(), tokens.client())?),
             None => None,
         };
-        Ok(Arc::new(Enricher { settings, http, tokens, search, reader, verifier }))
+        let contacts = settings.contacts.as_ref();
+        let lookups = Usage::new(tokens.client(), contacts::LOOKUPS, contacts.and_then(|c| c.daily_cap));
+        let contacts_pace =
+            contacts.and_then(|c| c.rate).map(|r| crate::enrichment::usage::Pacing::new("contacts", r.interval()));
+        Ok(Arc::new(Enricher { settings, http, tokens, search, reader, verifier, lookups, contacts_pace }))
+    }
+
+    /// One contacts lookup's place in the budget: today's cap, then its turn in the pace (a wait that moves
+    /// the company's deadline). `Err` says why there is no lookup.
+    async fn contacts_turn(&self, waited: &Waited) -> std::result::Result<(), String> {
+        match self.lookups.try_take(1).await {
+            Ok(true) => {}
+            Ok(false) => return Err("contacts: APIFY_MAX_LOOKUPS reached for today".into()),
+            Err(e) => return Err(format!("contacts: {e}")),
+        }
+        if let Some(pace) = &self.contacts_pace {
+            let started = Instant::now();
+            match pace.take(&self.tokens.client()).await {
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(e) => {
+                    self.lookups.adjust(-1).await;
+                    return Err(format!("contacts: {e}"));
+                }
+            }
+            waited.add(started.elapsed());
+            metrics()
+                .provider_wait
+                .get_or_create(&ProviderNameLabel { provider: "contacts" })
+                .inc_by(started.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 
     /// Whether the steps after the crawl wait on anything (the email verifier's batches).
@@ -557,7 +592,22 @@ async fn run_stages(ctx: &Enricher, company: &Company, options: JobOptions, out:
         }
     }
     if let Some(settings) = &ctx.settings.contacts {
-        match contacts::fetch(&ctx.http, settings, &company.name, Some(&domain), out.linkedin_url.as_deref()).await {
+        let found = match ctx.contacts_turn(waited).await {
+            Ok(()) => {
+                let found =
+                    contacts::fetch(&ctx.http, settings, &company.name, Some(&domain), out.linkedin_url.as_deref())
+                        .await;
+                let outcome = if found.is_ok() { "ok" } else { "error" };
+                metrics().provider_calls.get_or_create(&ProviderLabel { provider: "contacts", outcome }).inc();
+                if found.is_err() {
+                    // Not answered, so not spent.
+                    ctx.lookups.adjust(-1).await;
+                }
+                found
+            }
+            Err(why) => Err(why),
+        };
+        match found {
             Ok(people) => {
                 tracing::info!(target: crate::telemetry::COMPANY, stage = "contacts", contacts = people.len(), "found");
                 out.contacts = people;

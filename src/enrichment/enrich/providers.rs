@@ -34,7 +34,7 @@ impl Waited {
     pub fn get(&self) -> Duration {
         Duration::from_micros(self.0.load(Ordering::Relaxed))
     }
-    fn add(&self, d: Duration) {
+    pub(crate) fn add(&self, d: Duration) {
         self.0.fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 }
