@@ -613,20 +613,42 @@ impl Report {
         }
         println!("\nnext:");
         if let Some(log) = &self.log {
-            println!("  the full log of this demo:        {}", log.display());
+            println!("  the full log of this demo:  {}", log.display());
         }
+        let me = invocation();
         if embedded {
-            println!("  the demo's data (kept until the next demo, in database {DATABASE} of the private cluster):");
-            println!(
-                "    acraflow psql -d {DATABASE} -- -c 'select uen, name, website_domain from companies limit 20'"
-            );
+            println!("  the demo's data, in database {DATABASE} of the private cluster (kept until the next demo):");
+            println!("    {me} psql -d {DATABASE} -- -c 'select uen, name, website_domain from companies'");
         } else {
-            println!("  what ran, checkpoints, queue:      acraflow status (with the same POSTGRES_DSN)");
-            println!("  the demo's data:                   psql \"{}\"", db::describe(dsn));
+            println!("  what ran, checkpoints, queue (with the same POSTGRES_DSN):");
+            println!("    {me} status");
+            println!("  the demo's data:  psql \"{}\"", db::describe(dsn));
         }
-        println!("  your own database:                 POSTGRES_DSN='host=... dbname=...' acraflow run");
-        println!("  real ACRA files (data.gov.sg):     acraflow import FILE.csv ...");
+        println!("  your own database (check says what is missing, run starts the job):");
+        println!("    POSTGRES_DSN='host=... dbname=...' {me} check");
+        println!("  real ACRA files from data.gov.sg:");
+        println!("    {me} import FILE.csv ...");
+        if me != "acraflow" {
+            println!("  (`cargo install --path .` puts acraflow on your PATH)");
+        }
     }
+}
+
+/// How the user can call this binary: `acraflow` when that is what their PATH finds, else its path
+/// (relative to the working directory when under it, as `./dev demo` leaves it in target/release).
+fn invocation() -> String {
+    let Ok(me) = std::env::current_exe().and_then(std::fs::canonicalize) else { return "acraflow".into() };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .any(|dir| std::fs::canonicalize(dir.join("acraflow")).is_ok_and(|found| found == me))
+    });
+    if on_path {
+        return "acraflow".into();
+    }
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| me.strip_prefix(std::fs::canonicalize(cwd).ok()?).ok().map(std::path::Path::to_path_buf));
+    relative.unwrap_or(me).display().to_string()
 }
 
 async fn pairs(client: &tokio_postgres::Client, sql: &str, before: i64) -> Result<Vec<(String, i64)>> {
