@@ -148,15 +148,7 @@ async fn tls_verify_full_works_a_wrong_ca_or_name_is_refused_and_no_session_is_p
         )
         .await
         .unwrap();
-    let mut engine = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
-        .args(["run", "--pipeline", "registry_sync"])
-        .env("POSTGRES_DSN", full.replace("host=127.0.0.1", "host=localhost"))
-        .env("ACRA_DIRECT_SLOT", "tls_slot")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut engine = run_engine(&full.replace("host=127.0.0.1", "host=localhost"), "tls_slot", "acra_direct");
     let streaming = wait_until(Duration::from_secs(60), || async {
         client
             .query_one(
@@ -251,15 +243,7 @@ async fn client_certificates_authenticate_sessions_and_the_replication_stream(
     assert!(err.contains("without sslkey"), "{err}");
 
     // The engine as certuser: its replication stream authenticates with the certificate too.
-    let mut engine = std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
-        .args(["run", "--pipeline", "registry_sync", "--checkpoint-key", "mtls"])
-        .env("POSTGRES_DSN", &mtls)
-        .env("ACRA_DIRECT_SLOT", "tls_cert_slot")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut engine = run_engine(&mtls, "tls_cert_slot", "mtls");
     let streaming = wait_until(Duration::from_secs(60), || async {
         admin
             .query_one(
@@ -275,4 +259,18 @@ async fn client_certificates_authenticate_sessions_and_the_replication_stream(
     let _ = engine.kill();
     let out = engine.wait_with_output().unwrap();
     assert!(streaming, "no replication stream with a client certificate: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `acraflow run` of the registry pipeline on `dsn` with its own slot and checkpoint; stderr kept for a
+/// failure's message.
+fn run_engine(dsn: &str, slot: &str, checkpoint_key: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_acraflow"))
+        .args(["run", "--pipeline", "registry_sync", "--checkpoint-key", checkpoint_key])
+        .env("POSTGRES_DSN", dsn)
+        .env("ACRA_DIRECT_SLOT", slot)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }

@@ -369,11 +369,17 @@ fn start(enricher: &Arc<Enricher>, job: Job) -> BoxFuture<'static, Done> {
         tracing::info!(target: crate::telemetry::COMPANY, stage = "select", job_id = job.id, reason = %job.reason, attempt = job.attempts + 1,
             name = %c.name, "leased");
     }
-    let task = AbortOnDrop(tokio::spawn(Arc::clone(enricher).enrich(job.company.clone(), job.options)));
+    let task = tokio::spawn(Arc::clone(enricher).enrich(job.company.clone(), job.options));
+    done_when(task, job, "the enrichment task")
+}
+
+/// The job with what `task` returns, or a failure naming `what` when the task panicked.
+fn done_when(task: tokio::task::JoinHandle<Enrichment>, job: Job, what: &'static str) -> BoxFuture<'static, Done> {
+    let task = AbortOnDrop(task);
     async move {
         let enrichment = task.await.unwrap_or_else(|_| Enrichment {
             status: Status::Failed,
-            error: Some("internal error: the enrichment task ended abnormally".into()),
+            error: Some(format!("internal error: {what} ended abnormally")),
             ..Default::default()
         });
         Done { job, enrichment }
@@ -390,16 +396,8 @@ fn finish(enricher: &Arc<Enricher>, crawled: Done) -> BoxFuture<'static, Done> {
         enricher.score(c, &mut enrichment);
         return futures::future::ready(Done { job, enrichment }).boxed();
     }
-    let task = AbortOnDrop(tokio::spawn(Arc::clone(enricher).leads(job.company.clone(), enrichment)));
-    async move {
-        let enrichment = task.await.unwrap_or_else(|_| Enrichment {
-            status: Status::Failed,
-            error: Some("internal error: the steps after the crawl ended abnormally".into()),
-            ..Default::default()
-        });
-        Done { job, enrichment }
-    }
-    .boxed()
+    let task = tokio::spawn(Arc::clone(enricher).leads(job.company.clone(), enrichment));
+    done_when(task, job, "the steps after the crawl")
 }
 
 async fn sweep_stale(control: &tokio_postgres::Client, ws: &WorkerSettings) {
