@@ -96,7 +96,7 @@ pub enum Command {
     /// that reaches the database; any number of workers share the queue. Until SIGINT/SIGTERM.
     Worker(WorkerArgs),
     /// Enqueue express enrichment jobs, leased before every other waiting job: chosen companies
-    /// (--uen, --file, --where) or the parked ones (--failed).
+    /// (--uen, --file, --where) or the parked ones (--failed); or send parked Odoo exports again (--exports).
     Refresh(RefreshArgs),
     /// The whole job on the embedded default: seed sample rows into a database of its own, run the registry
     /// pipeline and enrichment against a local web, and report what was found.
