@@ -619,6 +619,12 @@ pub struct StatusArgs {
     /// The daily LLM token cap to show usage against
     #[arg(long, env = "OPENAI_DAILY_TOKENS_CAP", value_name = "TOKENS")]
     pub tokens_cap: Option<u64>,
+    /// The daily email verification cap to show usage against
+    #[arg(long, env = "ZEROBOUNCE_MAX_VERIFICATIONS", value_name = "N")]
+    pub verifications_cap: Option<u64>,
+    /// The daily contacts lookup cap to show usage against
+    #[arg(long, env = "APIFY_MAX_LOOKUPS", value_name = "N")]
+    pub lookups_cap: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

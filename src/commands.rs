@@ -481,7 +481,8 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     let counts = q("select (select count(*) from staging_acra_companies), (select count(*) from companies), \
                     (select count(*) from company_enrichment_runs)")
     .await?;
-    let (enriched_today, tokens_today) = crate::enrichment::usage::today(&client).await?;
+    let today = crate::enrichment::usage::today(&client).await?;
+    let (enriched_today, tokens_today) = (today.enrichments, today.llm_tokens);
     let queue = crate::enrichment::queue::stats(&client).await?;
     // Leads: scores by bucket, and the Odoo exports by state with the latest errors.
     // A database migrated by an older acraflow has no leads tables yet: the section is then empty.
@@ -529,6 +530,9 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
                 "enriched_today": enriched_today, "cap": args.daily_cap,
                 "remaining": args.daily_cap.map(|c| c.saturating_sub(enriched_today as u64)),
                 "llm_tokens_today": tokens_today, "llm_tokens_cap": args.tokens_cap,
+                "email_verifications_today": today.email_verifications,
+                "email_verifications_cap": args.verifications_cap,
+                "contact_lookups_today": today.contact_lookups, "contact_lookups_cap": args.lookups_cap,
             },
             "dead_letters": dead.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<std::collections::BTreeMap<_, _>>(),
             "queue": queue,
@@ -610,6 +614,11 @@ async fn status(dsn: &str, args: &StatusArgs) -> Result<()> {
     };
     println!("  enrichments     {}  ACRA_DIRECT_DAILY_CAP", cap(enriched_today, args.daily_cap));
     println!("  llm tokens      {}  OPENAI_DAILY_TOKENS_CAP", cap(tokens_today, args.tokens_cap));
+    println!(
+        "  verifications   {}  ZEROBOUNCE_MAX_VERIFICATIONS",
+        cap(today.email_verifications, args.verifications_cap)
+    );
+    println!("  contact lookups {}  APIFY_MAX_LOOKUPS", cap(today.contact_lookups, args.lookups_cap));
     print_queue(&queue);
     println!("\nleads");
     if buckets.is_empty() {

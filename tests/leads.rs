@@ -140,6 +140,9 @@ async fn the_daily_verification_cap_holds_across_two_workers_and_an_outage_only_
     let unverified = seen.values().filter(|s| *s == "unverified").count();
     assert_eq!(unverified, seen.len() - paid, "past the cap, emails stay unverified");
     assert_eq!(web.verify_calls().1, 0, "two workers together exceeded the provider's rate limit");
+    let status = String::from_utf8_lossy(&acraflow(&db, &["status"], &env).await.stdout).into_owned();
+    let line = format!("verifications   {paid} of 7 ({} left)", 7 - paid);
+    assert!(status.contains(&line), "status lacks {line:?}:\n{status}");
     // The cap fails no company: every job was worked off.
     assert_eq!(db.count("select count(*) from enrichment_jobs").await, 0, "of {jobs} jobs");
     assert_eq!(db.count("select count(*) from company_enrichment_runs where enriched and status = 'failed'").await, 0);

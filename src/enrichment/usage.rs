@@ -83,20 +83,32 @@ impl Usage {
     }
 }
 
-/// Today's counts: (enrichments leased, LLM tokens).
-pub async fn today(client: &Client) -> Result<(i64, i64)> {
-    let row = client
-        .query_one(
-            &format!(
-                "select coalesce(sum(used) filter (where kind = $1), 0)::int8, \
-                   coalesce(sum(used) filter (where kind = $2), 0)::int8 \
-                 from enrichment_usage where day = {TODAY}"
-            ),
-            &[&ENRICHMENTS, &LLM_TOKENS],
-        )
+/// Today's spend of every kind.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Today {
+    pub enrichments: i64,
+    pub llm_tokens: i64,
+    pub email_verifications: i64,
+    pub contact_lookups: i64,
+}
+
+pub async fn today(client: &Client) -> Result<Today> {
+    let rows = client
+        .query(&format!("select kind, used from enrichment_usage where day = {TODAY}"), &[])
         .await
-        .map_err(|e| Error::db("reading today's usage (ACRA_DIRECT_DAILY_CAP, OPENAI_DAILY_TOKENS_CAP)", e))?;
-    Ok((row.get(0), row.get(1)))
+        .map_err(|e| Error::db("reading today's usage (enrichment_usage)", e))?;
+    let mut t = Today::default();
+    for r in rows {
+        let used: i64 = r.get(1);
+        match r.get::<_, &str>(0) {
+            ENRICHMENTS => t.enrichments = used,
+            LLM_TOKENS => t.llm_tokens = used,
+            crate::enrichment::leads::VERIFICATIONS => t.email_verifications = used,
+            crate::enrichment::enrich::contacts::LOOKUPS => t.contact_lookups = used,
+            _ => {}
+        }
+    }
+    Ok(t)
 }
 
 /// Calls to a provider whose limit is per account, spaced `interval` apart across every worker on every

@@ -184,7 +184,7 @@ pub async fn run(
     }
     let tokens = Usage::new(Arc::clone(&control), usage::LLM_TOKENS, settings.llm_daily_tokens);
     let enricher = Enricher::new(settings, tokens)?;
-    let (enriched_today, _) = usage::today(&control).await?;
+    let enriched_today = usage::today(&control).await?.enrichments;
     tracing::info!(
         worker = owner,
         concurrency = ws.concurrency,
