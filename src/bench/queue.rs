@@ -166,6 +166,20 @@ async fn registry_latency(
     sentinel: i64,
 ) -> Result<hdrhistogram::Histogram<u64>> {
     let mut cmd = child()?;
+    if pipeline == "registry_sync" {
+        // The reference enriches nothing: without the fixture web's settings it has nothing to warn about.
+        let fixture_web_settings = [
+            "ENRICH_HOST_SPACING",
+            "ENRICH_HTTP_PROXY",
+            "ENRICH_POLL_INTERVAL",
+            "ENRICH_READER_RATE",
+            "ENRICH_SEARCH_RATE",
+            "ENRICH_SEARCH_URL",
+        ];
+        for var in fixture_web_settings {
+            cmd.env_remove(var);
+        }
+    }
     cmd.args(["run", "--pipeline", pipeline])
         .env("ACRA_DIRECT_SLOT", "bench_reference")
         .env("ACRA_DIRECT_CHECKPOINT_KEY", "bench_reference")
