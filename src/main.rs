@@ -19,7 +19,8 @@ fn main() -> ExitCode {
         let _ = path.parent().map(std::fs::create_dir_all);
         std::fs::File::create(path).ok()
     });
-    acraflow::telemetry::init_with(cli.log_format, demo_log.flatten());
+    let quiet = matches!(cli.command, acraflow::cli::Command::Psql(_));
+    acraflow::telemetry::init_quiet(cli.log_format, demo_log.flatten(), quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -46,6 +46,12 @@ pub fn init(format: LogFormat) {
 /// gets only errors, so a command whose output is a report (the demo) is not buried under per-company
 /// lines. The report names the file.
 pub fn init_with(format: LogFormat, file: Option<std::fs::File>) {
+    init_quiet(format, file, false)
+}
+
+/// As [`init_with`]; `quiet` shows only warnings and errors unless `RUST_LOG` says otherwise (a command
+/// whose output belongs to another program, as `acraflow psql`'s to psql).
+pub fn init_quiet(format: LogFormat, file: Option<std::fs::File>, quiet: bool) {
     let _ = FORMAT.set(format);
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -53,7 +59,9 @@ pub fn init_with(format: LogFormat, file: Option<std::fs::File>) {
 
     // Colours only for a person at a terminal; files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let default = if ansi && format == LogFormat::Text && file.is_none() {
+    let default = if quiet {
+        "warn".to_owned()
+    } else if ansi && format == LogFormat::Text && file.is_none() {
         format!("info,{COMPANY}=warn")
     } else {
         "info".to_owned()
