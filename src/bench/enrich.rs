@@ -195,7 +195,10 @@ email verification at concurrency {c} (validatebatch of {} emails at most):",
             100.0 * measured / crawl_bound.min(provider_bound)
         );
     }
-    println!("targets: no call refused; >= 80% of the smaller bound (a round starts with one call and ends with a partial batch)");
+    println!(
+        "targets: no call refused; >= 80% of the smaller bound (a round starts with one call and ends with a \
+         partial batch)"
+    );
     Ok(after_id)
 }
 

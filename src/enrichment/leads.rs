@@ -7,9 +7,10 @@
 //! provider in a ZeroBounce v2 `validatebatch` call (200 at most) that a worker's batcher fills with every
 //! waiting company's emails while it waits for its turn (`ZEROBOUNCE_BATCH_RATE`, 5 a minute by default,
 //! paced across all workers in `provider_pacing`: ZeroBounce blocks a key past that for 10 minutes). The
-//! answers are cached at once, so no email is paid for twice. `ZEROBOUNCE_MAX_VERIFICATIONS` caps the calls per UTC day across runs and
-//! workers (reserved in the database before the call, like the other daily caps). Past the cap, or when the
-//! provider keeps refusing, emails stay `unverified`: the company is never failed for it.
+//! answers are cached at once, so no email is paid for twice. `ZEROBOUNCE_MAX_VERIFICATIONS` caps the
+//! emails verified per UTC day across runs and workers (reserved in the database before the call, like the
+//! other daily caps). Past the cap, or when the provider keeps refusing, emails stay `unverified`: the
+//! company is never failed for it. A company waiting for its batch holds no crawl slot (see the worker).
 //!
 //! **Score**: a deterministic score in [0, 1], the weighted mean of features the pipeline already has, each
 //! in [0, 1]; weights and the High / Medium cut-offs come from the pipeline file. The rationale names the

@@ -112,7 +112,8 @@ pub async fn today(client: &Client) -> Result<Today> {
 }
 
 /// Calls to a provider whose limit is per account, spaced `interval` apart across every worker on every
-/// machine (`provider_pacing`): each call takes the next free slot with one upsert, then waits for it. Slots are not given back, so a worker that dies holding one only wastes it.
+/// machine (`provider_pacing`): each call takes the next free slot with one upsert, then waits for it.
+/// Slots are not given back, so a worker that dies holding one only wastes it.
 pub struct Pacing {
     provider: &'static str,
     interval: std::time::Duration,
