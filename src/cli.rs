@@ -370,10 +370,10 @@ pub struct EnrichArgs {
     /// How often the stale sweeper runs [default: 10m]
     #[arg(long, env = "ENRICH_REFRESH_EVERY", value_name = "DURATION", value_parser = crate::config::parse_duration)]
     pub refresh_every: Option<std::time::Duration>,
-    /// The search provider's budget per worker, e.g. 200/hour, 10/s, or off [default: 200/hour]
+    /// The search provider's budget across every worker, e.g. 200/hour, 10/s, or off [default: 200/hour]
     #[arg(long, env = "ENRICH_SEARCH_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
     pub search_rate: Option<crate::config::RateSetting>,
-    /// The reader provider's budget per worker [default: 120/hour]
+    /// The reader provider's budget across every worker [default: 120/hour]
     #[arg(long, env = "ENRICH_READER_RATE", value_name = "RATE", value_parser = crate::config::parse_rate_setting)]
     pub reader_rate: Option<crate::config::RateSetting>,
     /// Store a website only when its verification confidence reaches this, 0 to 1 [default: 0.5]

@@ -338,7 +338,7 @@ pub struct EnrichSpec {
     /// How often the stale sweeper runs.
     #[serde(default = "default_refresh_every", deserialize_with = "duration")]
     pub refresh_every: Duration,
-    /// The search provider's budget, shared by every company a worker has in flight.
+    /// The search provider's budget, shared by every company of every worker.
     #[serde(default = "default_search_rate", deserialize_with = "rate")]
     pub search_rate: Option<Rate>,
     /// The reader provider's budget.

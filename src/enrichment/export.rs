@@ -408,13 +408,8 @@ impl Exporter {
     /// {service, method, args}}`.
     async fn call(&mut self, service: &str, method: &str, args: Value) -> std::result::Result<Value, String> {
         if let Some(p) = &self.pacing {
-            let started = std::time::Instant::now();
-            let wait = p.take(&self.client).await.map_err(|e| e.to_string())?;
-            tokio::time::sleep(wait).await;
-            metrics()
-                .provider_wait
-                .get_or_create(&ProviderNameLabel { provider: "odoo" })
-                .inc_by(started.elapsed().as_secs_f64());
+            let waited = p.wait_turn(&self.client).await.map_err(|e| e.to_string())?;
+            metrics().provider_wait.get_or_create(&ProviderNameLabel { provider: "odoo" }).inc_by(waited.as_secs_f64());
         }
         let answer = self.call_now(service, method, args).await;
         let outcome = match &answer {

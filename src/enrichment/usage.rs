@@ -117,11 +117,22 @@ pub async fn today(client: &Client) -> Result<Today> {
 pub struct Pacing {
     provider: &'static str,
     interval: std::time::Duration,
+    /// This worker's callers queue here, in order, for [`Pacing::wait_turn`].
+    line: tokio::sync::Mutex<()>,
 }
 
 impl Pacing {
     pub fn new(provider: &'static str, interval: std::time::Duration) -> Self {
-        Pacing { provider, interval }
+        Pacing { provider, interval, line: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Waits for a turn, in order with this worker's other callers: a worker holds one slot at a time, so
+    /// one that dies wastes a slot at most. Returns the time waited.
+    pub async fn wait_turn(&self, client: &Client) -> Result<std::time::Duration> {
+        let started = std::time::Instant::now();
+        let _line = self.line.lock().await;
+        tokio::time::sleep(self.take(client).await?).await;
+        Ok(started.elapsed())
     }
 
     /// Takes the next free slot; returns how long to wait for it.

@@ -273,8 +273,8 @@ impl Enricher {
     /// `tokens` counts LLM tokens against `OPENAI_DAILY_TOKENS_CAP`, in the database.
     pub fn new(settings: EnrichSettings, tokens: Usage) -> Result<Arc<Self>> {
         let http = Http::new(settings.http.clone())?;
-        let search = Provider::new("search", settings.search_rate);
-        let reader = Provider::new("reader", settings.reader_rate);
+        let search = Provider::new("search", settings.search_rate, tokens.client());
+        let reader = Provider::new("reader", settings.reader_rate, tokens.client());
         let verifier = match &settings.verify {
             Some(v) => Some(crate::enrichment::leads::Verifier::new(v.clone(), tokens.client())?),
             None => None,
@@ -296,18 +296,16 @@ impl Enricher {
         }
         if let Some(pace) = &self.contacts_pace {
             let started = Instant::now();
-            match pace.take(&self.tokens.client()).await {
-                Ok(wait) => tokio::time::sleep(wait).await,
-                Err(e) => {
-                    self.lookups.adjust(-1).await;
-                    return Err(format!("contacts: {e}"));
-                }
-            }
+            let turn = pace.wait_turn(&self.tokens.client()).await;
             waited.add(started.elapsed());
             metrics()
                 .provider_wait
                 .get_or_create(&ProviderNameLabel { provider: "contacts" })
                 .inc_by(started.elapsed().as_secs_f64());
+            if let Err(e) = turn {
+                self.lookups.adjust(-1).await;
+                return Err(format!("contacts: {e}"));
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Search and reader as budgeted providers. Each has a rate (`ENRICH_SEARCH_RATE`, `ENRICH_READER_RATE`)
-//! shared by every company a worker has in flight, spread evenly (a GCRA limiter with no burst), so a
-//! worker never sends a provider more than its budget. A refusal (HTTP 202, 403 or 429, a bot-check page,
+//! shared by every company of every worker, spread evenly: each call takes the next slot in
+//! `provider_pacing` (see [`Pacing`]), so all workers together never send a provider more than its budget,
+//! and a worker holds one slot at a time. A refusal (HTTP 202, 403 or 429, a bot-check page,
 //! a result page without results markup) is retried with backoff, honouring Retry-After, and if it
 //! persists it fails the company as transient ([`FetchError::Provider`]): the job is retried later. It is
 //! never read as "no website".
@@ -12,18 +13,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio_postgres::Client;
 use url::Url;
 
 use super::discover::{self, SearchResult};
 use super::http::{strip, FetchError, Http};
 use crate::config::Rate;
+use crate::enrichment::usage::Pacing;
 use crate::telemetry::metrics::{metrics, ProviderLabel, ProviderNameLabel};
 
-/// One provider's budget.
+/// One provider's budget, paced in the database across every worker.
 pub struct Provider {
     name: &'static str,
-    limiter: Option<DefaultDirectRateLimiter>,
+    pace: Option<Pacing>,
+    client: std::sync::Arc<Client>,
 }
 
 /// Time one company spent waiting for providers' budgets: the company deadline does not count it.
@@ -40,20 +43,25 @@ impl Waited {
 }
 
 impl Provider {
-    pub fn new(name: &'static str, rate: Option<Rate>) -> Self {
-        let limiter = rate.map(|r| RateLimiter::direct(Quota::with_period(r.interval()).expect("a non-zero period")));
-        Provider { name, limiter }
+    /// `client` is where the pace is kept (`provider_pacing`).
+    pub fn new(name: &'static str, rate: Option<Rate>, client: std::sync::Arc<Client>) -> Self {
+        Provider { name, pace: rate.map(|r| Pacing::new(name, r.interval())), client }
     }
 
-    /// Waits for a call's slot in the budget.
-    async fn slot(&self, waited: &Waited) {
-        if let Some(l) = &self.limiter {
+    /// Waits for a call's slot in the budget. A budget that cannot be read is a refusal (retried later),
+    /// never a call past it.
+    async fn slot(&self, waited: &Waited) -> Result<(), FetchError> {
+        if let Some(pace) = &self.pace {
             let started = Instant::now();
-            l.until_ready().await;
+            let turn = pace.wait_turn(&self.client).await;
             let w = started.elapsed();
             waited.add(w);
             metrics().provider_wait.get_or_create(&ProviderNameLabel { provider: self.name }).inc_by(w.as_secs_f64());
+            turn.map_err(|e| {
+                FetchError::Provider(format!("{} provider: its budget could not be read ({e})", self.name))
+            })?;
         }
+        Ok(())
     }
 
     fn count(&self, outcome: &'static str) {
@@ -77,7 +85,7 @@ impl Provider {
             .with_jitter()
             .build();
         loop {
-            self.slot(waited).await;
+            self.slot(waited).await?;
             let (error, retry_after) = match http.get_once(url).await {
                 Ok((200, _, body)) => match read(&body) {
                     Ok(answer) => {
