@@ -189,9 +189,22 @@ async fn sigkill_at_several_points_loses_and_duplicates_nothing() {
             ),
         )
         .await;
+        // An engine that ended by itself is a different failure from a slow one: say which.
+        let ended = engine.try_wait().unwrap();
         engine.kill().unwrap();
         engine.wait().unwrap();
-        assert!(progressed, "round {round}: no progress before the kill");
+        let progress = db.count("select count(*) from companies where uen like 'K%'").await;
+        let cursor = db
+            .client
+            .query_opt("select cursor from service_progress where key = 'acra_direct'", &[])
+            .await
+            .unwrap()
+            .and_then(|r| r.get::<_, Option<String>>(0));
+        assert!(
+            progressed,
+            "round {round}: no progress before the kill (engine ended by itself: {ended:?}; {progress} K companies; \
+             checkpoint cursor {cursor:?})"
+        );
         engine = db.spawn_cli_run(&[("ACRA_DIRECT_BATCH_SIZE", "500")]);
     }
     writer.await.unwrap();
