@@ -430,7 +430,7 @@ impl Batcher {
                 self.pending.drain(..).partition(|r| !r.reply.is_closed());
             self.pending.extend(waiting);
             self.refuse(gone, "").await;
-            let batch = self.take_batch();
+            let batch = take_batch(&mut self.pending);
             if batch.is_empty() {
                 return;
             }
@@ -508,22 +508,6 @@ impl Batcher {
         Ok(())
     }
 
-    /// The front requests whose distinct emails fit one call (the first always does: a company sends
-    /// [`BATCH_MAX`] at most).
-    fn take_batch(&mut self) -> Vec<Request> {
-        let mut seen = std::collections::HashSet::new();
-        let mut batch = Vec::new();
-        while let Some(r) = self.pending.front() {
-            let new = r.emails.iter().filter(|e| !seen.contains(*e)).count();
-            if !batch.is_empty() && seen.len() + new > BATCH_MAX {
-                break;
-            }
-            seen.extend(r.emails.iter().cloned());
-            batch.extend(self.pending.pop_front());
-        }
-        batch
-    }
-
     /// Answers `why` to requests that will not be verified, and gives their reservations back.
     async fn refuse(&self, requests: Vec<Request>, why: &str) {
         let reserved: usize = requests.iter().map(|r| r.emails.len()).sum();
@@ -595,6 +579,22 @@ impl Batcher {
         answers.dedup_by(|a, b| a.0 == b.0);
         Call::Answered(answers)
     }
+}
+
+/// The front requests whose distinct emails fit one call (the first always does: a company sends
+/// [`BATCH_MAX`] at most).
+fn take_batch(pending: &mut std::collections::VecDeque<Request>) -> Vec<Request> {
+    let mut seen = std::collections::HashSet::new();
+    let mut batch = Vec::new();
+    while let Some(r) = pending.front() {
+        let new = r.emails.iter().filter(|e| !seen.contains(*e)).count();
+        if !batch.is_empty() && seen.len() + new > BATCH_MAX {
+            break;
+        }
+        seen.extend(r.emails.iter().cloned());
+        batch.extend(pending.pop_front());
+    }
+    batch
 }
 
 async fn cache(client: &Client, answers: &[(String, String, String)]) {
@@ -692,6 +692,26 @@ mod tests {
         assert!(spec.validate().is_err());
         let spec = ScoreSpec { medium: 0.8, high: 0.5, ..Default::default() };
         assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn a_batch_takes_whole_companies_up_to_200_distinct_emails() {
+        let request = |range: std::ops::Range<usize>| {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            Request { emails: range.map(|i| format!("e{i}@x.sg")).collect(), reply }
+        };
+        // 150, then 100 of which 50 are shared with the first (200 distinct together), then 10 more.
+        let mut pending: std::collections::VecDeque<Request> =
+            [request(0..150), request(100..200), request(200..210)].into_iter().collect();
+        let first = take_batch(&mut pending);
+        assert_eq!(first.iter().map(|r| r.emails.len()).collect::<Vec<_>>(), [150, 100]);
+        let second = take_batch(&mut pending);
+        assert_eq!(second.len(), 1);
+        assert!(pending.is_empty() && take_batch(&mut pending).is_empty());
+        // A company with 200 emails goes alone.
+        let mut pending: std::collections::VecDeque<Request> =
+            [request(0..200), request(300..301)].into_iter().collect();
+        assert_eq!(take_batch(&mut pending).len(), 1);
     }
 
     #[test]
