@@ -168,22 +168,17 @@ async fn scores_follow_their_features_and_row_level_security_hides_another_tenan
     let db = TestDb::new().await;
     let companies = live_companies(&db, 40).await;
     let web = FixtureWeb::start(crate::queue::healthy_sites(&companies), Duration::from_millis(10)).await.unwrap();
-    let role = format!("s_{}", db.name);
-    db.client
-        .batch_execute(&format!(
-            "create role {role} login password 'tenant-pw-2';
-             grant usage on schema public to {role};
-             grant select, insert, update, delete on all tables in schema public to {role};
-             grant usage, select on all sequences in schema public to {role};
-             alter table lead_scores enable row level security;
+    let dsn = db
+        .tenant_role(
+            "s",
+            "tenant-pw-2",
+            "alter table lead_scores enable row level security;
              alter table lead_scores force row level security;
              create policy tenant_scores on lead_scores
                using (tenant_id = current_setting('request.tenant_id', true))
-               with check (tenant_id = current_setting('request.tenant_id', true));"
-        ))
-        .await
-        .unwrap();
-    let dsn = format!("{} user={role} password=tenant-pw-2", db.dsn);
+               with check (tenant_id = current_setting('request.tenant_id', true));",
+        )
+        .await;
     let mut env = env(&web, &[("ACRA_DIRECT_TENANT_ID", "acme")]);
     env.push(("POSTGRES_DSN".into(), dsn.clone()));
     acraflow(&db, &["backfill"], &env).await;

@@ -425,14 +425,11 @@ async fn failures_alert_once_per_window_pause_enrichment_and_resume_it() {
 async fn row_level_security_holds_for_the_tenant_and_blocks_another() {
     let db = TestDb::new().await;
     db.seed(200, 4).await;
-    let role = format!("w_{}", db.name);
-    db.client
-        .batch_execute(&format!(
-            "create role {role} login password 'tenant-pw-1';
-             grant usage on schema public to {role};
-             grant select, insert, update, delete on all tables in schema public to {role};
-             grant usage, select on all sequences in schema public to {role};
-             alter table companies add column tenant_id text not null default current_setting('request.tenant_id', true);
+    let dsn = db
+        .tenant_role(
+            "w",
+            "tenant-pw-1",
+            "alter table companies add column tenant_id text not null default current_setting('request.tenant_id', true);
              alter table companies enable row level security;
              alter table companies force row level security;
              create policy tenant_rows on companies
@@ -441,11 +438,9 @@ async fn row_level_security_holds_for_the_tenant_and_blocks_another() {
              alter table enrichment_runs enable row level security;
              create policy tenant_runs on enrichment_runs
                using (tenant_id = current_setting('request.tenant_id', true))
-               with check (tenant_id = current_setting('request.tenant_id', true));"
-        ))
-        .await
-        .unwrap();
-    let dsn = format!("{} user={role} password=tenant-pw-1", db.dsn);
+               with check (tenant_id = current_setting('request.tenant_id', true));",
+        )
+        .await;
     let run_as = |tenant: &'static str| {
         let dsn = dsn.clone();
         async move {

@@ -84,6 +84,23 @@ impl TestDb {
         acraflow::pipeline::run(&self.dsn, &spec, acraflow::pipeline::Mode::Backfill, rx).await
     }
 
+    /// A login role (`{prefix}_{db}`, not the tables' owner, so row level security holds for it) with the
+    /// rights acraflow needs, then `policies` run as the owner; returns the DSN of its sessions.
+    pub async fn tenant_role(&self, prefix: &str, password: &str, policies: &str) -> String {
+        let role = format!("{prefix}_{}", self.name);
+        self.client
+            .batch_execute(&format!(
+                "create role {role} login password '{password}';
+                 grant usage on schema public to {role};
+                 grant select, insert, update, delete on all tables in schema public to {role};
+                 grant usage, select on all sequences in schema public to {role};
+                 {policies}"
+            ))
+            .await
+            .unwrap();
+        format!("{} user={role} password={password}", self.dsn)
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         self.client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
