@@ -81,8 +81,22 @@ pub struct ReplicationOptions {
 /// runs that cost the engine 9-13 ms of CPU per 1,000 rows instead of 5, CPU the walsender it waited on
 /// then lacked. The pipeline gets whole batches from it, one hand-over each.
 pub fn stream(opts: ReplicationOptions, progress: Arc<Progress>, stop: watch::Receiver<bool>) -> BatchStream {
+    on_own_thread("acraflow-repl", move |tx| async move {
+        if let Err(e) = Session::run(opts, progress, stop, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    })
+}
+
+/// Runs `session` on a thread named `name` with a single-threaded runtime, handing its batches over as a
+/// stream. A panic there is an error of the stream (the run fails), never its end.
+fn on_own_thread<F, Fut>(name: &str, session: F) -> BatchStream
+where
+    F: FnOnce(mpsc::Sender<Result<Batch>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let (tx, mut rx) = mpsc::channel(2);
-    let spawned = std::thread::Builder::new().name("acraflow-repl".into()).spawn(move || {
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
@@ -90,11 +104,7 @@ pub fn stream(opts: ReplicationOptions, progress: Arc<Progress>, stop: watch::Re
                 return;
             }
         };
-        runtime.block_on(async {
-            if let Err(e) = Session::run(opts, progress, stop, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
+        runtime.block_on(session(tx));
     });
     Box::pin(async_stream::stream! {
         let thread = match spawned {
@@ -716,5 +726,19 @@ pub async fn create_slot(dsn: &str, slot: &str, publication: &str, failover: boo
             Ok(NewSlot { consistent_point, snapshot, _session: session })
         }
         _ => Err(Error::new(ErrorKind::Data, "CREATE_REPLICATION_SLOT returned no consistent point or snapshot")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_panic_on_the_replication_thread_fails_the_stream_instead_of_ending_it() {
+        let mut stream = super::on_own_thread("test-repl", |_tx| async { panic!("boom on the thread") });
+        let item = stream.next().await.expect("an item, not the end of the stream");
+        let err = item.expect_err("the panic is an error");
+        assert!(err.to_string().contains("boom on the thread"), "{err}");
+        assert!(stream.next().await.is_none());
     }
 }
