@@ -180,11 +180,8 @@ struct State {
     llm_fail: AtomicBool,
     /// The reader answers 429 (its rate limit) to everything.
     reader_refuses: AtomicBool,
-    /// The search endpoint's budget: at most `calls` answered per sliding `per`; above it, HTTP 202 with
-    /// DuckDuckGo's bot-check page.
-    search_budget: Mutex<Option<(usize, Duration)>>,
-    /// Every search request: when, and whether it was answered (false: refused with 202).
-    searches: Mutex<Vec<(Instant, bool)>>,
+    /// The search endpoint's budget: past it, HTTP 202 with DuckDuckGo's bot-check page.
+    search_limit: Mutex<Limiter>,
     llm_calls: AtomicU64,
     /// Every site answers 500 (an outage on our side of the network, as far as acraflow can tell).
     sites_fail: AtomicBool,
@@ -205,30 +202,40 @@ struct State {
     log_hits: bool,
 }
 
-/// A provider's published rate limit: a call past `limit.0` within any `limit.1` is refused.
+/// A provider's published rate limit: a call past `limit.0` answered within any sliding `limit.1` is
+/// refused. Every call is logged with its verdict.
 #[derive(Default)]
 struct Limiter {
     limit: Option<(usize, Duration)>,
     admitted: std::collections::VecDeque<Instant>,
-    calls: usize,
-    refused: usize,
+    /// Every call: when, and whether it was admitted.
+    log: Vec<(Instant, bool)>,
 }
 
 impl Limiter {
-    /// Counts a call; false when it is past the limit.
+    /// Logs a call; false when it is past the limit.
     fn admit(&mut self) -> bool {
-        self.calls += 1;
-        let Some((calls, window)) = self.limit else { return true };
         let now = Instant::now();
-        while self.admitted.front().is_some_and(|t| now.duration_since(*t) >= window) {
-            self.admitted.pop_front();
-        }
-        if self.admitted.len() >= calls {
-            self.refused += 1;
-            return false;
-        }
-        self.admitted.push_back(now);
-        true
+        let admitted = match self.limit {
+            None => true,
+            Some((calls, window)) => {
+                while self.admitted.front().is_some_and(|t| now.duration_since(*t) >= window) {
+                    self.admitted.pop_front();
+                }
+                let admitted = self.admitted.len() < calls;
+                if admitted {
+                    self.admitted.push_back(now);
+                }
+                admitted
+            }
+        };
+        self.log.push((now, admitted));
+        admitted
+    }
+
+    /// Calls received, and how many of them were refused.
+    fn counts(&self) -> (usize, usize) {
+        (self.log.len(), self.log.iter().filter(|(_, admitted)| !admitted).count())
     }
 }
 
@@ -269,8 +276,7 @@ impl FixtureWeb {
             seen: Mutex::new(HashMap::new()),
             llm_fail: AtomicBool::new(false),
             reader_refuses: AtomicBool::new(false),
-            search_budget: Mutex::new(None),
-            searches: Mutex::new(Vec::new()),
+            search_limit: Mutex::new(Limiter::default()),
             llm_calls: AtomicU64::new(0),
             sites_fail: AtomicBool::new(false),
             webhooks: Mutex::new(Vec::new()),
@@ -329,12 +335,12 @@ impl FixtureWeb {
     /// Gives the search endpoint a budget of `calls` per sliding `per`, as DuckDuckGo has: above it, it
     /// answers HTTP 202 with its bot-check page.
     pub fn set_search_budget(&self, calls: usize, per: Duration) {
-        *self.state.search_budget.lock().unwrap() = Some((calls, per));
+        self.state.search_limit.lock().unwrap_or_else(|p| p.into_inner()).limit = Some((calls, per));
     }
 
     /// Every search request: when it arrived and whether it was answered (false: refused).
     pub fn searches(&self) -> Vec<(Instant, bool)> {
-        self.state.searches.lock().unwrap().clone()
+        self.state.search_limit.lock().unwrap_or_else(|p| p.into_inner()).log.clone()
     }
 
     /// Makes the reader answer 429 to everything, or stops it.
@@ -385,8 +391,7 @@ impl FixtureWeb {
 
     /// `validatebatch` calls received, and how many of them were refused with 429.
     pub fn verify_calls(&self) -> (usize, usize) {
-        let l = self.state.verify_limit.lock().unwrap_or_else(|p| p.into_inner());
-        (l.calls, l.refused)
+        self.state.verify_limit.lock().unwrap_or_else(|p| p.into_inner()).counts()
     }
 
     /// The contacts endpoint answers 429 to a lookup past `calls` within any `window`.
@@ -396,8 +401,7 @@ impl FixtureWeb {
 
     /// Lookups the contacts endpoint received, and how many of them were refused with 429.
     pub fn contacts_calls(&self) -> (usize, usize) {
-        let l = self.state.contacts_limit.lock().unwrap_or_else(|p| p.into_inner());
-        (l.calls, l.refused)
+        self.state.contacts_limit.lock().unwrap_or_else(|p| p.into_inner()).counts()
     }
 
     /// Odoo answers 429 to a request past `calls` within any `window`.
@@ -407,8 +411,7 @@ impl FixtureWeb {
 
     /// Requests Odoo received, and how many of them were refused with 429.
     pub fn odoo_requests(&self) -> (usize, usize) {
-        let l = self.state.odoo_limit.lock().unwrap_or_else(|p| p.into_inner());
-        (l.calls, l.refused)
+        self.state.odoo_limit.lock().unwrap_or_else(|p| p.into_inner()).counts()
     }
 
     /// An Odoo whose external API is at `{odoo_url}/jsonrpc`; see [`odoo`] for what it accepts.
@@ -737,22 +740,13 @@ fn endpoint(state: &State, method: &str, path: &str, body: &[u8]) -> Response {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     match (method, route) {
         ("GET", "/search") => {
-            let now = Instant::now();
-            let budget = *state.search_budget.lock().unwrap();
-            let mut log = state.searches.lock().unwrap();
-            if let Some((calls, per)) = budget {
-                let answered = log.iter().filter(|(at, ok)| *ok && now.duration_since(*at) < per).count();
-                if answered >= calls {
-                    log.push((now, false));
-                    return Response::new(
-                        202,
-                        "text/html",
-                        r#"<html><body><div class="anomaly-modal__title">Unfortunately, bots use DuckDuckGo too.</div><form action="/anomaly.js"></form></body></html>"#,
-                    );
-                }
+            if !state.search_limit.lock().unwrap_or_else(|p| p.into_inner()).admit() {
+                return Response::new(
+                    202,
+                    "text/html",
+                    r#"<html><body><div class="anomaly-modal__title">Unfortunately, bots use DuckDuckGo too.</div><form action="/anomaly.js"></form></body></html>"#,
+                );
             }
-            log.push((now, true));
-            drop(log);
             let q = url::form_urlencoded::parse(query.as_bytes())
                 .find(|(k, _)| k == "q")
                 .map(|(_, v)| v.into_owned())
